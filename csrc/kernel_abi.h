@@ -1,0 +1,81 @@
+/* Kernel ABI that bookworm's 6.1 headers lack, defined once here and checked with static asserts
+ * against the sizes and numbers the kernel ABI fixes. Every csrc/ module includes this first.
+ * Convention for all of csrc/: functions return >= 0 on success or -errno; nothing prints or exits. */
+#ifndef GFVM_KERNEL_ABI_H
+#define GFVM_KERNEL_ABI_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <linux/userfaultfd.h>
+#include <linux/fs.h>
+
+/* --- userfaultfd features newer than 6.1 (include/uapi/linux/userfaultfd.h) --- */
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1 << 16)
+#endif
+
+/* --- PAGEMAP_SCAN (include/uapi/linux/fs.h, 6.7+) --- */
+#ifndef PAGEMAP_SCAN
+struct page_region {
+    uint64_t start;
+    uint64_t end;
+    uint64_t categories;
+};
+
+struct pm_scan_arg {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t start;
+    uint64_t end;
+    uint64_t walk_end;
+    uint64_t vec;
+    uint64_t vec_len;
+    uint64_t max_pages;
+    uint64_t category_inverted;
+    uint64_t category_mask;
+    uint64_t category_anyof_mask;
+    uint64_t return_mask;
+};
+
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#define PM_SCAN_WP_MATCHING (1 << 0)
+#define PM_SCAN_CHECK_WPASYNC (1 << 1)
+#define PAGE_IS_WPALLOWED (1 << 0)
+#define PAGE_IS_WRITTEN (1 << 1)
+#define PAGE_IS_FILE (1 << 2)
+#define PAGE_IS_PRESENT (1 << 3)
+#define PAGE_IS_SWAPPED (1 << 4)
+#define PAGE_IS_PFNZERO (1 << 5)
+#define PAGE_IS_HUGE (1 << 6)
+#endif
+
+_Static_assert(sizeof(struct pm_scan_arg) == 96, "pm_scan_arg is 12 x u64");
+_Static_assert(sizeof(struct page_region) == 24, "page_region is 3 x u64");
+_Static_assert(PAGEMAP_SCAN == 0xC0606610, "PAGEMAP_SCAN ioctl number");
+
+/* --- syscalls newer than some libcs --- */
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+#ifndef SYS_process_madvise
+#define SYS_process_madvise 440
+#endif
+
+#endif

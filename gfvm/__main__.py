@@ -1,0 +1,3 @@
+from gfvm.cli import main
+
+raise SystemExit(main())
