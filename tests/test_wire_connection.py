@@ -447,10 +447,29 @@ def test_hostile_input_before_the_handshake(frame, match):
 
 def test_frame_after_hello_before_accept_is_refused():
     conn = server()
-    conn.receive_data(hello_bytes() + raw_frame(NOTE, lp(b"eager")))
+    conn.receive_data(hello_bytes())
     assert isinstance(conn.next_event(), Handshake)
+    conn.receive_data(raw_frame(NOTE, lp(b"eager")))
     with pytest.raises(RemoteProtocolError, match="server-got-hello"):
         conn.next_event()
+
+
+@pytest.mark.parametrize("early", [raw_frame(NOTE, lp(b"eager")), b"G"])
+def test_bytes_sent_with_the_hello_are_refused(early):
+    conn = server()
+    conn.receive_data(hello_bytes() + early)
+    with pytest.raises(RemoteProtocolError, match="before the HELLO_ACK"):
+        conn.next_event()
+
+
+def test_bytes_fed_between_hello_and_accept_are_refused():
+    conn = server()
+    conn.receive_data(hello_bytes())
+    assert isinstance(conn.next_event(), Handshake)
+    conn.receive_data(b"GF")  # not yet a whole header, so next_event would say NEED_DATA
+    with pytest.raises(RemoteProtocolError, match="before the HELLO_ACK"):
+        conn.accept()
+    assert conn.state is State.ERROR
 
 
 def test_client_refuses_application_data_before_the_ack():

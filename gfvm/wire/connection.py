@@ -155,6 +155,8 @@ class Connection:
         self._own_requests: set[int] = set()  # rids we sent, awaiting a response
         self._peer_requests: set[int] = set()  # rids the peer sent, awaiting our response
         self._stats = {"frames_sent": 0, "bytes_sent": 0, "frames_received": 0, "bytes_received": 0}
+        #: body size of the frame behind the last event (for the glue's buffer accounting)
+        self.last_frame_size = 0
 
     # --- introspection ----------------------------------------------------------------------------
 
@@ -186,9 +188,13 @@ class Connection:
         return self._send_handshake(Hello(lo, hi, self.me.cluster, self.me.node, self.me.incarnation))
 
     def accept(self) -> bytes:
-        """Server, after the `Handshake` event: the HELLO_ACK frame; the connection is then OPEN."""
+        """Server, after the `Handshake` event: the HELLO_ACK frame; the connection is then OPEN.
+
+        Raises RemoteProtocolError if the client already sent more bytes (it must wait for this
+        ACK)."""
         if self.peer is None or self.state is not State.SERVER_GOT_HELLO:
             raise LocalProtocolError(f"accept() in state {self.state.value}")
+        self._refuse_early_data()
         return self._send_handshake(
             HelloAck(self.peer.version, self.me.cluster, self.me.node, self.me.incarnation)
         )
@@ -304,6 +310,7 @@ class Connection:
             return self._need_data(f"{spec.cls.__name__} frame", self._buffered, length)
         body = self._take(length)
         self._pending_header = None
+        self.last_frame_size = length
         msg = decode_body(spec, rid, body)
         if frame is Frame.APP:
             self._check_received_rid(spec, rid)
@@ -339,6 +346,7 @@ class Connection:
         if frame is Frame.HELLO_REJECT:
             raise HandshakeRejected(msg.reason)
         if frame is Frame.HELLO:
+            self._refuse_early_data()
             version = self._check_hello(msg)
             self.peer = PeerInfo(msg.node, msg.incarnation, version)
         else:
@@ -346,6 +354,14 @@ class Connection:
             self.peer = PeerInfo(msg.node, msg.incarnation, msg.version)
         self.state = st.RECEIVE[(self.state, frame)]
         return Handshake(self.peer)
+
+    def _refuse_early_data(self) -> None:
+        """A client may send nothing after its HELLO until our HELLO_ACK: bytes already here
+        would otherwise be read as if they came after the handshake."""
+        if self._buffered or self._pending_header is not None:
+            self._error = RemoteProtocolError("data after HELLO before the HELLO_ACK")
+            self.state = State.ERROR
+            raise self._error
 
     def _check_hello(self, hello: Hello) -> int:
         def refuse(reason: str) -> RemoteProtocolError:

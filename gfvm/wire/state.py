@@ -4,7 +4,8 @@ Invariants (what the tables and `connection.py` together guarantee):
 1. Before OPEN only handshake frames cross the connection. The client sends exactly one HELLO and
    nothing else until it has received HELLO_ACK; the server answers that HELLO with exactly one
    HELLO_ACK (-> OPEN) or HELLO_REJECT (-> CLOSED). Any other frame before OPEN, in either
-   direction, is a protocol error. Frames before OPEN are capped at HANDSHAKE_MAX_FRAME bytes.
+   direction, is a protocol error, and so is any byte that reaches the server after the HELLO and
+   before it sent HELLO_ACK. Frames before OPEN are capped at HANDSHAKE_MAX_FRAME bytes.
 2. A handshake succeeds only if: the cluster names are equal; the peer's claimed node name equals
    the identity of its TLS certificate (given by the glue) and is not our own name; on the client
    it is also the node we meant to reach; the version ranges overlap (the server picks the highest
