@@ -129,7 +129,14 @@ def lp(data: bytes) -> bytes:
     return struct.pack("<I", len(data)) + data
 
 
+
+
+@wire.oneway(0xF008)
+class Blob:
+    data: Bytes(1 << 20)
+
+
 def test_sample_codes_are_registered():
     codes = registered_codes()
-    for cls in (Note, PutPages, PutDone, AllTypes, Empty, Ping, Pong):
+    for cls in (Note, PutPages, PutDone, AllTypes, Empty, Ping, Pong, Blob):
         assert codes[wire.spec_of(cls).code] is cls

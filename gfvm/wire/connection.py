@@ -366,7 +366,7 @@ class Connection:
     def _check_hello(self, hello: Hello) -> int:
         def refuse(reason: str) -> RemoteProtocolError:
             reply = b"".join(self._encode(spec_of(HelloReject), HelloReject(reason)))
-            return RemoteProtocolError(f"refused HELLO: {reason}", reply=reply)
+            return RemoteProtocolError(f"HELLO refused: {reason}", reply=reply)
 
         if hello.cluster != self.me.cluster:
             raise refuse(f"wrong cluster: {hello.cluster!r} is not {self.me.cluster!r}")

@@ -441,7 +441,7 @@ async def _wire_handshake(stream: trio.abc.Stream, conn: Connection, receive_siz
         if exc.reply is not None:
             with trio.move_on_after(1), _suppress_transport_errors():
                 await stream.send_all(exc.reply)
-        raise _HandshakeFailed(f"handshake refused: {exc}") from None
+        raise _HandshakeFailed(f"handshake: {exc}") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise _HandshakeFailed(f"connection lost during the handshake: {_cause(exc)}") from None
 
