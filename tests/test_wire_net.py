@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import logging
 import socket
 import ssl
@@ -446,3 +447,26 @@ async def test_open_channel_over_a_memory_stream():
         nursery.start_soon(server_side)
         async with open_channel(a, me("n1"), role=Role.CLIENT, peer_identity="n2", expected_peer="n2") as chan:
             assert isinstance(await chan.request(Ping()), Pong)
+
+
+async def test_bulk_and_small_frames_interleaved_arrive_intact(nursery, tls):
+    rec = Recorder()
+    port = await serve(nursery, tls, handler=rec)
+    blobs = [os.urandom(1 << 20) for _ in range(6)]
+    async with peer(tls, port) as chan:
+
+        async def bulk():
+            for blob in blobs:
+                await chan.send(Blob(blob))
+
+        async def small():
+            for i in range(300):
+                await chan.send(Note(f"s{i}"))
+
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(bulk)
+            tasks.start_soon(small)
+        await chan.request(Ping())
+    got = [m for _, m in rec.received]
+    assert [bytes(m.data) for m in got if isinstance(m, Blob)] == blobs
+    assert [m.text for m in got if isinstance(m, Note)] == [f"s{i}" for i in range(300)]

@@ -121,6 +121,13 @@ class _ByteQueue:
         self.size += size
         self._data.unpark()
 
+    def get_nowait(self) -> Any:
+        """The oldest item (the queue must not be empty)."""
+        item, size = self.items.popleft()
+        self.size -= size
+        self._room.unpark_all()
+        return item
+
     async def get(self) -> Any:
         """The oldest item; blocks while empty; raises _Closed once closed and empty."""
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -279,15 +286,25 @@ class PeerChannel:
     # --- internals ---------------------------------------------------------------------------------
 
     async def _enqueue(self, msg: Any) -> None:
-        async with self._send_lock:
-            try:
-                await self._out.wait_room()
-            except _Closed:
-                raise ChannelClosed(f"{self.peer.node}: {self._close_reason}") from None
-            # From here to put_nowait nothing awaits: the frame is encoded (and the connection's
-            # request bookkeeping updated) only if it is also queued.
-            chunks = self._conn.send_chunks(msg)
-            self._out.put_nowait(chunks, sum(len(c) for c in chunks))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._send_lock.locked() or self._out.full() or self._out.closed:
+            # Slow path: wait for our turn (trio.Lock is FIFO, so call order is kept) and room.
+            async with self._send_lock:
+                try:
+                    await self._out.wait_room()
+                except _Closed:
+                    raise ChannelClosed(f"{self.peer.node}: {self._close_reason}") from None
+                self._put(msg)
+        else:
+            # Fast path: nobody is queued before us and there is room.
+            self._put(msg)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _put(self, msg: Any) -> None:
+        # Nothing awaits here: the frame is encoded (and the connection's request bookkeeping
+        # updated) only if it is also queued.
+        chunks = self._conn.send_chunks(msg)
+        self._out.put_nowait(chunks, sum(len(c) for c in chunks))
 
     def _fail(self, reason: str, *, level: int = logging.WARNING) -> None:
         """Closes the channel at once because of `reason` (logged once)."""
@@ -339,9 +356,9 @@ class PeerChannel:
                             waiter.value = event
                             waiter.event.set()
                         continue
-                    size = conn.last_frame_size
-                    await self._in.wait_room()
-                    self._in.put_nowait(event, size)
+                    if self._in.full():  # backpressure: stop reading until receive() makes room
+                        await self._in.wait_room()
+                    self._in.put_nowait(event, conn.last_frame_size)
                 data = await self._stream.receive_some(self._options.receive_size)
                 conn.receive_data(data)
         except RemoteProtocolError as exc:
@@ -354,14 +371,39 @@ class PeerChannel:
     async def _writer(self) -> None:
         try:
             while True:
-                for chunk in await self._out.get():
-                    await self._stream.send_all(chunk)
+                chunks = await self._out.get()
+                # Frames queued meanwhile go out in the same write: one TLS record and one
+                # syscall for many small frames (acks) instead of one each.
+                while self._out.items and len(chunks) < 64:
+                    chunks = chunks + self._out.get_nowait()
+                for data in _coalesce(chunks):
+                    await self._stream.send_all(data)
         except _Closed:
             pass  # closed and flushed
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail(f"connection lost while sending: {_cause(exc)}")
         finally:
             self._writer_done.set()
+
+
+_COALESCE_BELOW = 64 * 1024
+
+
+def _coalesce(chunks: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """Joins runs of small buffers; large ones (page data) are passed through uncopied."""
+    out: list[bytes | memoryview] = []
+    run: list[bytes | memoryview] = []
+    for chunk in chunks:
+        if len(chunk) >= _COALESCE_BELOW:
+            if run:
+                out.append(b"".join(run))
+                run = []
+            out.append(chunk)
+        else:
+            run.append(chunk)
+    if run:
+        out.append(b"".join(run) if len(run) > 1 else run[0])
+    return out
 
 
 def _cause(exc: BaseException) -> str:
