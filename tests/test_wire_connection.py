@@ -22,7 +22,7 @@ from gfvm.wire import (
     State,
 )
 from gfvm.wire.frames import HANDSHAKE_MAX_FRAME, HEADER_SIZE
-from gfvm.wire.messages import ErrorReply, Hello, HelloAck, HelloReject, spec_of
+from gfvm.wire.messages import ErrorReply, Hello, HelloAck, spec_of
 from gfvm.wire.testing import ConnectionPair, drain
 from test_wire_samples import (
     AllTypes,

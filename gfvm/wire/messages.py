@@ -32,8 +32,9 @@ hand us a message we could not have built ourselves.
 `@record` defines a nested structure (no code, no rid) usable as a field type, e.g.
 `List(Extent, 1024)`.
 
-Type codes: 0x0001-0x00FF belong to gfvm.wire itself; applications use 0x0100-0xFFFF
-(convention: the File Manager 0x1000-0x1FFF, migration 0x2000-0x2FFF, tests 0xF000-0xFFFF). A code is registered once
+Type codes: 0x0001-0x00FF belong to gfvm.wire itself; applications use 0x0100-0xEFFF
+(convention: the File Manager 0x1000-0x1FFF, migration 0x2000-0x2FFF); 0xF000-0xFFFF are for
+tests and benchmarks. A code is registered once
 per process; define messages at module level (annotations are resolved in the module's globals).
 The repr of a message never shows Bytes contents (they are process memory): `<N bytes>`.
 """

@@ -2,7 +2,7 @@
 
     client:  async with open_peer(addr, port, "n2", client_ctx, me=me) as chan:
                  resp = await chan.request(WritePages(...))     # pipelined: many tasks at once
-    server:  await nursery.start(serve_peers, port, server_ctx, handler, me=me)
+    server:  await nursery.start(partial(serve_peers, port, server_ctx, handler, me=me))
              async def handler(chan):                             # one call per connection
                  async for msg in chan:                           # requests and one-way messages
                      await chan.send(WriteDone(..., rid=msg.rid)) # a response echoes the rid

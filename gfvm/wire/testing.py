@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from gfvm.config import NODE_NAME_RE
-from gfvm.wire.connection import NEED_DATA, Connection, Handshake, LocalNode
+from gfvm.wire.connection import NEED_DATA, Connection, ConnectionClosed, Handshake, LocalNode
 from gfvm.wire.errors import LocalProtocolError
 from gfvm.wire.fields import (
     BoolType,
@@ -86,7 +86,7 @@ def drain(conn: Connection) -> list[Any]:
         if ev is NEED_DATA:
             return events
         events.append(ev)
-        if type(ev).__name__ == "ConnectionClosed":
+        if isinstance(ev, ConnectionClosed):
             return events
 
 
