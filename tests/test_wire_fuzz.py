@@ -22,9 +22,18 @@ def test_decoder_survives_a_short_fuzzing_run(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     proc = subprocess.run(
-        [sys.executable, str(HARNESS), f"-max_total_time={SECONDS}", "-rss_limit_mb=2048",
-         f"-artifact_prefix={tmp_path}/", str(corpus)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=SECONDS + 120,
+        [
+            sys.executable,
+            str(HARNESS),
+            f"-max_total_time={SECONDS}",
+            "-rss_limit_mb=2048",
+            f"-artifact_prefix={tmp_path}/",
+            str(corpus),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=SECONDS + 120,
     )
     crashes = sorted(p.name for p in tmp_path.glob("crash-*"))
     assert proc.returncode == 0 and not crashes, proc.stderr[-4000:]

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import logging
+import os
 import socket
 import ssl
 from functools import partial
 
 import pytest
 import trio
+from test_wire_samples import Blob, Note, Ping, Pong, PutDone, PutPages
 
 from gfvm import pki
 from gfvm.wire import ChannelClosed, ConnectFailed, ErrorReply, LocalNode, RemoteFailure
 from gfvm.wire.net import ChannelOptions, open_channel, open_peer, serve_peers
 from gfvm.wire.state import Role
-from test_wire_samples import Blob, Note, Ping, Pong, PutDone, PutPages
 
 LOG = "gfvm.wire.net"
 PAGE = bytes(range(256)) * 16
@@ -76,25 +76,38 @@ async def serve(nursery, tls, node="n2", handler=None, ctx=None, **options) -> i
     handler = handler or Recorder()
     ctx = ctx or pki.server_context(tls / node)
     return await nursery.start(
-        partial(serve_peers, 0, ctx, handler, me=me(node), host="127.0.0.1",
-                options=ChannelOptions(**options))
+        partial(
+            serve_peers,
+            0,
+            ctx,
+            handler,
+            me=me(node),
+            host="127.0.0.1",
+            options=ChannelOptions(**options),
+        )
     )
 
 
 def peer(tls, port, expected="n2", node="n1", ctx=None, **options):
     ctx = ctx or pki.client_context(tls / node)
-    return open_peer("127.0.0.1", port, expected, ctx, me=me(node), options=ChannelOptions(**options))
+    return open_peer(
+        "127.0.0.1", port, expected, ctx, me=me(node), options=ChannelOptions(**options)
+    )
 
 
-async def wait_until(predicate, timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
+async def wait_until(predicate, limit: float = 5.0) -> None:
+    """Polls `predicate` (log records and counters have no event to wait on)."""
+    with trio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.01)
 
 
 def warnings_about(caplog, text: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == LOG and r.levelno >= logging.WARNING and text in r.getMessage()]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == LOG and r.levelno >= logging.WARNING and text in r.getMessage()
+    ]
 
 
 def put(offset: int, epoch: int = 1) -> PutPages:
@@ -301,7 +314,9 @@ async def test_a_client_certificate_from_another_ca_is_rejected(nursery, tls, ca
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
     ctx.load_verify_locations(tls / "n1" / "ca.crt")  # trusts the real CA ...
-    ctx.load_cert_chain(tls / "foreign-n1" / "node.crt", tls / "foreign-n1" / "node.key")  # ... but is not from it
+    ctx.load_cert_chain(
+        tls / "foreign-n1" / "node.crt", tls / "foreign-n1" / "node.key"
+    )  # ... but is not from it
     with pytest.raises(ConnectFailed):
         async with peer(tls, port, ctx=ctx):
             pass
@@ -447,7 +462,9 @@ async def test_open_channel_over_a_memory_stream():
                     await chan.send(Pong(rid=msg.rid))
 
         nursery.start_soon(server_side)
-        async with open_channel(a, me("n1"), role=Role.CLIENT, peer_identity="n2", expected_peer="n2") as chan:
+        async with open_channel(
+            a, me("n1"), role=Role.CLIENT, peer_identity="n2", expected_peer="n2"
+        ) as chan:
             assert isinstance(await chan.request(Ping()), Pong)
 
 

@@ -95,9 +95,22 @@ class Pong:
 
 def all_types(**overrides) -> AllTypes:
     values = dict(
-        a=255, b=65535, c=1 << 31, d=(1 << 64) - 1, e=-(1 << 63), f=True, g=b"\x00\xff" * 10,
-        h="héllo", i="file.img", j=(1, 2, 3), k=(Extent(4096, 7),), m=None, n="x", o="n3",
-        p=("a", "b"), q="procs/12/pages",
+        a=255,
+        b=65535,
+        c=1 << 31,
+        d=(1 << 64) - 1,
+        e=-(1 << 63),
+        f=True,
+        g=b"\x00\xff" * 10,
+        h="héllo",
+        i="file.img",
+        j=(1, 2, 3),
+        k=(Extent(4096, 7),),
+        m=None,
+        n="x",
+        o="n3",
+        p=("a", "b"),
+        q="procs/12/pages",
     )
     values.update(overrides)
     return AllTypes(**values)
@@ -116,8 +129,14 @@ def sample_messages() -> list:
 
 
 def raw_frame(
-    code: int, body: bytes = b"", *, rid: int = 0, magic: bytes = MAGIC,
-    version: int = FRAME_VERSION, flags: int = 0, length: int | None = None,
+    code: int,
+    body: bytes = b"",
+    *,
+    rid: int = 0,
+    magic: bytes = MAGIC,
+    version: int = FRAME_VERSION,
+    flags: int = 0,
+    length: int | None = None,
 ) -> bytes:
     """A frame built by hand (nothing validated), for hostile-input tests."""
     n = len(body) if length is None else length
@@ -127,8 +146,6 @@ def raw_frame(
 def lp(data: bytes) -> bytes:
     """A u32 length prefix followed by data (how Bytes/Str/List counts are encoded)."""
     return struct.pack("<I", len(data)) + data
-
-
 
 
 @wire.oneway(0xF008)

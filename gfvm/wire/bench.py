@@ -161,9 +161,13 @@ async def _measure(mode: str, port: int, tls_dir: Path, mib: int, window: int) -
         return mib * MIB / elapsed
     if mode == "wire-tcp":
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        opened = open_channel(tcp, _me("n1"), role=Role.CLIENT, peer_identity="n2", expected_peer="n2")
+        opened = open_channel(
+            tcp, _me("n1"), role=Role.CLIENT, peer_identity="n2", expected_peer="n2"
+        )
     else:
-        opened = open_peer("127.0.0.1", port, "n2", client_ctx, me=_me("n1"), options=ChannelOptions())
+        opened = open_peer(
+            "127.0.0.1", port, "n2", client_ctx, me=_me("n1"), options=ChannelOptions()
+        )
     async with opened as chan:
         start = time.perf_counter()
         if mode in ("wire-tls-rpc", "rpc-4k"):
@@ -202,7 +206,8 @@ def run(mib: int = 512, window: int = 8, rounds: int = 3) -> dict[str, float]:
             ca.issue(node).write(tls_dir / node)
         child = subprocess.Popen(
             [sys.executable, "-m", "gfvm.wire.bench", "--serve", str(tls_dir)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             ports = json.loads(child.stdout.readline())
@@ -221,7 +226,9 @@ def run(mib: int = 512, window: int = 8, rounds: int = 3) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mib", type=int, default=512, help="MiB sent per mode and round")
-    parser.add_argument("--window", type=int, default=8, help="outstanding requests in wire-tls-rpc")
+    parser.add_argument(
+        "--window", type=int, default=8, help="outstanding requests in wire-tls-rpc"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the child process

@@ -147,9 +147,14 @@ def _define(cls: type, code: int, kind: Kind) -> type:
     _check_class(cls)
     allowed = RESERVED_CODES if kind is Kind.HANDSHAKE or cls.__module__ == __name__ else USER_CODES
     if code not in allowed:
-        raise TypeError(f"{cls.__name__}: type code {code:#06x} is outside {allowed.start:#06x}-{allowed.stop - 1:#06x}")
+        raise TypeError(
+            f"{cls.__name__}: type code {code:#06x} is outside "
+            f"{allowed.start:#06x}-{allowed.stop - 1:#06x}"
+        )
     if code in _REGISTRY:
-        raise TypeError(f"{cls.__name__}: type code {code:#06x} is already {_REGISTRY[code].cls.__name__}")
+        raise TypeError(
+            f"{cls.__name__}: type code {code:#06x} is already {_REGISTRY[code].cls.__name__}"
+        )
     new = _dataclass(cls, with_rid=True)
     names, types = _field_types(new, cls)
     spec = MessageSpec(new, code, kind, names, types)
@@ -172,8 +177,10 @@ def _field_types(new: type, original: type) -> tuple[tuple[str, ...], tuple[Wire
     try:
         hints = typing.get_type_hints(original, include_extras=True)
     except NameError as exc:
-        raise TypeError(f"{original.__name__}: cannot resolve a field annotation ({exc}); "
-                        "define messages at module level") from None
+        raise TypeError(
+            f"{original.__name__}: cannot resolve a field annotation ({exc}); "
+            "define messages at module level"
+        ) from None
     names, types = [], []
     for f in dataclasses.fields(new):
         if f.name == "rid":
@@ -196,7 +203,7 @@ def _fields_of(obj: Any) -> tuple[str, tuple[str, ...], tuple[WireType, ...]]:
 
 def _post_init(self) -> None:
     cls_name, names, types = _fields_of(self)
-    for name, wt in zip(names, types):
+    for name, wt in zip(names, types, strict=True):
         try:
             value = wt.check(getattr(self, name))
         except ValueError as exc:
@@ -266,11 +273,11 @@ class _RecordType(WireType):
         return value  # already checked when it was constructed
 
     def encode(self, value: Any, out: Writer) -> None:
-        for name, wt in zip(self.names, self.types):
+        for name, wt in zip(self.names, self.types, strict=True):
             wt.encode(getattr(value, name), out)
 
     def decode(self, inp: Reader) -> Any:
-        values = {name: wt.decode(inp) for name, wt in zip(self.names, self.types)}
+        values = {name: wt.decode(inp) for name, wt in zip(self.names, self.types, strict=True)}
         return self.cls(**values)
 
     def describe(self) -> str:
@@ -284,7 +291,7 @@ def encode_body(msg: Any) -> tuple[MessageSpec, Writer]:
     """The spec of `msg` and its encoded body. Never blocks."""
     spec = spec_of(msg)
     out = Writer()
-    for name, wt in zip(spec.names, spec.types):
+    for name, wt in zip(spec.names, spec.types, strict=True):
         wt.encode(getattr(msg, name), out)
     return spec, out
 
@@ -297,7 +304,7 @@ def decode_body(spec: MessageSpec, rid: int, body: memoryview) -> Any:
     name = spec.cls.__name__
     inp = Reader(body)
     try:
-        values = {n: wt.decode(inp) for n, wt in zip(spec.names, spec.types)}
+        values = {n: wt.decode(inp) for n, wt in zip(spec.names, spec.types, strict=True)}
     except DecodeError as exc:
         raise RemoteProtocolError(f"malformed {name}: {exc}") from None
     except LocalProtocolError as exc:  # a nested record failed its own checks

@@ -187,7 +187,7 @@ class PeerChannel:
     def __repr__(self) -> str:
         return f"<PeerChannel {self.peer.node} at {self.address}>"
 
-    # --- public API --------------------------------------------------------------------------------
+    # --- public API ------------------------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
@@ -240,7 +240,7 @@ class PeerChannel:
         except _Closed:
             raise ChannelClosed(f"{self.peer.node}: {self._close_reason}") from None
 
-    def __aiter__(self) -> "PeerChannel":
+    def __aiter__(self) -> PeerChannel:
         return self
 
     async def __anext__(self) -> Any:
@@ -283,7 +283,7 @@ class PeerChannel:
             "waiting_requests": len(self._waiters),
         }
 
-    # --- internals ---------------------------------------------------------------------------------
+    # --- internals -------------------------------------------------------------------------------
 
     async def _enqueue(self, msg: Any) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -425,7 +425,7 @@ async def _channel_scope(
             await chan.aclose()
 
 
-# --- handshakes -------------------------------------------------------------------------------------
+# --- handshakes ---------------------------------------------------------------------------------
 
 
 class _HandshakeFailed(Exception):
@@ -493,7 +493,9 @@ class _suppress_transport_errors:
         return None
 
     def __exit__(self, kind, exc, tb) -> bool:
-        return kind is not None and issubclass(kind, (trio.BrokenResourceError, trio.ClosedResourceError))
+        return kind is not None and issubclass(
+            kind, (trio.BrokenResourceError, trio.ClosedResourceError)
+        )
 
 
 async def _tls_handshake(stream: trio.SSLStream) -> str:
@@ -524,15 +526,21 @@ async def open_channel(
     `open_peer` / `serve_peers`, which authenticate with TLS first. Raises ConnectFailed."""
     options = options or ChannelOptions()
     conn = Connection(
-        role, me, peer_identity=peer_identity, expected_peer=expected_peer,
-        max_frame_size=options.max_frame_size, max_requests=options.max_requests,
+        role,
+        me,
+        peer_identity=peer_identity,
+        expected_peer=expected_peer,
+        max_frame_size=options.max_frame_size,
+        max_requests=options.max_requests,
     )
     try:
         with trio.fail_after(options.handshake_timeout):
             await _wire_handshake(stream, conn, options.receive_size)
     except (_HandshakeFailed, trio.TooSlowError) as exc:
         await trio.aclose_forcefully(stream)
-        raise ConnectFailed(f"{expected_peer or peer_identity} at {address}: {exc or 'handshake timed out'}") from None
+        raise ConnectFailed(
+            f"{expected_peer or peer_identity} at {address}: {exc or 'handshake timed out'}"
+        ) from None
     async with _channel_scope(stream, conn, address, options) as chan:
         yield chan
 
@@ -563,10 +571,16 @@ async def open_peer(
             stream = trio.SSLStream(capped, ssl_ctx, server_side=False)
             identity = await _tls_handshake(stream)
             if identity != expected_node:
-                raise _HandshakeFailed(f"its certificate is for {identity!r}, not {expected_node!r}")
+                raise _HandshakeFailed(
+                    f"its certificate is for {identity!r}, not {expected_node!r}"
+                )
             conn = Connection(
-                Role.CLIENT, me, peer_identity=identity, expected_peer=expected_node,
-                max_frame_size=options.max_frame_size, max_requests=options.max_requests,
+                Role.CLIENT,
+                me,
+                peer_identity=identity,
+                expected_peer=expected_node,
+                max_frame_size=options.max_frame_size,
+                max_requests=options.max_requests,
             )
             await _wire_handshake(stream, conn, options.receive_size)
             capped.lift()
@@ -612,7 +626,9 @@ async def serve_peers(
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     preauth = trio.CapacityLimiter(options.max_preauth_connections)
-    serve_one = partial(_serve_one, ssl_ctx=ssl_ctx, handler=handler, me=me, options=options, preauth=preauth)
+    serve_one = partial(
+        _serve_one, ssl_ctx=ssl_ctx, handler=handler, me=me, options=options, preauth=preauth
+    )
     log.info("serving peers on port %d as %s/%s", bound, me.cluster, me.node)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, serve_one, listeners)
@@ -636,8 +652,11 @@ async def _serve_one(
     try:
         preauth.acquire_on_behalf_of_nowait(tcp)
     except trio.WouldBlock:
-        log.warning("peer %s: %d connections already authenticating; refused",
-                    address, options.max_preauth_connections)
+        log.warning(
+            "peer %s: %d connections already authenticating; refused",
+            address,
+            options.max_preauth_connections,
+        )
         await trio.aclose_forcefully(tcp)
         return
     try:
@@ -663,13 +682,18 @@ async def _serve_authenticated(
             stream = trio.SSLStream(capped, ssl_ctx, server_side=True)
             identity = await _tls_handshake(stream)
             conn = Connection(
-                Role.SERVER, me, peer_identity=identity,
-                max_frame_size=options.max_frame_size, max_requests=options.max_requests,
+                Role.SERVER,
+                me,
+                peer_identity=identity,
+                max_frame_size=options.max_frame_size,
+                max_requests=options.max_requests,
             )
             await _wire_handshake(stream, conn, options.receive_size)
             capped.lift()
         if conn is None or conn.state is not State.OPEN:
-            log.warning("peer %s: no handshake within %s s; dropped", address, options.handshake_timeout)
+            log.warning(
+                "peer %s: no handshake within %s s; dropped", address, options.handshake_timeout
+            )
             await trio.aclose_forcefully(tcp)
             return
     except _HandshakeFailed as exc:
@@ -678,9 +702,13 @@ async def _serve_authenticated(
         return
     finally:
         preauth.release_on_behalf_of(tcp)
-    log.info("peer %s (%s) connected, incarnation %d", conn.peer.node, address, conn.peer.incarnation)
+    log.info(
+        "peer %s (%s) connected, incarnation %d", conn.peer.node, address, conn.peer.incarnation
+    )
     async with _channel_scope(stream, conn, address, options) as chan:
         try:
             await handler(chan)
         except Exception:
-            log.exception("peer %s (%s): handler failed; connection closed", chan.peer.node, address)
+            log.exception(
+                "peer %s (%s): handler failed; connection closed", chan.peer.node, address
+            )

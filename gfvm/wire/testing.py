@@ -164,7 +164,7 @@ def _build(cls, names, types, overrides, max_bytes, max_items) -> Any:
     @st.composite
     def build(draw):
         kwargs = {}
-        for name, wt in zip(names, types):
+        for name, wt in zip(names, types, strict=True):
             strategy = overrides.get(name)
             if strategy is None:
                 strategy = value_strategy(wt, max_bytes=max_bytes, max_items=max_items)

@@ -26,12 +26,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/ (sam
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository
 
 with atheris.instrument_imports():
+    import test_wire_samples as samples
+
     from gfvm.wire.connection import NEED_DATA, Connection, ConnectionClosed, Handshake, LocalNode
     from gfvm.wire.errors import RemoteProtocolError
     from gfvm.wire.messages import decode_body, encode_body, spec_of
     from gfvm.wire.state import Role, State
     from gfvm.wire.testing import ConnectionPair
-    import test_wire_samples as samples
 
 CLIENT, SERVER = LocalNode("test", "n1", 1), LocalNode("test", "n2", 2)
 MODES = ("server-before-hello", "server-open", "client-after-hello", "client-open")
