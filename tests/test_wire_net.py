@@ -489,3 +489,17 @@ async def test_bulk_and_small_frames_interleaved_arrive_intact(nursery, tls):
     got = [m for _, m in rec.received]
     assert [bytes(m.data) for m in got if isinstance(m, Blob)] == blobs
     assert [m.text for m in got if isinstance(m, Note)] == [f"s{i}" for i in range(300)]
+
+
+async def test_concurrent_closes_all_wait_for_the_flush(nursery, tls):
+    rec = Recorder()
+    port = await serve(nursery, tls, handler=rec)
+    async with peer(tls, port) as chan:
+        for _ in range(8):
+            await chan.send(Blob(bytes(1 << 20)))
+        async with trio.open_nursery() as closers:
+            for _ in range(3):
+                closers.start_soon(chan.aclose)
+        assert chan.statistics()["outgoing_bytes"] == 0
+    await wait_until(lambda: rec.ended)
+    assert len(rec.received) == 8

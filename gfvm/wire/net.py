@@ -183,6 +183,8 @@ class PeerChannel:
         self._writer_done = trio.Event()
         self._tasks_done = trio.Event()
         self._tasks: trio.CancelScope | None = None
+        self._aclose_started = False
+        self._aclose_done = trio.Event()
 
     def __repr__(self) -> str:
         return f"<PeerChannel {self.peer.node} at {self.address}>"
@@ -253,7 +255,13 @@ class PeerChannel:
 
     async def aclose(self) -> None:
         """Flushes queued frames (at most close_timeout), sends TLS close_notify and closes.
-        Idempotent. Blocks; if cancelled, closes at once without flushing."""
+
+        Idempotent: a second caller waits for the first to finish. Blocks; if cancelled, closes
+        at once without flushing."""
+        if self._aclose_started:
+            await self._aclose_done.wait()
+            return
+        self._aclose_started = True
         try:
             if self._close_reason is None:
                 self._close_reason = "closed by this node"
@@ -272,6 +280,7 @@ class PeerChannel:
                         await self._stream.aclose()  # sends close_notify
         finally:
             await trio.aclose_forcefully(self._stream)
+            self._aclose_done.set()
 
     def statistics(self) -> dict[str, int]:
         """Counters of the connection plus queue sizes. Never blocks."""
