@@ -247,15 +247,21 @@ class Cluster:
         progress(f"bridge {bridge}")
         sysutil.run(["ip", "link", "add", bridge, "type", "bridge"])
         sysutil.run(["ip", "link", "set", bridge, "up"])
-        config_text = self.config().to_toml()
+        # Provision the nodes the way real ones are: `cluster init` makes the CA and one bundle
+        # per node, each node `join`s with its own bundle.
+        from gfvm import provision
+
+        admin = provision.init_cluster(
+            self.config().nodes, self.lib_dir(self.name) / "admin", name=self.name,
+            replicas=self.replicas,
+        )
         for node in self.nodes.values():
             progress(f"node {node.name}: namespaces, {node.address} on {bridge}")
             dirs = self.dirs(node.name)
             for d in (dirs.etc, dirs.state, dirs.run):
                 d.mkdir(parents=True, exist_ok=True)
             os.chmod(dirs.etc, 0o700)
-            (dirs.etc / "cluster.toml").write_text(config_text)
-            (dirs.etc / "node.toml").write_text(f'name = "{node.name}"\n')
+            provision.join(admin.bundles[node.name], dirs.etc)
             node.anchor_pid = self._start_anchor(dirs)
             self._save()
             sysutil.run(["ip", "netns", "attach", node.netns, str(node.anchor_pid)])
