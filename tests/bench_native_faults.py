@@ -49,7 +49,7 @@ def served_rate(binary: Path, tmp: Path, npages: int, window: int, tracer: nativ
             index = native.PageIndex(npages)
             index.set_many([t.page(i) for i in range(npages)], range(npages))
             uid = loop.add(uffd, [native.Source(index, f.fileno())], wp=True, pid=t.pid)
-            native.evict_pages(tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd)
+            native.evict_pages(tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd, index=index)
             word, elapsed_us = t.cmd("touch", timeout=600).split()
             assert word == "ok"
             check = t.cmd("verify", timeout=600)

@@ -37,8 +37,14 @@ class Managed:
                            pid=target.pid, pidfd=self.pidfd, defer_missing=defer_missing)
 
     def flush(self, first=0, count=None):
-        """Saves pages [first, first + count) at slot = page number."""
+        """Saves pages [first, first + count) at slot = page number, the way a pager does:
+        re-protect (scan) first, then read and store, then index."""
         count = self.t.npages - first if count is None else count
+        pm = native.open_pagemap(self.t.pid)
+        try:
+            native.scan_written(pm, self.t.page(first), self.t.page(first + count))
+        finally:
+            os.close(pm)
         buf = bytearray(count * PAGE)
         assert native.read_ranges(self.t.pid, [(self.t.page(first), self.t.page(first + count))], buf) == len(buf)
         self.file.seek(first * PAGE)
@@ -48,8 +54,8 @@ class Managed:
 
     def evict(self, first=0, count=None):
         count = self.t.npages - first if count is None else count
-        native.evict_pages(self.tracer, self.t.pid, [(self.t.page(first), self.t.page(first + count))],
-                           loop=self.loop, uffd_id=self.id, uffd=self.uffd)
+        return native.evict_pages(self.tracer, self.t.pid, [(self.t.page(first), self.t.page(first + count))],
+                           loop=self.loop, uffd_id=self.id, uffd=self.uffd, index=self.index)
 
     def written(self):
         pm = native.open_pagemap(self.t.pid)
@@ -111,6 +117,37 @@ def test_evicted_pages_come_back_with_their_bytes(start_target, manage, loop, wi
     assert m.written() == []  # installed write-protected: dirty tracking stays exact
     assert t.cmd("write 7 2 3") == "ok"
     assert m.written() == [(t.page(7), t.page(9))]
+
+
+def test_eviction_keeps_pages_not_safely_in_the_paging_file(start_target, manage, loop):
+    t = start_target(64)
+    m = manage(t)
+    m.flush(0, 32)
+    assert t.cmd("write 5 1 2") == "ok"  # written after the flush: newest data only in memory
+    runs = m.evict()
+    assert runs == [(t.page(0), t.page(5)), (t.page(6), t.page(32))]
+    assert m.present_pages() == 1 + 32
+    assert t.cmd("verify") == "ok 64"
+
+
+def test_flush_racing_with_dontneed_never_restores_stale_data(start_target, manage, loop):
+    """The pager reads pages, the process discards some of them meanwhile, then the pager
+    indexes what it read. Whichever reaches the index first (the loop applies the REMOVE just
+    after the process resumes), the discarded pages end up without a slot."""
+    t = start_target(16)
+    m = manage(t)
+    seq = m.index.change_seq
+    buf = bytearray(16 * PAGE)
+    assert native.read_ranges(t.pid, [(t.addr, t.end)], buf) == len(buf)
+    assert t.cmd("dontneed 0 4") == "ok"
+    m.file.write(buf)
+    m.file.flush()
+    skipped = m.index.set_many([t.page(i) for i in range(16)], range(16), unless_changed_since=seq)
+    assert set(skipped) <= {t.page(i) for i in range(4)}
+    wait_for(lambda: any(e.kind == "remove" for e in loop.pop_events()))
+    assert [a for a, _ in m.index.items()] == [t.page(i) for i in range(4, 16)]
+    m.evict()
+    assert t.cmd("verify") == "ok 16"  # pages 0-3 read zeros
 
 
 def test_pages_without_a_slot_come_back_as_zeros(start_target, manage, loop):
@@ -267,7 +304,7 @@ def test_second_source_serves_what_the_first_lacks(start_target, tracer, loop, t
         second.set_many([t.page(i) for i in range(32)], range(1, 33))
         uid = loop.add(uffd, [native.Source(first, fa.fileno()), native.Source(second, fb.fileno())],
                        wp=True, pid=t.pid)
-        native.evict_pages(tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd)
+        native.evict_pages(tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd, index=second)
         assert t.cmd("verify") == "ok 32"
     uffd.close()
 
@@ -279,7 +316,7 @@ def test_mapping_source(start_target, tracer, loop):
     index.set_many([t.page(i) for i in range(16)], range(16))
     mapping = bytearray(b"".join(page_bytes(i, 1) for i in range(16)))
     uid = loop.add(uffd, [native.Source(index, mapping=mapping)], wp=True, pid=t.pid)
-    native.evict_pages(tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd)
+    native.evict_pages(tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd, index=index)
     assert t.cmd("verify") == "ok 16"
     uffd.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import errno
 import threading
 
 import pytest
@@ -94,6 +95,29 @@ def test_clone_is_independent():
     child[BASE + 2 * P] = 3
     assert parent.items() == [(BASE, 10)]
     assert child.items() == [(BASE, 1), (BASE + P, 2), (BASE + 2 * P, 3)]
+
+
+def test_set_many_skips_pages_changed_since():
+    index = native.PageIndex()
+    seq = index.change_seq
+    index.remove_range(BASE + 2 * P, BASE + 4 * P)  # e.g. the process discarded pages 2-3
+    index.move_range(BASE + 10 * P, BASE + 20 * P, 2 * P)  # and moved 10-11 to 20-21
+    skipped = index.set_many([BASE + i * P for i in range(12)], range(12), unless_changed_since=seq)
+    assert skipped == [BASE + i * P for i in (2, 3, 10, 11)]
+    assert sorted(a for a, _ in index.items()) == [BASE + i * P for i in (0, 1, 4, 5, 6, 7, 8, 9)]
+    assert index.set_many([BASE + 2 * P], [2], unless_changed_since=index.change_seq) == []
+    assert index[BASE + 2 * P] == 2
+
+
+def test_set_many_refuses_when_the_change_log_is_too_short():
+    index = native.PageIndex()
+    seq = index.change_seq
+    for i in range(300):
+        index.remove_range(BASE + i * P, BASE + (i + 1) * P)
+    with pytest.raises(OSError) as exc:
+        index.set_many([BASE + 1000 * P], [1], unless_changed_since=seq)
+    assert exc.value.errno == errno.ESTALE
+    assert len(index) == 0
 
 
 def test_bad_input_is_refused_and_changes_nothing():
