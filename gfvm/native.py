@@ -14,7 +14,9 @@ Parts (one per C module in csrc/):
 - ptrace: `Tracer` (own OS thread; stop all threads of a process, inject syscalls, helpers for
   userfaultfd/madvise/close/mmap/munmap).
 - `PageIndex` (virtual page -> paging-file slot, in C, shared with the fault loop) and
-  `FaultLoop` (native fault service on its own pthread, no GIL).
+  `FaultLoop` (native fault service on its own pthread, no GIL); `evict_pages` (drop pages
+  that are safely in the paging file, with everything a pager must get right about it).
+- `frozen_cgroup` (is a process frozen by a cgroup freezer: what that means for ptrace).
 
 Memory addresses are plain ints; lengths in bytes; pages are 4 KiB.
 """
@@ -145,7 +147,7 @@ class PartialCopy(BlockingIOError):
 
 
 class UffdApi(NamedTuple):
-    features: int  #: feature bits granted
+    features: int  #: every feature bit the kernel supports (the requested ones are now enabled)
     ioctls: int  #: ioctl bits available on this uffd
 
 
@@ -253,8 +255,9 @@ class Userfaultfd:
         return f"Userfaultfd(fd={self._fd})"
 
     def api(self, features: int) -> UffdApi:
-        """UFFDIO_API: asks for `features`, returns those granted and the available ioctls.
-        Allowed once per uffd (a second call fails with EINVAL)."""
+        """UFFDIO_API: enables `features` (EINVAL if the kernel lacks one of them). The kernel
+        answers with its whole feature set, not just the requested bits, and the ioctls
+        available. Allowed once per uffd (a second call fails with EINVAL)."""
         granted = ffi.new("uint64_t *")
         ioctls = ffi.new("uint64_t *")
         check(lib.gfvm_uffd_api(self.fileno(), features, granted, ioctls), "UFFDIO_API")

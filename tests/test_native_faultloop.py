@@ -322,6 +322,7 @@ def test_mapping_source(start_target, tracer, loop):
 
 
 def test_present_pages_in_a_window_are_skipped(start_target, manage, loop):
+    loop.window_pages = 64
     t = start_target(64)
     m = manage(t)
     m.flush()
@@ -331,6 +332,16 @@ def test_present_pages_in_a_window_are_skipped(start_target, manage, loop):
     wait_for(lambda: loop.counters(m.id).pages_copied == 32)
     c = loop.counters(m.id)
     assert c.eexist > 0 and c.errors == 0
+
+
+def test_concurrent_faults_from_many_threads(start_target, manage, loop):
+    t = start_target(1024)
+    m = manage(t)
+    m.flush()
+    m.evict()
+    assert t.cmd("pverify 8") == "ok"
+    assert t.cmd("verify") == "ok 1024"
+    assert loop.counters(m.id).errors == 0
 
 
 def test_several_processes_on_one_loop(start_target, manage, loop):
