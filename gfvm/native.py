@@ -27,6 +27,7 @@ import array
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import os
 import queue
 import threading
@@ -183,6 +184,10 @@ class RemapEvent:
     start: int
     end: int
     to: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
 
 
 @dataclass(frozen=True)
@@ -1067,7 +1072,9 @@ def frozen_cgroup(pid: int) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def _cgroup_mounts() -> dict[str, str]:
+    """Where the cgroup2 and v1 freezer hierarchies are mounted (read once)."""
     found: dict[str, str] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
