@@ -250,6 +250,11 @@ class Userfaultfd:
         """Another fd for the same uffd (e.g. for a keeper process)."""
         return Userfaultfd(os.dup(self.fileno()))
 
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
     def __enter__(self) -> Userfaultfd:
         return self
 

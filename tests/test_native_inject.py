@@ -296,3 +296,29 @@ def test_cgroup2_frozen_target(start_target, tracer, cgroup2):
     assert not t.ready_to_read(0.2)  # frozen: does not answer
     set_frozen(cgroup2, False)
     assert t.read_line() == "ok 8"
+
+
+def test_cgroup1_frozen_target_is_refused_clearly(start_target, tracer):
+    """A task in a frozen v1 freezer cgroup enters a ptrace stop only once thawed (measured:
+    seize and interrupt succeed, the stop never comes): stop_process says so up front."""
+    v1 = Path("/sys/fs/cgroup/freezer")
+    if not (v1 / "freezer.state").exists() and not (v1 / "cgroup.procs").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("no cgroup v1 freezer hierarchy")
+        pytest.skip("no cgroup v1 freezer hierarchy")
+    t = start_target(4)
+    cg = v1 / f"gfvm-test-native-{os.getpid()}"
+    cg.mkdir()
+    try:
+        (cg / "cgroup.procs").write_text(str(t.pid))
+        (cg / "freezer.state").write_text("FROZEN")
+        with pytest.raises(OSError) as exc:
+            tracer.stop_process(t.pid)
+        assert exc.value.errno == errno.EBUSY and "freezer.state" in str(exc.value)
+        (cg / "freezer.state").write_text("THAWED")
+        assert t.cmd("verify") == "ok 4"
+    finally:
+        (cg / "freezer.state").write_text("THAWED")
+        for pid in (cg / "cgroup.procs").read_text().split():
+            (v1 / "cgroup.procs").write_text(pid)
+        cg.rmdir()
