@@ -127,6 +127,11 @@ _Static_assert(PROCMAP_QUERY == 0xC0686611, "PROCMAP_QUERY ioctl number");
 #ifndef SYS_pidfd_send_signal
 #define SYS_pidfd_send_signal 424
 #endif
+/* pidfd_open flag (6.9+): a pidfd for one thread rather than a thread-group leader. */
+#ifndef PIDFD_THREAD
+#define PIDFD_THREAD 0x80 /* O_EXCL */
+#endif
+_Static_assert(PIDFD_THREAD == 0x80, "PIDFD_THREAD is O_EXCL on x86_64");
 _Static_assert(SYS_pidfd_open == 434 && SYS_pidfd_getfd == 438 && SYS_pidfd_send_signal == 424,
                "x86_64 pidfd syscall numbers");
 

@@ -4,8 +4,11 @@
 #include "kernel_abi.h"
 #include "pidfd.h"
 
+#include <fcntl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+_Static_assert(PIDFD_THREAD == O_EXCL, "PIDFD_THREAD");
 
 int gfvm_pidfd_open(int pid, unsigned int flags)
 {

@@ -630,9 +630,13 @@ def read_regions(pid: int, regions: PageRegions, buf: Any) -> int:
 # --------------------------------------------------------------------------- pidfd
 
 
+PIDFD_THREAD = lib.PIDFD_THREAD
+
+
 def pidfd_open(pid: int, flags: int = 0) -> int:
     """A pidfd (close-on-exec) for `pid`; ESRCH if there is no such process. Readable (poll)
-    once the process has exited. Never blocks."""
+    once the process has exited. flags=PIDFD_THREAD: a pidfd for one thread (any tid). Never
+    blocks."""
     return check(lib.gfvm_pidfd_open(pid, flags), f"pidfd_open({pid})")
 
 
@@ -1345,6 +1349,7 @@ class Tracer:
                 "its threads can be stopped only after a thaw",
             )
         tids: dict[int, int] = {}
+        gone: set[int] = set()  # exited threads and a zombie leader: nothing to stop
         self._stopped[pid] = tids
         try:
             while True:
@@ -1352,14 +1357,15 @@ class Tracer:
                     listing = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
                 except FileNotFoundError:
                     raise ProcessLookupError(errno.ESRCH, f"no process {pid}") from None
-                new = sorted(listing - tids.keys())
+                new = sorted(listing - tids.keys() - gone)
                 if not new:
                     break
                 seized = []
                 for tid in new:
                     rc = lib.gfvm_ptrace_seize(tid)
                     if rc == -errno.ESRCH or (rc == -errno.EPERM and _is_zombie(pid, tid)):
-                        continue  # exited meanwhile (or a zombie leader): nothing to stop
+                        gone.add(tid)
+                        continue
                     check(rc, f"PTRACE_SEIZE {tid}")
                     seized.append(tid)
                     tids[tid] = -1  # seized, not yet stopped
@@ -1370,6 +1376,7 @@ class Tracer:
                     rc = lib.gfvm_ptrace_wait_stop(tid, self._ms(self.stop_timeout), sig)
                     if rc == -errno.ESRCH:
                         del tids[tid]
+                        gone.add(tid)
                         continue
                     if rc == -errno.ETIMEDOUT:
                         raise TimeoutError(
@@ -1380,8 +1387,10 @@ class Tracer:
                     tids[tid] = int(sig[0])
             if not tids:
                 raise ProcessLookupError(errno.ESRCH, f"process {pid} has no thread left")
+            # Read the maps of a live thread: a leader that called pthread_exit has none.
+            live = pid if tids.get(pid, -1) >= 0 else min(t for t, s in tids.items() if s >= 0)
             ip = ffi.new("uint64_t *")
-            check(lib.gfvm_find_syscall_insn(pid, ip), f"finding a syscall instruction in {pid}")
+            check(lib.gfvm_find_syscall_insn(live, ip), f"finding a syscall instruction in {pid}")
             self._syscall_ip[pid] = int(ip[0])
         except BaseException:
             self._release(pid)
@@ -1506,7 +1515,8 @@ class Tracer:
         def body(s: _Session) -> Userfaultfd:
             remote = check(s.syscall(SYS_userfaultfd, flags), f"injected userfaultfd() in {pid}")
             try:
-                pidfd = pidfd_open(pid)
+                # The fd table of the thread that made it (the leader may have exited).
+                pidfd = pidfd_open(s.tid, PIDFD_THREAD if s.tid != pid else 0)
                 try:
                     return Userfaultfd(pidfd_getfd(pidfd, remote))
                 finally:

@@ -21,6 +21,7 @@
  *   touch                    -> read one word of every page, "ok <elapsed us>"
  *   fresh                    -> first-touch (write) NPAGES fresh pages, "ok <elapsed us>"
  *   sigblk                   -> "ok <blocked signal mask in hex>"
+ *   leaderexit               -> a new thread takes over the commands, the main thread exits
  *   exit                     -> exits 0
  * Generation 0 means "zero page". */
 #define _GNU_SOURCE
@@ -159,15 +160,8 @@ static int read_line(char *buf, size_t len)
     return 0;
 }
 
-int main(int argc, char **argv)
+static void *serve(void *arg)
 {
-    npages = argc > 1 ? atol(argv[1]) : 64;
-    region = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    gen = calloc(npages, sizeof(*gen));
-    if (region == MAP_FAILED || !gen)
-        return 2;
-    fill(0, npages, 1);
-    reply("ready %lx %ld %d", (unsigned long)region, npages, getpid());
     char line[256], msg[160];
     while (read_line(line, sizeof(line)) == 0) {
         long a = 0, b = 0, c = 0;
@@ -286,11 +280,31 @@ int main(int argc, char **argv)
                 if (sigismember(&cur, s))
                     bits |= 1ull << (s - 1);
             reply("ok %llx", bits);
+        } else if (!strcmp(line, "leaderexit")) {
+            /* Another thread serves from now on; this one (the leader) exits: a zombie leader. */
+            pthread_t t;
+            pthread_create(&t, NULL, serve, NULL);
+            reply("ok");
+            pthread_exit(NULL);
         } else if (!strcmp(line, "exit")) {
-            return 0;
+            exit(0);
         } else {
             reply("unknown %s", line);
         }
     }
+    exit(0);
+    return arg;
+}
+
+int main(int argc, char **argv)
+{
+    npages = argc > 1 ? atol(argv[1]) : 64;
+    region = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    gen = calloc(npages, sizeof(*gen));
+    if (region == MAP_FAILED || !gen)
+        return 2;
+    fill(0, npages, 1);
+    reply("ready %lx %ld %d", (unsigned long)region, npages, getpid());
+    serve(NULL);
     return 0;
 }

@@ -125,6 +125,21 @@ def test_threads_created_while_stopping_are_caught(start_target, tracer):
     assert t.cmd("verify") == "ok 4"
 
 
+def test_process_whose_main_thread_exited(start_target, tracer):
+    t = start_target(8)
+    assert t.cmd("leaderexit") == "ok"
+    deadline = time.monotonic() + 5
+    while task_state(t.pid, t.pid) != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    tids = tracer.stop_process(t.pid)
+    assert t.pid not in tids and len(tids) == 1
+    with tracer.inject_userfaultfd(t.pid) as u:
+        u.api(native.UFFD_FEATURE_WP_ASYNC | native.UFFD_FEATURE_WP_UNPOPULATED)
+    tracer.resume_process(t.pid)
+    assert t.cmd("verify") == "ok 8"
+
+
 def test_inject_userfaultfd_leaves_no_fd_behind(start_target, tracer):
     t = start_target(8)
     fds = fd_count(t.pid)
