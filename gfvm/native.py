@@ -1288,6 +1288,7 @@ class Tracer:
         self._stopped: dict[int, dict[int, int]] = {}  # pid -> {tid: stop signal (0: interrupt)}
         self._syscall_ip: dict[int, int] = {}
         self._open: dict[int, tuple[Any, int]] = {}  # tid -> (session, pid): could not end yet
+        self._late: set[int] = set()  # seized threads that had not stopped when released
         self._thread = threading.Thread(target=self._run, name="gfvm-tracer", daemon=True)
         self._thread.start()
         self._closed = False
@@ -1300,6 +1301,7 @@ class Tracer:
             if job is None:
                 return
             fn, args, fut = job
+            self._release_late_stoppers()
             if fut.set_running_or_notify_cancel():
                 try:
                     fut.set_result(fn(*args))
@@ -1402,10 +1404,14 @@ class Tracer:
         self._syscall_ip.pop(pid, None)
         for tid, sig in tids.items():
             if sig == -1:
-                # Seized but never seen stopped: it stops at its next chance; catch that briefly.
+                # Seized but never seen stopped: it stops at its next chance; catch that briefly,
+                # else detach it as soon as it does (see _release_late_stoppers).
                 out = ffi.new("int *")
-                if lib.gfvm_ptrace_wait_stop(tid, 100, out) < 0:
-                    continue  # still running (ends traced until it stops; close() detaches)
+                rc = lib.gfvm_ptrace_wait_stop(tid, 100, out)
+                if rc == -errno.ETIMEDOUT:
+                    self._late.add(tid)
+                if rc < 0:
+                    continue
             if tid in self._open:
                 if (
                     lib.gfvm_inject_end(self._open[tid][0], self._ms(self.syscall_timeout))
@@ -1414,6 +1420,17 @@ class Tracer:
                     continue  # keep it traced: detaching would let it run with foreign registers
                 del self._open[tid]
             lib.gfvm_ptrace_detach(tid)
+
+    def _release_late_stoppers(self) -> None:
+        """Detaches threads that were given up on while not yet stopped, once they stop (else
+        they would wait in their ptrace stop for ever). Runs before every job."""
+        out = ffi.new("int *")
+        for tid in list(self._late):
+            rc = lib.gfvm_ptrace_wait_stop(tid, 0, out)
+            if rc == 0:
+                lib.gfvm_ptrace_detach(tid)
+            if rc != -errno.ETIMEDOUT:
+                self._late.discard(tid)
 
     def _release_all(self) -> None:
         for pid in list(self._stopped):

@@ -348,3 +348,68 @@ def test_cgroup1_frozen_target_is_refused_clearly(start_target, tracer):
         for pid in (cg / "cgroup.procs").read_text().split():
             (v1 / "cgroup.procs").write_text(pid)
         cg.rmdir()
+
+
+def test_thread_that_stops_only_after_release_is_let_go(start_target, tracer):
+    """A seized thread that cannot stop yet (here: v1-frozen) is given up on by stop_process; it
+    would then sit in its ptrace stop for ever once thawed. The tracer detaches it as soon as it
+    stops (checked before each of its jobs)."""
+    from gfvm._native import ffi, lib
+
+    v1 = Path("/sys/fs/cgroup/freezer")
+    if not (v1 / "cgroup.procs").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("no cgroup v1 freezer hierarchy")
+        pytest.skip("no cgroup v1 freezer hierarchy")
+    t = start_target(4)
+    cg = v1 / f"gfvm-test-native-late-{os.getpid()}"
+    cg.mkdir()
+    try:
+        (cg / "cgroup.procs").write_text(str(t.pid))
+        (cg / "freezer.state").write_text("FROZEN")
+
+        def seize_without_stop():
+            assert lib.gfvm_ptrace_seize(t.pid) == 0 and lib.gfvm_ptrace_interrupt(t.pid) == 0
+            assert lib.gfvm_ptrace_wait_stop(t.pid, 200, ffi.new("int *")) == -errno.ETIMEDOUT
+            tracer._stopped[t.pid] = {t.pid: -1}  # what stop_process leaves after a timeout
+
+        tracer.call(seize_without_stop)
+        tracer.resume_process(t.pid)
+        (cg / "freezer.state").write_text("THAWED")
+        assert t.wait_state("t") == "t"  # stopped for us, nobody waiting for it
+        tracer.call(lambda: None)  # any job lets the tracer notice and detach it
+        assert t.cmd("verify") == "ok 4"
+    finally:
+        (cg / "freezer.state").write_text("THAWED")
+        for pid in (cg / "cgroup.procs").read_text().split():
+            (v1 / "cgroup.procs").write_text(pid)
+        cg.rmdir()
+
+
+def test_rollback_when_the_thread_cannot_reach_the_syscall(start_target, tracer, cgroup2):
+    """Error path of the injector itself: the thread cannot run to the injected syscall (its
+    cgroup is frozen), the syscall step times out, and end() still puts every register back."""
+    from gfvm._native import ffi, lib
+
+    t = start_target(4)
+    mask = t.cmd("sigblk")
+    (cgroup2 / "cgroup.procs").write_text(str(t.pid))
+    set_frozen(cgroup2, True)
+    tracer.stop_process(t.pid)
+    before = tracer.registers(t.pid)
+
+    def inject_while_frozen():
+        ip = ffi.new("uint64_t *")
+        assert lib.gfvm_find_syscall_insn(t.pid, ip) == 0
+        s = ffi.gc(lib.gfvm_inject_new(), lib.gfvm_inject_free)
+        assert lib.gfvm_inject_begin(s, t.pid, ip[0]) == 0
+        args, res = ffi.new("uint64_t[6]"), ffi.new("int64_t *")
+        assert lib.gfvm_inject_syscall(s, native.SYS_getpid, args, res, 200) == -errno.ETIMEDOUT
+        return lib.gfvm_inject_end(s, 2000)
+
+    assert tracer.call(inject_while_frozen) == 0
+    assert tracer.registers(t.pid) == before
+    set_frozen(cgroup2, False)
+    tracer.resume_process(t.pid)
+    assert t.cmd("sigblk") == mask
+    assert t.cmd("verify") == "ok 4"
