@@ -17,6 +17,11 @@
  *   files    -> "ok" | "bad WHAT"        (open file offset+content, shared/private file mmaps)
  *   pipe     -> "ok" | "bad"             (data left in a pipe before the dump is still there)
  *   child    -> "child ok PAGES" | ...   (the child verifies its own region over pipes)
+ *   remap    -> "ok ADDR" | "error ..."  (mremap the region to another address, then verify there)
+ *   discard  -> "ok" | "bad ..."         (MADV_DONTNEED on the region's second half: that half must
+ *                                          read as zeros afterwards, the first half keeps the pattern;
+ *                                          the expectation is updated)
+ *   forkcheck-> "ok" | "bad"             (a freshly forked child verifies the region and exits)
  *   exit     -> exits the whole tree with status 0
  * Memory pattern: 64-bit word j of page i = mix(seed, i * 512 + j) (splitmix64).
  */
@@ -47,6 +52,7 @@
 
 static uint64_t *region;
 static size_t region_pages;
+static size_t discarded_from = (size_t)-1; /* pages from here on were discarded: expect zeros */
 static uint64_t seed;
 static char statedir[512];
 static volatile uint64_t *hot;
@@ -171,6 +177,32 @@ static int files_check(char *out, size_t outlen)
     return snprintf(out, outlen, "ok\n");
 }
 
+static void *remap_region(void)
+{
+    /* Reserve a new place, then move the region there (REMAP + UNMAP events under uffd). */
+    size_t len = region_pages * PAGE;
+    void *target = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (target == MAP_FAILED)
+        return MAP_FAILED;
+    void *moved = mremap(region, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, target);
+    if (moved != MAP_FAILED)
+        region = moved;
+    return moved;
+}
+
+static long verify_region(void)
+{
+    size_t keep = discarded_from < region_pages ? discarded_from : region_pages;
+    long bad = check(region, keep, seed);
+    if (bad >= 0)
+        return bad;
+    for (size_t i = keep; i < region_pages; i++)
+        for (size_t j = 0; j < WORDS; j++)
+            if (region[i * WORDS + j] != 0)
+                return (long)i;
+    return -1;
+}
+
 static int handle(const char *cmd, char *out, size_t outlen)
 {
     if (!strcmp(cmd, "ping"))
@@ -178,7 +210,7 @@ static int handle(const char *cmd, char *out, size_t outlen)
     if (!strcmp(cmd, "addr"))
         return snprintf(out, outlen, "addr %lu %lu\n", (unsigned long)region, region_pages * PAGE);
     if (!strcmp(cmd, "verify")) {
-        long bad = check(region, region_pages, seed);
+        long bad = verify_region();
         return bad < 0 ? snprintf(out, outlen, "ok %zu\n", region_pages)
                        : snprintf(out, outlen, "bad %ld\n", bad);
     }
@@ -231,6 +263,33 @@ static int handle(const char *cmd, char *out, size_t outlen)
         if (n <= 0)
             return snprintf(out, outlen, "child gone\n");
         return (int)n;
+    }
+    if (!strcmp(cmd, "remap")) {
+        void *moved = remap_region();
+        if (moved == MAP_FAILED)
+            return snprintf(out, outlen, "error %s\n", strerror(errno));
+        long bad = verify_region();
+        return bad < 0 ? snprintf(out, outlen, "ok %lu\n", (unsigned long)moved)
+                       : snprintf(out, outlen, "bad %ld\n", bad);
+    }
+    if (!strcmp(cmd, "discard")) {
+        size_t half = region_pages / 2;
+        if (madvise((char *)region + half * PAGE, (region_pages - half) * PAGE, MADV_DONTNEED))
+            return snprintf(out, outlen, "error %s\n", strerror(errno));
+        discarded_from = half;
+        long bad = verify_region();
+        return bad < 0 ? snprintf(out, outlen, "ok\n") : snprintf(out, outlen, "bad %ld\n", bad);
+    }
+    if (!strcmp(cmd, "forkcheck")) {
+        pid_t pid = fork();
+        if (pid < 0)
+            return snprintf(out, outlen, "error %s\n", strerror(errno));
+        if (pid == 0)
+            _exit(verify_region() < 0 ? 0 : 1);
+        int status = 0;
+        if (waitpid(pid, &status, 0) != pid)
+            return snprintf(out, outlen, "error %s\n", strerror(errno));
+        return snprintf(out, outlen, WIFEXITED(status) && WEXITSTATUS(status) == 0 ? "ok\n" : "bad\n");
     }
     if (!strcmp(cmd, "exit")) {
         if (child_pid)

@@ -217,7 +217,7 @@ class LazyPagesServer:
         batch_pages: int = 64,
         prefetch_chunk_pages: int = 256,
         zero_batch_pages: int = 16,
-        exit_after_fault_reads: int | None = None,
+        exit_on_fault_in: tuple[int, int] | None = None,
     ) -> None:
         self.images = ImageDir(images_dir)
         self.work_dir = Path(work_dir) if work_dir is not None else self.images.path
@@ -226,8 +226,9 @@ class LazyPagesServer:
         self.batch_pages = batch_pages
         self.prefetch_chunk_pages = prefetch_chunk_pages
         self.zero_batch_pages = zero_batch_pages
-        self._exit_after = exit_after_fault_reads  # fault point for tests: die with faults unserved
-        self._fault_reads = 0
+        # Fault point for tests: exit as soon as a fault in this range has been read (so the
+        # faulting thread waits on a message nobody will answer or re-send).
+        self._exit_on_fault_in = exit_on_fault_in
         self._buf_pages = max(batch_pages, prefetch_chunk_pages, 1)
         self._buf = mmap.mmap(-1, self._buf_pages * PAGE_SIZE)
         self._buf_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
@@ -646,9 +647,8 @@ class LazyPagesServer:
         for m in msgs:
             if m.event == uffd_ops.UFFD_EVENT_PAGEFAULT:
                 faults.append(m.address & ~(PAGE_SIZE - 1))
-                self._fault_reads += 1
-                if self._exit_after is not None and self._fault_reads >= self._exit_after:
-                    os._exit(70)  # test fault point: die holding faults nobody will re-send
+                if self._exit_on_fault_in and self._exit_on_fault_in[0] <= m.address < self._exit_on_fault_in[1]:
+                    os._exit(70)
                 continue
             kind = {
                 uffd_ops.UFFD_EVENT_FORK: "fork",
@@ -912,18 +912,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="page source: the pages of task PID from address BASE are in FILE")
     parser.add_argument("--root-pidfile", type=Path, help="criu restore's --pidfile: attach to that root")
     parser.add_argument("--prefetch", action="store_true", help="push every page in the background")
-    parser.add_argument("--exit-after-fault-reads", type=int, help="fault point: exit after reading N faults")
+    parser.add_argument("--exit-on-fault-in", metavar="START:END",
+                        help="fault point (tests): exit as soon as a fault in [START, END) is read")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s lazy-pages: %(message)s")
     source = _MultiSource([_parse_region(r) for r in args.region]) if args.region else None
-    kwargs = dict(page_source=source, exit_after_fault_reads=args.exit_after_fault_reads)
+    exit_range = None
+    if args.exit_on_fault_in:
+        lo, hi = args.exit_on_fault_in.split(":")
+        exit_range = (int(lo, 0), int(hi, 0))
+    kwargs = dict(page_source=source, exit_on_fault_in=exit_range)
     if args.mode == "serve":
         keeper = KeeperClient.spawn(args.keeper_socket) if args.keeper_socket else None
         server = LazyPagesServer(args.images, args.work_dir, keeper=keeper, **kwargs)
         server.listen()
     else:
         server = LazyPagesServer.take_over(args.keeper_socket, args.images, args.work_dir, **kwargs)
-    print("listening" if args.mode == "serve" else "serving", flush=True)
+    keeper_pid = server.keeper.pid if server.keeper is not None and server.keeper.pid else "-"
+    print(f"{'listening' if args.mode == 'serve' else 'serving'} keeper={keeper_pid}", flush=True)
 
     def attach_when_restored() -> None:
         server.restored.wait()

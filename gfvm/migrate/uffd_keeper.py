@@ -188,6 +188,7 @@ class Keeper:
         self.released = False
 
     def run(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o077)
