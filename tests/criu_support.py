@@ -78,8 +78,9 @@ class Workload:
     inside `node` of `cluster`. `root` is the host pid of its tini (the tree's root)."""
 
     def __init__(self, binary: Path, statedir: Path, cluster, node: str, *, mib: int, seed: int,
-                 threads: int, child: bool) -> None:
+                 threads: int, child: bool, env: dict[str, str] | None = None) -> None:
         self.binary, self.statedir, self.cluster, self.node = binary, statedir, cluster, node
+        self.env = env or {}
         self.mib, self.seed, self.threads, self.child = mib, seed, threads, child
         self.launcher: subprocess.Popen | None = None
         self.root: int | None = None
@@ -97,7 +98,8 @@ class Workload:
         script = f'exec "$@" </dev/null >>{shlex.quote(str(log))} 2>&1'
         self.launcher = self.cluster.popen(self.node, ["sh", "-c", script, "sh", *inner],
                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL, start_new_session=True)
+                                           stderr=subprocess.DEVNULL, start_new_session=True,
+                                           env={**os.environ, **self.env})
         deadline = time.monotonic() + 30
         port_file = self.statedir / "port"
         while not port_file.exists():
@@ -226,9 +228,10 @@ def make_workload(cluster2, workload_bin, tmp_path):
     """Factory: make_workload(node="n1", mib=16, ...) -> started Workload; all killed after the test."""
     made: list[Workload] = []
 
-    def factory(node: str = "n1", *, mib: int = 16, seed: int = 42, threads: int = 3, child: bool = True) -> Workload:
+    def factory(node: str = "n1", *, mib: int = 16, seed: int = 42, threads: int = 3, child: bool = True,
+                env: dict[str, str] | None = None) -> Workload:
         w = Workload(workload_bin, tmp_path / unique_name("wl"), cluster2, node, mib=mib, seed=seed,
-                     threads=threads, child=child)
+                     threads=threads, child=child, env=env)
         made.append(w)
         return w.start()
 
