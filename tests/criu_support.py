@@ -167,7 +167,7 @@ class ServerProc:
         self.log = log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gfvm.migrate.lazypages", *args],
+                [sys.executable, "-m", "gfvm.migrate.lazypages_cli", *args],
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=out,
                 start_new_session=True,
             )

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import struct
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -208,6 +209,20 @@ def test_malformed_entry_is_an_image_error(tmp_path):
 # --- real images --------------------------------------------------------------------------------------
 
 
+def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Waits until every thread of `pid` is in group stop (SIGSTOP is delivered asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(s == "T" for s in states):
+            return
+        assert time.monotonic() < deadline, f"threads of {pid} did not stop: {states}"
+        time.sleep(0.005)
+
+
 def _capture_memory(pid: int) -> dict[int, bytes]:
     """Every readable page of process `pid` (which must be stopped), read through /proc/PID/mem.
     Not only present pages: CRIU itself touches some (the vdso, the page where it injects its
@@ -239,6 +254,8 @@ def test_dumped_pages_equal_memory_captured_before_the_dump(cluster2, make_workl
     hosts = {inner: w.host_pid(inner) for inner in (1, 2, 3)}
     for pid in hosts.values():
         os.kill(pid, signal.SIGSTOP)
+    for pid in hosts.values():
+        _wait_stopped(pid)
     captured = {inner: _capture_memory(pid) for inner, pid in hosts.items()}
     images = tmp_path / "img"
     criu.dump_blocking(w.root, images, wrap=lambda argv: cluster2.exec_argv("n1", argv))

@@ -11,34 +11,41 @@ still runs, so the server serves from the first uffd on.
 
 Which bytes a missing page gets (never stale data, never zeros for a page that had data):
   1. CRIU's own images: a page stored in `pages-*.img` (PE_PRESENT) is the state at the dump;
-  2. else the caller's page source (the paging file: `PageSource.lookup(inner_pid, vaddr)`),
-     which holds the pages released before the dump;
+  2. else the caller's page source (gfvm.migrate.pagesource: the paging file), which holds the
+     pages released before the dump;
   3. else the zero page: the address lies in a registered VMA but nothing was ever stored for it.
-  A page the images list without bytes (a `dump --lazy-pages`, bytes on a page server) that the
-  page source does not have is *unavailable*: the server stops with an error rather than guess,
-  and the faulting thread stays blocked (the keeper still holds its uffd).
-Events keep that true after the restart: REMOVE (MADV_DONTNEED) and UNMAP drop the range
-(REMOVE also unregisters it, so the kernel serves zeros there from then on), REMAP moves what was
-still waiting to the new address, FORK gives the child its own uffd, waiting for the same
-contents as its parent at the fork. Events in a batch of messages are applied before the faults
-of that batch are served: the kernel lets the process go on (and e.g. zap pages) once we read
-an event, so a copy must never land in a range already dropped.
+  A page the images list without bytes (a `dump --lazy-pages`: bytes on a page server) must be
+  in the page source: a task for which it is not is refused when its uffd arrives (Unavailable;
+  CRIU then fails and kills the tree) rather than ever served zeros.
+Events keep that true after the restart: REMOVE (MADV_DONTNEED) and UNMAP drop the range (its
+old contents never come back: zeros from then on), REMAP moves what was still waiting to the new
+address, FORK gives the child its own uffd, waiting for the same contents as its parent at the
+fork. Events in a batch of messages are applied before the faults of that batch are served: the
+kernel lets the process go on (and zap pages) once an event is read, so a copy must never land in
+a range already dropped; copies attempted while an event is pending fail with EAGAIN and are
+retried after reading it.
+
+Two engines serve faults, with the same results:
+  - "native": gfvm.native.FaultLoop on its own pthread (no GIL), reading from page indexes over
+    the images' pages file and the page source's files (64-page windows); this thread only
+    relays its events. Prefetch touches one page per window with process_vm_readv from a helper
+    thread, so every copy still happens on the loop's thread, ordered with the events.
+  - "python": this module reads the uffds itself (RangeMap bookkeeping, gfvm.native.Userfaultfd
+    ioctls). Used for page sources with only `lookup`, and for the test fault point.
+"auto" picks native when it can.
 
 Robustness: each uffd is duplicated into a keeper process (gfvm.migrate.uffd_keeper) together
 with the journal of events, so a crash of the server blocks the process instead of feeding it
-zeros, and `LazyPagesServer.take_over` resumes from the keeper (waking every range, because the
-faults the dead server had read are never re-sent). Each task is watched with a pidfd (a uffd
-says nothing when its process exits) once `attach_root` maps inner pids to host pids.
+zeros, and `LazyPagesServer.take_over` resumes from the keeper, replaying the journal and waking
+every range (faults the dead server had read are never re-sent). Each task is watched with a
+pidfd (a uffd says nothing when its process exits) once `attach_root` maps inner pids to host pids.
 
-Threads: `run()` is a blocking loop meant for its own thread; `stop`, `attach_root`, `prefetch`
-and `statistics` are thread-safe. `serve()` is the trio entry point. Page-fault service is
-Python for now (64-page batches: ~3 µs/page); gfvm.native's GIL-free loop will take the hot path.
+Threads: `run()` is a blocking loop meant for a thread of its own; `stop`, `attach_root`,
+`prefetch` and `statistics` are thread-safe. `serve()` is the trio entry point.
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import errno
 import logging
 import mmap
@@ -49,16 +56,15 @@ import socket
 import struct
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import trio
 
+from gfvm import native
 from gfvm.errors import GfvmError, Unavailable
-from gfvm.migrate import uffd_ops
 from gfvm.migrate.images import PAGE_SIZE, ImageDir, TaskMemory
+from gfvm.migrate.pagesource import PageSource
 from gfvm.migrate.rangemap import RangeMap
 from gfvm.migrate.uffd_keeper import KeeperClient, KeeperGone
 
@@ -67,56 +73,7 @@ log = logging.getLogger("gfvm.lazypages")
 SOCKET_NAME = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446
 MAX_MSGS = 64
-
-
-class PageSource(Protocol):
-    """Where pages CRIU did not dump come from (the process's paging file)."""
-
-    def lookup(self, inner_pid: int, vaddr: int) -> bytes | None:
-        """The PAGE_SIZE bytes page `vaddr` of task `inner_pid` held at the dump, or None when
-        this source has no copy of it. Blocking (may read a file); called from the server thread.
-        A source may also offer `lookup_run(inner_pid, vaddr, max_pages) -> bytes | None`
-        returning 1..max_pages consecutive pages at once (the server uses it when present), and
-        `ranges(inner_pid) -> list[(start, end)]` listing what it holds (used by prefetch)."""
-        ...
-
-
-class RegionFileSource:
-    """A page source holding one contiguous region of one task, stored as a flat file
-    (page i of the file is the page at base + i * PAGE_SIZE). Blocking reads."""
-
-    def __init__(self, inner_pid: int, base: int, path: str | os.PathLike) -> None:
-        if base % PAGE_SIZE:
-            raise ValueError(f"region base {base:#x} is not page-aligned")
-        self.inner_pid = inner_pid
-        self.base = base
-        self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        self.length = os.fstat(self._fd).st_size // PAGE_SIZE * PAGE_SIZE
-
-    def _offset(self, inner_pid: int, vaddr: int) -> int | None:
-        if inner_pid != self.inner_pid or not self.base <= vaddr < self.base + self.length:
-            return None
-        return vaddr - self.base
-
-    def lookup(self, inner_pid: int, vaddr: int) -> bytes | None:
-        return self.lookup_run(inner_pid, vaddr, 1)
-
-    def lookup_run(self, inner_pid: int, vaddr: int, max_pages: int) -> bytes | None:
-        off = self._offset(inner_pid, vaddr)
-        if off is None:
-            return None
-        want = min(max_pages * PAGE_SIZE, self.length - off)
-        data = os.pread(self._fd, want, off)
-        if len(data) != want:
-            raise Unavailable(f"{self.path}: short read at {off}")
-        return data
-
-    def ranges(self, inner_pid: int) -> list[tuple[int, int]]:
-        return [(self.base, self.base + self.length)] if inner_pid == self.inner_pid else []
-
-    def close(self) -> None:
-        os.close(self._fd)
+_TASK_SIZE = 0x7FFFFFFFF000  # x86-64 user address space with 4-level page tables
 
 
 class LazyRestoreFailed(GfvmError):
@@ -166,6 +123,25 @@ def inner_to_host(root_host_pid: int) -> dict[int, int]:
     return found
 
 
+def _mmap_min_addr() -> int:
+    try:
+        with open("/proc/sys/vm/mmap_min_addr") as f:
+            value = int(f.read())
+    except (OSError, ValueError):
+        value = 65536
+    return max(PAGE_SIZE, (value + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE)
+
+
+def _uffd_call(fn, *args) -> tuple[int, int]:
+    """Runs a native uffd fill ioctl; returns (errno or 0, bytes done)."""
+    try:
+        return 0, fn(*args)
+    except native.PartialCopy as exc:
+        return errno.EAGAIN, exc.done
+    except OSError as exc:
+        return exc.errno or errno.EIO, 0
+
+
 # --- the server ---------------------------------------------------------------------------------
 
 
@@ -174,13 +150,14 @@ class _Ctx:
     """One userfaultfd: the address space of one restored task (or of a child it forked)."""
 
     id: int
-    fd: int
+    uffd: native.Userfaultfd  # our reference (the python engine reads it; both wake through it)
     owner: int  # inner pid whose dumped memory this address space started from
     inner_pid: int | None  # None for a child created after the restore (FORK event)
-    pending: RangeMap
+    pending: RangeMap | None = None  # python engine: what still waits, and for which dump address
+    sources: list | None = None  # native engine: the loop's sources (None for loop-made children)
+    loop_id: int | None = None
     host_pid: int | None = None
     pidfd: int | None = None
-    faults: int = 0
 
 
 @dataclass
@@ -214,6 +191,7 @@ class LazyPagesServer:
         *,
         page_source: PageSource | None = None,
         keeper: KeeperClient | None = None,
+        engine: str = "auto",
         batch_pages: int = 64,
         prefetch_chunk_pages: int = 256,
         zero_batch_pages: int = 16,
@@ -223,27 +201,36 @@ class LazyPagesServer:
         self.work_dir = Path(work_dir) if work_dir is not None else self.images.path
         self.page_source = page_source
         self.keeper = keeper
+        can_native = exit_on_fault_in is None and (
+            page_source is None or hasattr(page_source, "native_sources")
+        )
+        if engine == "auto":
+            engine = "native" if can_native else "python"
+        if engine not in ("native", "python") or (engine == "native" and not can_native):
+            raise ValueError(f"engine {engine!r} cannot serve this configuration")
+        self.engine = engine
         self.batch_pages = batch_pages
         self.prefetch_chunk_pages = prefetch_chunk_pages
         self.zero_batch_pages = zero_batch_pages
-        # Fault point for tests: exit as soon as a fault in this range has been read (so the
-        # faulting thread waits on a message nobody will answer or re-send).
+        # Fault point for tests (python engine): exit as soon as a fault in this range has been
+        # read, so the faulting thread waits on a message nobody will answer or re-send.
         self._exit_on_fault_in = exit_on_fault_in
-        self._buf_pages = max(batch_pages, prefetch_chunk_pages, 1)
-        self._buf = mmap.mmap(-1, self._buf_pages * PAGE_SIZE)
-        self._buf_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
+        self._buf = mmap.mmap(-1, max(batch_pages, prefetch_chunk_pages, 1) * PAGE_SIZE)
         self._mem: dict[int, TaskMemory] = {}
         self._pages_fds: dict[int, int] = {}
+        self._image_index: dict[int, object] = {}  # owner -> native.PageIndex of its stored pages
         self._ctxs: dict[int, _Ctx] = {}  # by ctx id
-        self._by_fd: dict[int, _Ctx] = {}
-        self._by_pidfd: dict[int, _Ctx] = {}
+        self._by_fd: dict[int, _Ctx] = {}  # python engine: uffd fd -> ctx
+        self._by_pidfd: dict[int, _Ctx] = {}  # python engine: pidfd -> ctx
+        self._by_loop_id: dict[int, _Ctx] = {}  # native engine
+        self._loop = native.FaultLoop(batch_pages) if engine == "native" else None
         self._next_id = 1
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
         self._poll = select.poll()
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._prefetch: list[tuple[int, int, int]] = []  # (ctx id, start, end), served in order
+        self._prefetch: list[tuple[int, int, int]] = []  # python engine: (ctx id, start, end)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._stats = Stats()
@@ -251,6 +238,7 @@ class LazyPagesServer:
         self._restore_finished = False
         self._accepting = True
         self.restored = threading.Event()  # set when CRIU said RESTORE_FINISHED
+        self.prefetched = threading.Event()  # set when a requested prefetch has completed
         self.error: BaseException | None = None
 
     # --- thread-safe controls ---------------------------------------------------------------
@@ -273,15 +261,31 @@ class LazyPagesServer:
     def prefetch(self, inner_pid: int | None = None, ranges: list[tuple[int, int]] | None = None) -> None:
         """Queues a background push of pages that are still missing: of task `inner_pid` (all
         tasks when None), within `ranges` (everything the images or the page source hold when
-        None). Served in 1 MiB copies whenever no fault is waiting."""
+        None). Only pages with contents are pushed, never zeros. `prefetched` is set when done.
+        Needs `attach_root` first with the native engine (it touches pages by host pid)."""
+        self.prefetched.clear()
         self._requests.put(("prefetch", inner_pid, ranges))
         self._poke()
 
     def statistics(self) -> dict:
+        """Counters so far (thread-safe snapshot)."""
         with self._lock:
             stats = self._stats.as_dict()
-        stats["pending_bytes"] = sum(c.pending.total_bytes for c in list(self._ctxs.values()))
-        stats["live_tasks"] = len(self._ctxs)
+        ctxs = list(self._ctxs.values())
+        stats["engine"] = self.engine
+        stats["live_tasks"] = len(ctxs)
+        if self._loop is not None:
+            try:
+                c = self._loop.counters(0)
+            except ValueError:  # closed
+                c = None
+            if c is not None:
+                stats["faults"] = c.faults
+                stats["pages_copied"] = c.pages_copied
+                stats["pages_zero"] = c.pages_zero
+        else:
+            stats["pages_copied"] = stats["pages_from_images"] + stats["pages_from_source"]
+            stats["pending_bytes"] = sum(c.pending.total_bytes for c in ctxs if c.pending is not None)
         return stats
 
     def _poke(self) -> None:
@@ -323,10 +327,11 @@ class LazyPagesServer:
         records = keeper.handover()
         # Replay the journal: what every address space still waits for, dropped ones included
         # (a live child may have forked from a task that has exited since).
-        state: dict[int, tuple[int, RangeMap]] = {}  # ctx -> (owner, pending)
+        state: dict[int, tuple[int, object]] = {}  # ctx -> (owner, engine state)
         fds: dict[int, int] = {}
         hosts: dict[int, int] = {}
         dropped: set[int] = set()
+        inner: dict[int, int] = {}
         root = None
         for record, fd in records:
             op, cid = record["op"], record.get("ctx")
@@ -336,13 +341,13 @@ class LazyPagesServer:
                 else:
                     os.close(fd)
             if op == "hold":
-                owner = record["inner_pid"]
-                state[cid] = (owner, RangeMap.identity(server._task_memory(owner).lazy_ranges))
+                owner = inner[cid] = record["inner_pid"]
+                state[cid] = (owner, server._initial_state(owner))
             elif op == "fork" and record.get("parent") in state:
-                owner, parent_pending = state[record["parent"]]
-                state[cid] = (owner, parent_pending.copy())
+                owner, parent_state = state[record["parent"]]
+                state[cid] = (owner, server._forked_state(parent_state))
             elif op == "event" and cid in state:
-                server._apply_pending_event(state[cid][1], record)
+                server._apply_state_event(state[cid][1], record)
             elif op == "host":
                 hosts[cid] = record["pid"]
             elif op == "drop":
@@ -352,16 +357,16 @@ class LazyPagesServer:
             elif op == "finished":
                 server._restore_finished = True
                 server.restored.set()
-        inner = {r["ctx"]: r["inner_pid"] for r, _ in records if r["op"] == "hold"}
+        server._next_id = max([r.get("ctx") or 0 for r, _ in records] + [0]) + 1
         for cid, fd in fds.items():
             if cid in dropped or cid not in state:
                 os.close(fd)
                 continue
-            owner, pending = state[cid]
-            ctx = server._add_ctx(fd, inner.get(cid), owner, journal=False, ctx_id=cid, pending=pending)
+            owner, st = state[cid]
+            ctx = server._add_ctx(native.Userfaultfd(fd), inner.get(cid), owner, journal=False,
+                                  ctx_id=cid, state=st)
             if cid in hosts:
                 server._watch(ctx, hosts[cid])
-        server._next_id = max([r.get("ctx") or 0 for r, _ in records] + [0]) + 1
         if root is not None:
             try:
                 server._root_pidfd = os.pidfd_open(root)
@@ -369,19 +374,24 @@ class LazyPagesServer:
             except ProcessLookupError:
                 for ctx in list(server._ctxs.values()):
                     server._close_ctx(ctx)
-        for ctx in list(server._ctxs.values()):
-            server._wake_all(ctx)
         return server
 
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
         """Serves until the restore finished and every task exited, or `stop()` (blocking).
-        Raises LazyRestoreFailed when CRIU hangs up early, Unavailable when a page's contents
-        cannot be found anywhere; uffds stay with the keeper in both cases."""
+        Raises LazyRestoreFailed when CRIU hangs up early, Unavailable when a task's contents
+        cannot all be found; uffds stay with the keeper in both cases."""
         self._poll.register(self._wakeup_r, select.POLLIN)
         if self._listener is not None:
             self._poll.register(self._listener, select.POLLIN)
+        if self._loop is not None:
+            self._poll.register(self._loop.notify_fd, select.POLLIN)
+            self._loop.start()
+        # Threads that were blocked when a previous server died fault again once woken; with the
+        # native engine they must be woken only now that the loop serves their uffds.
+        for ctx in list(self._ctxs.values()):
+            self._wake_all(ctx)
         try:
             while not self._stop.is_set():
                 timeout = 0 if self._prefetch else 1000
@@ -393,16 +403,14 @@ class LazyPagesServer:
                         self._accept()
                     elif self._conn is not None and fd == self._conn.fileno():
                         self._read_criu()
+                    elif self._loop is not None and fd == self._loop.notify_fd:
+                        self._handle_loop_events()
                     elif fd in self._by_fd:
                         self._drain(self._by_fd[fd])
                     elif fd in self._by_pidfd:
                         self._close_ctx(self._by_pidfd[fd])
                     elif fd == self._root_pidfd:
-                        for ctx in list(self._ctxs.values()):
-                            self._close_ctx(ctx)
-                        self._poll.unregister(fd)
-                        os.close(fd)
-                        self._root_pidfd = None
+                        self._tree_gone()
                 if not events and self._prefetch:
                     self._prefetch_step()
                 if self._restore_finished and not self._ctxs and not self._accepting:
@@ -413,12 +421,22 @@ class LazyPagesServer:
         finally:
             self._shutdown()
 
+    def _tree_gone(self) -> None:
+        for ctx in list(self._ctxs.values()):
+            self._close_ctx(ctx)
+        if self._root_pidfd is not None:
+            self._poll.unregister(self._root_pidfd)
+            os.close(self._root_pidfd)
+            self._root_pidfd = None
+
     def _shutdown(self) -> None:
         for sock in (self._listener, self._conn):
             if sock is not None:
                 sock.close()
         self._listener = self._conn = None
         self.socket_path.unlink(missing_ok=True)
+        if self._loop is not None:
+            self._loop.close()  # drops the loop's duplicates; the keeper still holds its own
         for ctx in list(self._ctxs.values()):
             self._close_ctx(ctx, journal=False)
         for fd in self._pages_fds.values():
@@ -501,9 +519,15 @@ class LazyPagesServer:
             for fd in fds:
                 os.close(fd)
             raise LazyRestoreFailed(f"criu sent task {value} without exactly one userfaultfd")
-        self._add_ctx(fds[0], value, value)
+        uffd = native.Userfaultfd(fds[0])
+        try:
+            self._check_available(value)
+        except BaseException:
+            uffd.close()
+            raise
+        self._add_ctx(uffd, value, value)
 
-    # --- contexts -----------------------------------------------------------------------------
+    # --- per-task state -----------------------------------------------------------------------
 
     def _task_memory(self, pid: int) -> TaskMemory:
         mem = self._mem.get(pid)
@@ -513,26 +537,97 @@ class LazyPagesServer:
                 self._pages_fds[pid] = os.open(mem.pages_path, os.O_RDONLY | os.O_CLOEXEC)
         return mem
 
-    def _add_ctx(self, fd: int, inner_pid: int | None, owner: int, *, journal: bool = True,
-                 ctx_id: int | None = None, pending: RangeMap | None = None, parent: int | None = None) -> _Ctx:
-        os.set_blocking(fd, False)
-        if pending is None:
-            pending = RangeMap.identity(self._task_memory(owner).lazy_ranges)
-        else:
-            self._task_memory(owner)
+    def _check_available(self, owner: int) -> None:
+        """Refuses a task whose images list pages without their bytes (a lazy dump) unless the
+        page source holds every one of them: those must never be served as zeros."""
+        missing = [r for r in self._task_memory(owner).runs if not r.present]
+        if not missing:
+            return
+        ranges = getattr(self.page_source, "ranges", None)
+        if self.page_source is None or ranges is None:
+            raise Unavailable(
+                f"task {owner}: {sum(r.nr_pages for r in missing)} dumped pages are not in the images "
+                "(a lazy dump) and no page source can vouch for them"
+            )
+        held = RangeMap.identity(sorted(ranges(owner)))
+        for r in missing:
+            for addr in range(r.vaddr, r.end, PAGE_SIZE):
+                if held.find(addr) is None:
+                    raise Unavailable(f"task {owner}: page {addr:#x} is neither in the images nor in the page source")
+
+    def _images_index(self, owner: int):
+        """The native page index of the pages stored in the images for `owner` (built once)."""
+        index = self._image_index.get(owner)
+        if index is None:
+            mem = self._task_memory(owner)
+            index = native.PageIndex(mem.present_pages)
+            addrs, slots = [], []
+            for r in mem.runs:
+                if r.present:
+                    addrs += range(r.vaddr, r.end, PAGE_SIZE)
+                    slots += range(r.offset // PAGE_SIZE, r.offset // PAGE_SIZE + r.nr_pages)
+            index.set_many(addrs, slots)
+            self._image_index[owner] = index
+        return index
+
+    def _initial_state(self, owner: int):
+        """What a freshly restored task waits for: python: its lazy VMAs (identity RangeMap);
+        native: fresh indexes over the images and the page source, images first."""
+        if self._loop is None:
+            return RangeMap.identity(self._task_memory(owner).lazy_ranges)
+        sources = []
+        if self._task_memory(owner).present_pages:
+            sources.append(native.Source(self._images_index(owner).clone(), self._pages_fds[owner]))
+        if self.page_source is not None:
+            sources += self.page_source.native_sources(owner)
+        return sources
+
+    def _forked_state(self, parent_state):
+        if self._loop is None:
+            return parent_state.copy()
+        return [native.Source(s.index.clone(), s.fd, s.mapping) for s in parent_state]
+
+    @staticmethod
+    def _apply_state_event(state, ev: dict) -> None:
+        """Applies a journaled remap/remove/unmap event to an engine state (RangeMap or sources)."""
+        if isinstance(state, RangeMap):
+            if ev["kind"] == "remap":
+                state.move(ev["src"], ev["dst"], ev["len"])
+            else:
+                state.remove(ev["start"], ev["end"])
+            return
+        for s in state:
+            if ev["kind"] == "remap":
+                s.index.move_range(ev["src"], ev["dst"], ev["len"])
+            else:
+                s.index.remove_range(ev["start"], ev["end"])
+
+    def _add_ctx(self, uffd: native.Userfaultfd, inner_pid: int | None, owner: int, *, journal: bool = True,
+                 ctx_id: int | None = None, state=None, parent: int | None = None,
+                 loop_id: int | None = None) -> _Ctx:
         cid = ctx_id if ctx_id is not None else self._next_id
         self._next_id = max(self._next_id, cid + 1)
-        ctx = _Ctx(cid, fd, owner, inner_pid, pending)
+        ctx = _Ctx(cid, uffd, owner, inner_pid)
+        if journal:  # before serving anything: from now on a crash leaves the keeper holding it
+            if inner_pid is not None:
+                self._journal({"op": "hold", "ctx": cid, "inner_pid": inner_pid}, uffd.fileno())
+            else:
+                self._journal({"op": "fork", "ctx": cid, "parent": parent}, uffd.fileno())
+        if self._loop is None:
+            os.set_blocking(uffd.fileno(), False)
+            ctx.pending = state if state is not None else self._initial_state(owner)
+            self._by_fd[uffd.fileno()] = ctx
+            self._poll.register(uffd.fileno(), select.POLLIN)
+        elif loop_id is not None:  # a child the loop already serves (fork)
+            ctx.loop_id = loop_id
+        else:
+            ctx.sources = state if state is not None else self._initial_state(owner)
+            ctx.loop_id = self._loop.add(uffd, ctx.sources, wp=False)
+        if ctx.loop_id is not None:
+            self._by_loop_id[ctx.loop_id] = ctx
         self._ctxs[cid] = ctx
-        self._by_fd[fd] = ctx
-        self._poll.register(fd, select.POLLIN)
         with self._lock:
             self._stats.tasks += 1
-        if journal:
-            if inner_pid is not None:
-                self._journal({"op": "hold", "ctx": cid, "inner_pid": inner_pid}, fd)
-            else:
-                self._journal({"op": "fork", "ctx": cid, "parent": parent}, fd)
         return ctx
 
     def _watch(self, ctx: _Ctx, host_pid: int) -> None:
@@ -542,6 +637,12 @@ class LazyPagesServer:
         except ProcessLookupError:
             self._close_ctx(ctx)
             return
+        if self._loop is not None and ctx.loop_id is not None:
+            try:
+                self._loop.set_process(ctx.loop_id, host_pid, pidfd)  # the loop keeps a dup
+            finally:
+                os.close(pidfd)
+            return
         ctx.pidfd = pidfd
         self._by_pidfd[pidfd] = ctx
         self._poll.register(pidfd, select.POLLIN)
@@ -549,9 +650,16 @@ class LazyPagesServer:
     def _close_ctx(self, ctx: _Ctx, *, journal: bool = True) -> None:
         if self._ctxs.pop(ctx.id, None) is None:
             return
-        self._by_fd.pop(ctx.fd, None)
-        self._poll.unregister(ctx.fd)
-        os.close(ctx.fd)
+        if ctx.loop_id is not None:
+            self._by_loop_id.pop(ctx.loop_id, None)
+            if self._loop is not None:
+                try:
+                    self._loop.remove(ctx.loop_id)
+                except (KeyError, ValueError):
+                    pass
+        if self._by_fd.pop(ctx.uffd.fileno(), None) is not None:
+            self._poll.unregister(ctx.uffd.fileno())
+        ctx.uffd.close()
         if ctx.pidfd is not None:
             self._by_pidfd.pop(ctx.pidfd, None)
             self._poll.unregister(ctx.pidfd)
@@ -598,13 +706,12 @@ class LazyPagesServer:
                 self._root_pidfd = os.pidfd_open(root_host_pid)
                 self._poll.register(self._root_pidfd, select.POLLIN)
             except ProcessLookupError:
-                for ctx in list(self._ctxs.values()):
-                    self._close_ctx(ctx)
+                self._tree_gone()
                 return
             self._journal({"op": "root", "pid": root_host_pid})
         hosts = inner_to_host(root_host_pid)
         for ctx in list(self._ctxs.values()):
-            if ctx.inner_pid is None or ctx.pidfd is not None:
+            if ctx.inner_pid is None or ctx.host_pid is not None:
                 continue
             host = hosts.get(ctx.inner_pid)
             if host is None:
@@ -615,19 +722,57 @@ class LazyPagesServer:
 
     def _wake_all(self, ctx: _Ctx) -> None:
         """Wakes every thread of ctx blocked on a fault (they fault again if still missing)."""
-        low = max(_mmap_min_addr(), PAGE_SIZE)
-        err = uffd_ops.wake(ctx.fd, low, _TASK_SIZE - low)
-        if err and err not in (errno.ESRCH, errno.ENOMEM):
-            for start, end, _ in ctx.pending:
-                uffd_ops.wake(ctx.fd, start, end - start)
+        low = _mmap_min_addr()
+        try:
+            ctx.uffd.wake(low, _TASK_SIZE - low)
+        except OSError as exc:
+            if exc.errno in (errno.ESRCH, errno.ENOMEM):
+                return
+            for start, end, _ in ctx.pending or []:
+                ctx.uffd.wake(start, end - start)
 
-    # --- messages ---------------------------------------------------------------------------
+    # --- native engine: relay the loop's events -------------------------------------------------
+
+    def _handle_loop_events(self) -> None:
+        for ev in self._loop.pop_events():
+            ctx = self._by_loop_id.get(ev.uffd_id)
+            if ev.kind in ("remap", "remove", "unmap"):
+                with self._lock:
+                    self._stats.events[ev.kind] = self._stats.events.get(ev.kind, 0) + 1
+                if ctx is None:
+                    continue
+                if ev.kind == "remap":
+                    record = {"kind": "remap", "src": ev.start, "dst": ev.to, "len": ev.end - ev.start}
+                else:
+                    record = {"kind": ev.kind, "start": ev.start, "end": ev.end}
+                self._journal({"op": "event", "ctx": ctx.id, **record})
+            elif ev.kind == "fork":
+                with self._lock:
+                    self._stats.events["fork"] = self._stats.events.get("fork", 0) + 1
+                if ev.uffd is None:
+                    continue
+                if ctx is None or ev.child_id == 0:
+                    ev.uffd.close()
+                    raise GfvmError(f"the fault loop could not serve a forked child: {os.strerror(ev.error or errno.EIO)}")
+                self._add_ctx(ev.uffd, None, ctx.owner, parent=ctx.id, loop_id=ev.child_id)
+            elif ev.kind == "exit":
+                if ctx is not None:
+                    self._close_ctx(ctx)
+            elif ev.kind == "error":
+                raise GfvmError(
+                    f"the fault loop failed serving task {ctx.owner if ctx else '?'}: "
+                    f"{os.strerror(ev.error)} (its faults wait in the uffd, held by the keeper)"
+                )
+            elif ev.kind == "fault":  # only with defer_missing, which this server never asks for
+                raise GfvmError(f"the fault loop deferred a fault at {ev.start:#x} unexpectedly")
+
+    # --- python engine: messages ------------------------------------------------------------------
 
     def _drain(self, ctx: _Ctx) -> None:
         """Reads and handles every message waiting on ctx's uffd."""
         while ctx.id in self._ctxs:
             try:
-                msgs = uffd_ops.read_msgs(ctx.fd, MAX_MSGS)
+                msgs = ctx.uffd.read_events(MAX_MSGS)
             except OSError as exc:
                 if exc.errno in (errno.ESRCH, errno.EBADF):
                     self._close_ctx(ctx)
@@ -641,53 +786,42 @@ class LazyPagesServer:
                     return
                 self._serve_fault(ctx, addr)
 
-    def _apply_events(self, ctx: _Ctx, msgs: list[uffd_ops.UffdMsg]) -> list[int]:
+    def _apply_events(self, ctx: _Ctx, msgs: list) -> list[int]:
         """Applies every non-fault event of a batch (in order) and returns the fault addresses."""
         faults = []
         for m in msgs:
-            if m.event == uffd_ops.UFFD_EVENT_PAGEFAULT:
+            if isinstance(m, native.PageFault):
                 faults.append(m.address & ~(PAGE_SIZE - 1))
                 if self._exit_on_fault_in and self._exit_on_fault_in[0] <= m.address < self._exit_on_fault_in[1]:
                     os._exit(70)
                 continue
-            kind = {
-                uffd_ops.UFFD_EVENT_FORK: "fork",
-                uffd_ops.UFFD_EVENT_REMAP: "remap",
-                uffd_ops.UFFD_EVENT_REMOVE: "remove",
-                uffd_ops.UFFD_EVENT_UNMAP: "unmap",
-            }.get(m.event)
-            if kind is None:
-                raise GfvmError(f"unexpected userfaultfd event {m.event:#x}")
+            if isinstance(m, native.ForkEvent):
+                kind = "fork"
+                self._add_ctx(m.uffd, None, ctx.owner, state=ctx.pending.copy(), parent=ctx.id)
+            elif isinstance(m, native.RemapEvent):
+                kind = "remap"
+                self._apply_event(ctx, {"kind": "remap", "src": m.start, "dst": m.to, "len": m.length})
+            else:
+                kind = "remove" if isinstance(m, native.RemoveEvent) else "unmap"
+                self._apply_event(ctx, {"kind": kind, "start": m.start, "end": m.end})
             with self._lock:
                 self._stats.events[kind] = self._stats.events.get(kind, 0) + 1
-            if kind == "fork":
-                self._add_ctx(m.ufd, None, ctx.owner, pending=ctx.pending.copy(), parent=ctx.id)
-            elif kind == "remap":
-                self._apply_event(ctx, {"kind": "remap", "src": m.a, "dst": m.b, "len": m.c})
-            else:
-                self._apply_event(ctx, {"kind": kind, "start": m.start, "end": m.end})
         return faults
-
-    @staticmethod
-    def _apply_pending_event(pending: RangeMap, ev: dict) -> None:
-        if ev["kind"] == "remap":
-            pending.move(ev["src"], ev["dst"], ev["len"])
-        else:
-            pending.remove(ev["start"], ev["end"])
 
     def _apply_event(self, ctx: _Ctx, ev: dict) -> None:
         self._journal({"op": "event", "ctx": ctx.id, **ev})
-        self._apply_pending_event(ctx.pending, ev)
+        self._apply_state_event(ctx.pending, ev)
         if ev["kind"] == "remove":
             # Like CRIU: the range no longer gets faults; the kernel maps zero pages there.
-            err = uffd_ops.unregister(ctx.fd, ev["start"], ev["end"] - ev["start"])
-            if err not in (0, errno.ENOMEM, errno.ESRCH, errno.EINVAL, errno.ENOENT):
-                raise OSError(err, f"UFFDIO_UNREGISTER after REMOVE: {os.strerror(err)}")
+            try:
+                ctx.uffd.unregister(ev["start"], ev["end"] - ev["start"])
+            except OSError as exc:
+                if exc.errno not in (errno.ENOMEM, errno.ESRCH, errno.EINVAL, errno.ENOENT):
+                    raise
 
-    # --- serving ------------------------------------------------------------------------------
+    # --- python engine: serving --------------------------------------------------------------------
 
     def _serve_fault(self, ctx: _Ctx, addr: int) -> None:
-        ctx.faults += 1
         with self._lock:
             self._stats.faults += 1
         for _ in range(100):
@@ -695,8 +829,7 @@ class LazyPagesServer:
             if done:
                 return
             # EAGAIN with nothing done: an event is pending (mmap_changing); handle it and retry.
-            msgs = uffd_ops.read_msgs(ctx.fd, MAX_MSGS)
-            more = self._apply_events(ctx, msgs)
+            more = self._apply_events(ctx, ctx.uffd.read_events(MAX_MSGS))
             for extra in more:
                 if extra != addr:
                     self._serve_fault(ctx, extra)
@@ -707,7 +840,7 @@ class LazyPagesServer:
     def _serve(self, ctx: _Ctx, addr: int, max_pages: int, *, fault: bool) -> int:
         """Fills pages from `addr` (at most max_pages, at least the first). Returns the number of
         pages handled, 0 when the kernel asked us to retry (a pending event). With fault=False
-        (prefetch) pages without data are skipped rather than zero-filled."""
+        (prefetch) pages without contents are skipped rather than zero-filled."""
         hit = ctx.pending.find(addr)
         if hit is None:
             if not fault:
@@ -721,20 +854,19 @@ class LazyPagesServer:
         kind, k, from_images = self._contents(ctx.owner, origin, npages)
         if kind == "zero":
             if not fault:
-                ctx.pending.remove(addr, addr + k * PAGE_SIZE)  # nothing to push; faults will zero-fill
+                ctx.pending.remove(addr, addr + k * PAGE_SIZE)  # nothing to push; a fault zero-fills
                 return k
             return self._fill_zero(ctx, addr, k)
-        err, done = uffd_ops.copy(ctx.fd, addr, self._buf_addr, k * PAGE_SIZE)
-        return self._after_fill(ctx, addr, err, done, k, "images" if from_images else "source", fault)
+        err, done = _uffd_call(ctx.uffd.copy, addr, memoryview(self._buf)[: k * PAGE_SIZE])
+        return self._after_fill(ctx, addr, err, done, "images" if from_images else "source", fault)
 
     def _fill_zero(self, ctx: _Ctx, addr: int, k: int) -> int:
-        err, done = uffd_ops.zeropage(ctx.fd, addr, k * PAGE_SIZE)
+        err, done = _uffd_call(ctx.uffd.zeropage, addr, k * PAGE_SIZE)
         if err == errno.ENOENT and k > 1:  # the batch crossed a VMA boundary: one page only
-            err, done = uffd_ops.zeropage(ctx.fd, addr, PAGE_SIZE)
-            k = 1
-        return self._after_fill(ctx, addr, err, done, k, "zero", True)
+            err, done = _uffd_call(ctx.uffd.zeropage, addr, PAGE_SIZE)
+        return self._after_fill(ctx, addr, err, done, "zero", True)
 
-    def _after_fill(self, ctx: _Ctx, addr: int, err: int, done: int, k: int, what: str, fault: bool) -> int:
+    def _after_fill(self, ctx: _Ctx, addr: int, err: int, done: int, what: str, fault: bool) -> int:
         pages = done // PAGE_SIZE
         if pages:
             ctx.pending.remove(addr, addr + pages * PAGE_SIZE)
@@ -748,7 +880,7 @@ class LazyPagesServer:
                 if not fault:
                     self._stats.pages_prefetched += pages
         if err == 0 or (err == errno.EAGAIN and pages):
-            return pages  # a partial copy stops at a page that exists: fine, it is served
+            return pages  # a partial copy stops at a page that exists: fine, the first is served
         if err == errno.EAGAIN:
             return 0
         if err in (errno.EEXIST, errno.ENOENT):
@@ -756,7 +888,10 @@ class LazyPagesServer:
             # ENOENT: no registered VMA there any more. Either way nothing to fill: wake it.
             ctx.pending.remove(addr, addr + PAGE_SIZE)
             if fault:
-                uffd_ops.wake(ctx.fd, addr, PAGE_SIZE)
+                try:
+                    ctx.uffd.wake(addr, PAGE_SIZE)
+                except OSError:
+                    pass
             return 1
         if err in (errno.ESRCH, errno.ENOSPC):
             self._close_ctx(ctx)  # the process is gone
@@ -827,26 +962,62 @@ class LazyPagesServer:
             n += 1
         return n
 
-    # --- prefetch ------------------------------------------------------------------------------
+    # --- prefetch ----------------------------------------------------------------------------------
+
+    def _wanted_ranges(self, ctx: _Ctx, ranges: list[tuple[int, int]] | None) -> list[tuple[int, int]]:
+        if ranges is not None:
+            return sorted((s - s % PAGE_SIZE, e) for s, e in ranges)
+        mem = self._task_memory(ctx.owner)
+        wanted = [(r.vaddr, r.end) for r in mem.runs if r.present]
+        source_ranges = getattr(self.page_source, "ranges", None)
+        if source_ranges is not None:
+            wanted += list(source_ranges(ctx.owner))
+        return sorted(wanted)
 
     def _queue_prefetch(self, inner_pid: int | None, ranges: list[tuple[int, int]] | None) -> None:
-        for ctx in list(self._ctxs.values()):
-            if inner_pid is not None and ctx.owner != inner_pid:
-                continue
-            if ranges is None:
-                mem = self._task_memory(ctx.owner)
-                wanted = [(r.vaddr, r.end) for r in mem.runs if r.present]
-                source_ranges = getattr(self.page_source, "ranges", None)
-                if source_ranges is not None:
-                    wanted += list(source_ranges(ctx.owner))
-            else:
-                wanted = list(ranges)
-            for start, end in sorted(wanted):
-                start -= start % PAGE_SIZE
+        targets = [c for c in self._ctxs.values() if inner_pid is None or c.owner == inner_pid]
+        if self._loop is not None:
+            # Every copy must happen on the loop's thread, ordered with the events it reads: make
+            # the loop do it by touching one page per window (process_vm_readv faults it in).
+            jobs = [(c.host_pid, self._wanted_ranges(c, ranges)) for c in targets
+                    if c.host_pid is not None and c.inner_pid is not None]
+            threading.Thread(target=self._touch_windows, args=(jobs,), daemon=True,
+                             name="lazy-pages prefetch").start()
+            return
+        for ctx in targets:
+            for start, end in self._wanted_ranges(ctx, ranges):
                 self._prefetch.append((ctx.id, start, end))
+        if not self._prefetch:
+            self.prefetched.set()
+
+    def _touch_windows(self, jobs: list[tuple[int, list[tuple[int, int]]]]) -> None:
+        """Prefetch for the native engine (its own thread): reads the first page of every loop
+        window holding wanted pages; the loop serves the whole window. Blocks while it waits."""
+        window = self.batch_pages * PAGE_SIZE
+        buf = bytearray(PAGE_SIZE)
+        touched = 0
+        try:
+            for host_pid, ranges in jobs:
+                last = -1
+                for start, end in ranges:
+                    addr = start - start % window
+                    while addr < end and not self._stop.is_set():
+                        first = max(addr, start)
+                        if first // window != last:
+                            last = first // window
+                            try:
+                                native.read_pages(host_pid, [first], buf)
+                                touched += 1
+                            except OSError:
+                                pass  # gone, or not readable (PROT_NONE): nothing to push
+                        addr += window
+        finally:
+            with self._lock:
+                self._stats.pages_prefetched += touched * self.batch_pages
+            self.prefetched.set()
 
     def _prefetch_step(self) -> None:
-        """Pushes at most one chunk of pages still missing (no fault is waiting)."""
+        """Python engine: pushes at most one chunk of pages still missing (no fault is waiting)."""
         while self._prefetch:
             cid, start, end = self._prefetch[0]
             ctx = self._ctxs.get(cid)
@@ -858,110 +1029,9 @@ class LazyPagesServer:
             limit = min(nxt[1], end)
             pages = max(1, min(self.prefetch_chunk_pages, (limit - addr) // PAGE_SIZE))
             done = self._serve(ctx, addr, pages, fault=False)
-            self._prefetch[0] = (cid, addr + max(done, 0) * PAGE_SIZE if done else addr, end)
-            if done == 0:  # an event is pending: let the loop read it first
+            if done:
+                self._prefetch[0] = (cid, addr + done * PAGE_SIZE, end)
+            else:  # an event is pending: read it first
                 self._drain(ctx)
             return
-
-
-_TASK_SIZE = 0x7FFFFFFFF000  # x86-64 user address space with 4-level page tables
-
-
-def _mmap_min_addr() -> int:
-    try:
-        with open("/proc/sys/vm/mmap_min_addr") as f:
-            value = int(f.read())
-    except (OSError, ValueError):
-        value = 65536
-    return (value + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
-
-
-# --- command line (a server in a process of its own: tests, fault injection) ----------------------
-
-
-def _parse_region(text: str) -> RegionFileSource:
-    pid, base, path = text.split(":", 2)
-    return RegionFileSource(int(pid), int(base, 0), path)
-
-
-class _MultiSource:
-    def __init__(self, sources: list[RegionFileSource]) -> None:
-        self.sources = sources
-
-    def lookup(self, inner_pid: int, vaddr: int) -> bytes | None:
-        return self.lookup_run(inner_pid, vaddr, 1)
-
-    def lookup_run(self, inner_pid: int, vaddr: int, max_pages: int) -> bytes | None:
-        for s in self.sources:
-            data = s.lookup_run(inner_pid, vaddr, max_pages)
-            if data:
-                return data
-        return None
-
-    def ranges(self, inner_pid: int) -> list[tuple[int, int]]:
-        return [r for s in self.sources for r in s.ranges(inner_pid)]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gfvm-lazy-pages", description="lazy-pages server for criu restore --lazy-pages")
-    parser.add_argument("mode", choices=["serve", "take-over"])
-    parser.add_argument("--images", required=True, type=Path)
-    parser.add_argument("--work-dir", type=Path)
-    parser.add_argument("--keeper-socket", type=Path, help="spawn a keeper here (serve) / take over from it")
-    parser.add_argument("--region", action="append", default=[], metavar="PID:BASE:FILE",
-                        help="page source: the pages of task PID from address BASE are in FILE")
-    parser.add_argument("--root-pidfile", type=Path, help="criu restore's --pidfile: attach to that root")
-    parser.add_argument("--prefetch", action="store_true", help="push every page in the background")
-    parser.add_argument("--exit-on-fault-in", metavar="START:END",
-                        help="fault point (tests): exit as soon as a fault in [START, END) is read")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s lazy-pages: %(message)s")
-    source = _MultiSource([_parse_region(r) for r in args.region]) if args.region else None
-    exit_range = None
-    if args.exit_on_fault_in:
-        lo, hi = args.exit_on_fault_in.split(":")
-        exit_range = (int(lo, 0), int(hi, 0))
-    kwargs = dict(page_source=source, exit_on_fault_in=exit_range)
-    if args.mode == "serve":
-        keeper = KeeperClient.spawn(args.keeper_socket) if args.keeper_socket else None
-        server = LazyPagesServer(args.images, args.work_dir, keeper=keeper, **kwargs)
-        server.listen()
-    else:
-        server = LazyPagesServer.take_over(args.keeper_socket, args.images, args.work_dir, **kwargs)
-    keeper_pid = server.keeper.pid if server.keeper is not None and server.keeper.pid else "-"
-    print(f"{'listening' if args.mode == 'serve' else 'serving'} keeper={keeper_pid}", flush=True)
-
-    def attach_when_restored() -> None:
-        server.restored.wait()
-        if args.root_pidfile is None:
-            return
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                text = args.root_pidfile.read_text().strip()
-                if text:
-                    server.attach_root(int(text))
-                    if args.prefetch:
-                        server.prefetch()
-                    return
-            except (FileNotFoundError, ValueError):
-                pass
-            time.sleep(0.01)
-
-    if args.mode == "take-over" and args.prefetch:
-        server.prefetch()
-    threading.Thread(target=attach_when_restored, daemon=True).start()
-    try:
-        server.run()
-    except GfvmError as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        log.info("statistics: %s", server.statistics())
-    if server.keeper is not None:
-        server.keeper.release()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        self.prefetched.set()
