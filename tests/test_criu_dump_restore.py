@@ -3,6 +3,8 @@ nodes of a namespace cluster: round trip, n1 -> n2, small dumps of released memo
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from criu_support import cluster2, criu_env, make_workload, workload_bin  # noqa: F401 (fixtures)
 from gfvm.migrate import criu
 from gfvm.migrate.images import PAGE_SIZE, ImageDir
+from gfvm.migrate.lazypages import inner_to_host
 from gfvm.migrate.manifest import ManifestError
 
 STATE_CHECKS = {
@@ -134,3 +137,48 @@ def test_dump_refuses_a_directory_with_images(tmp_path, criu_env):
     with pytest.raises(Exception, match="already holds images"):
         criu.dump_blocking(1, tmp_path)
     assert PAGE_SIZE == 4096
+
+
+def _freezer_root():
+    from gfvm.config import cgroup_roots
+
+    for root in cgroup_roots():
+        if root.name == "freezer" or "freezer" in root.name.split(","):
+            return root
+    return None
+
+
+def test_dump_of_a_tree_frozen_by_the_cgroup_freezer(cluster2, make_workload, tmp_path):
+    """The migration freezes the tree (cgroup freezer) before releasing its memory; CRIU must
+    then dump it as it is (`--freeze-cgroup`), and the restored tree runs."""
+    root = _freezer_root()
+    if root is None:
+        pytest.skip("no cgroup v1 freezer hierarchy here")
+    w = make_workload("n1", mib=8)
+    cg = root / f"gfvm-criu-test-{os.getpid()}-{w.port}"
+    cg.mkdir()
+    try:
+        for inner, host in sorted(inner_to_host(w.root).items()):
+            (cg / "cgroup.procs").write_text(str(host))
+        (cg / "freezer.state").write_text("FROZEN")
+        deadline = time.monotonic() + 10
+        while (cg / "freezer.state").read_text().strip() != "FROZEN":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        images = tmp_path / "img"
+        criu.dump_blocking(w.root, images, freeze_cgroup=str(cg), wrap=on(cluster2, "n1"))
+        restored = criu.restore_blocking(images, work_dir=tmp_path / "work", require_manifest=False,
+                                         wrap=on(cluster2, "n2"))
+        w.moved_to("n2", restored.root_pid)
+        check_state(w)
+    finally:
+        w.kill()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)

@@ -17,7 +17,9 @@ Options settled on (see `dump_argv` / `restore_argv`):
   - cgroups are not managed by CRIU by default (`manage_cgroups=None`: CRIU's default without
     the option dumps no cgroup image): the restored tree starts in CRIU's cgroup and the caller
     moves it into the node's own cgroup; `freeze_cgroup` tells CRIU the tree is already frozen
-    by us (cgroup freezer), as in the migration sequence.
+    by us (cgroup freezer), as in the migration sequence (verified with the v1 freezer).
+  - Every file the tree has open must have been opened inside the node's mount namespace (CRIU
+    resolves each fd's mount there: "Can't lookup mount=N" otherwise), stdio included.
   - `-v4` logs into the work directory always; kept on failure (their tail is in the raised
     CriuError), removed on success unless `keep_log`.
   - no `--shell-job`: a managed tree is its own session (setsid inside the namespace), has no
