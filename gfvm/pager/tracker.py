@@ -1,0 +1,1027 @@
+"""One managed process tree: its address spaces, dirty tracking, page-out, eviction, events.
+
+A `ManagedTree` owns, for every process (address space, "asid" = pid inside the tree's PID
+namespace) of the tree: a userfaultfd created inside that process (WP_ASYNC dirty tracking +
+MISSING faults), its /proc/PID/pagemap fd and a pidfd; plus, for the whole tree, the paging file, a
+native FaultLoop (serves missing pages from the paging file, applies REMOVE/UNMAP/REMAP to its C
+indexes, reports events) and one worker thread that does everything else.
+
+Threads: the worker thread is the only one that touches the tree's state. Other threads (trio via
+trio.to_thread, the Pager) call `ManagedTree.call(fn)`, which runs fn on the worker and waits.
+ptrace goes through the pager-wide native.Tracer (its own thread).
+
+Dirty tracking, per tick (every `interval` seconds):
+  1. events from the fault loop are applied (see `_on_event`);
+  2. /proc/PID/maps is re-read and new private anonymous VMAs are registered MISSING|WP (pages
+     present in a VMA that was just registered have no write-protect bit, so the next scan reports
+     them as written: a late registration never loses a page);
+  3. PAGEMAP_SCAN reports the pages written since the previous scan and write-protects them again
+     atomically. `dirty[vpage]` = the tick the page was first written since its last flush;
+  4. pages dirty but not written in this latest interval are "cold dirty" and are paged out; hot
+     pages (written again) wait, but no longer than `hot_bound` seconds.
+Paging out: read the pages with process_vm_readv (after the scan that re-protected them, so a write
+racing with the read marks them dirty again), write them to fresh slots, fsync, then index them:
+in the C index of the fault loop and in the paging file's log (committed = fsynced).
+
+The invariant that makes this safe against the process's own munmap / mremap / MADV_DONTNEED
+(the fault loop applies those to its C index the moment it reads them): a page whose flush was in
+flight when such an event touched it is not indexed (it stays dirty and is flushed again). Events
+popped between the read and the index update are the ones that may have raced; with the loop's
+entry lock (if the native layer has it) the check and the index update are atomic, otherwise a
+fix-up right after the update removes what raced (see `_index_batch`).
+
+Events never drop dirtiness (a page written after a REMOVE must still be flushed): a dirty page that
+turns out unmapped (read fails) or not present any more (scan) is dropped at flush time. REMAP moves
+dirtiness to the new address and, when it may have raced with the scan, keeps it at the old one too.
+
+Forks: the fault loop serves a forked child at once with a clone of the parent's C index; the
+uffd message has no child pid. The child's file entries are cloned under a temporary asid
+(TMP_ASID_BASE + n) at the point in the log where the fork happened, and renamed (CLONE + FORGET)
+once the child's pid is known: the parent's children in /proc that are not yet known spaces, taken
+in creation order (start time, then pid), are matched with unresolved fork events in the order the
+events arrived.
+
+Exec: the uffd's mm is gone while the pid lives on; noticed when PAGEMAP_SCAN fails on the old
+pagemap fd. The address space is forgotten (its pages are useless) and a new uffd is injected.
+Exit: the fault loop reports it (pidfd); the address space is forgotten.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import select
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gfvm import native
+from gfvm.errors import GfvmError
+from gfvm.pager import procfs
+from gfvm.pager.pagefile import PAGE_SIZE, PagingFile, StagedPages
+from gfvm.pager.state import SpaceRecord, TreeRecord
+
+log = logging.getLogger("gfvm.pager")
+
+PAGE_SHIFT = 12
+TMP_ASID_BASE = 0x80000000  # asids of forked children whose pid is not known yet
+USER_END = 0x7FFFFFFFF000  # end of the x86_64 user address space (scan everything below)
+
+
+@dataclass
+class PagerSettings:
+    """Tunables (cluster.toml [pager] overrides them)."""
+
+    interval: float = 0.2  #: seconds between dirty scans
+    hot_bound: float = 2.0  #: a hot page is paged out after at most this long
+    batch_pages: int = 2048  #: pages read and written per batch (8 MiB)
+    window_pages: int = 64  #: pages the fault loop serves per fault
+    evict_target: float = 0.9  #: with a memory limit, evict down to this fraction of it
+    evict_max_ranges: int = 256  #: madvise ranges per injection stop
+
+
+@dataclass
+class Counters:
+    pages_paged_out: int = 0
+    bytes_paged_out: int = 0
+    flushes: int = 0
+    pages_evicted: int = 0
+    evictions: int = 0
+    rejected_pages: int = 0  #: flushed pages not indexed because an event raced with them
+    scans: int = 0
+    last_scan_s: float = 0.0
+    last_flush_s: float = 0.0
+
+
+class AddressSpace:
+    """One process of the tree as the pager tracks it. Touched only by the tree's worker."""
+
+    def __init__(self, asid: int, host_pid: int, uffd: native.Userfaultfd, cindex: native.PageIndex,
+                 loop_id: int) -> None:
+        self.asid = asid
+        self.host_pid = host_pid
+        self.start_time = procfs.start_time(host_pid)
+        self.uffd = uffd
+        self.cindex = cindex
+        self.loop_id = loop_id
+        self.pidfd = -1
+        self.pagemap_fd = -1
+        self.registered: set[tuple[int, int]] = set()  # VMA ranges registered MISSING|WP
+        self.unregistrable: set[tuple[int, int]] = set()  # VMAs the kernel refused (logged once)
+        self.dirty: dict[int, int] = {}  # vpage -> tick it was first written since its last flush
+        self.hot: set[int] = set()  # vpages written in the latest interval
+        self.removed_since_flush = False  # a REMOVE/UNMAP happened: check presence at flush
+        self.resolved = asid < TMP_ASID_BASE
+        self.alive = True
+
+    def open_fds(self) -> None:
+        self.pidfd = native.pidfd_open(self.host_pid)
+        self.pagemap_fd = native.open_pagemap(self.host_pid)
+
+    def close(self) -> None:
+        for name in ("pidfd", "pagemap_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        self.uffd.close()
+
+    def record(self) -> SpaceRecord:
+        return SpaceRecord(self.asid, self.host_pid, self.start_time)
+
+
+@dataclass
+class FlushResult:
+    pages: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    rejected: int = 0
+
+
+class TreeDead(GfvmError):
+    """The managed tree has ended (or was stopped); the request cannot be served."""
+
+    kind = "not-found"
+
+
+@dataclass
+class _Pending:
+    """An unresolved fork: the child's space exists (tmp asid) but its pid is not known yet."""
+
+    parent_asid: int
+    space: AddressSpace
+    since: float = field(default_factory=time.monotonic)
+
+
+class ManagedTree:
+    """A managed process tree and its worker thread (see the module header)."""
+
+    def __init__(self, rec: TreeRecord, pf: PagingFile, ctx: Any) -> None:
+        self.rec = rec
+        self.pf = pf
+        self.ctx = ctx  # the Pager: tracer, keeper, settings, state store
+        self.settings: PagerSettings = ctx.settings
+        self.loop = native.FaultLoop(window_pages=self.settings.window_pages)
+        self.spaces: dict[int, AddressSpace] = {}  # asid -> space
+        self.by_loop_id: dict[int, AddressSpace] = {}
+        self.pending_forks: list[_Pending] = []
+        self.counters = Counters()
+        self.tick = 0
+        self.tick_times: dict[int, float] = {}
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.exit_status: int | None = None
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._tmp_next = 0
+        self._evict_cursor: dict[int, int] = {}
+        self._published: dict = {}
+        self._racing: list[tuple[str, int, int, int]] = []  # events popped during a flush
+        self._own_removes: list[tuple[int, int, int]] = []  # (asid, start, end) we are evicting
+        self.loop.start()
+
+    # ------------------------------------------------------------------ worker thread plumbing
+
+    def start(self) -> None:
+        """Starts the worker thread (never blocks)."""
+        self._thread = threading.Thread(target=self._run, name=f"gfvm-tree-{self.rec.id}", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Runs fn() on the worker thread and returns its result. Blocks until done."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        if self._stop or self._thread is None or not self._thread.is_alive():
+            raise TreeDead(f"managed process {self.rec.id} is no longer tracked")
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def job() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as exc:  # handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+        self._requests.put(job)
+        self._poke()
+        if not done.wait(timeout):
+            raise TimeoutError(f"managed process {self.rec.id}: request timed out")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    def post(self, fn: Callable[[], Any]) -> None:
+        """Queues fn() for the worker without waiting for it. Never blocks."""
+        self._requests.put(fn)
+        self._poke()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def request_stop(self) -> None:
+        """Asks the worker to stop tracking (the processes keep running). Never blocks."""
+        self._stop = True
+        self._poke()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        next_tick = time.monotonic()
+        try:
+            while not self._stop:
+                timeout = max(0.0, next_tick - time.monotonic())
+                try:
+                    ready, _, _ = select.select([self._wake_r, self.loop.notify_fd], [], [], timeout)
+                except InterruptedError:
+                    continue
+                if self._wake_r in ready:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                self._run_requests()
+                self._drain_events()
+                if self.state == "ended":
+                    break
+                if time.monotonic() >= next_tick:
+                    self._safe_tick()
+                    self._publish()
+                    next_tick = time.monotonic() + self.settings.interval
+            self._run_requests()
+        finally:
+            self._shutdown()
+
+    def _run_requests(self) -> None:
+        while True:
+            try:
+                job = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - posted jobs report nothing to anyone
+                log.exception("tree %s: posted job failed", self.rec.id)
+            self._publish()
+
+    def _safe_tick(self) -> None:
+        try:
+            self.run_tick()
+        except Exception as exc:  # noqa: BLE001 - one bad tick must not end tracking
+            self._error(f"tick failed: {exc!r}")
+            log.exception("tree %s: tick failed", self.rec.id)
+
+    def _error(self, msg: str) -> None:
+        self.last_error = msg
+        log.warning("tree %s: %s", self.rec.id, msg)
+
+    # ------------------------------------------------------------------ status
+
+    def _publish(self) -> None:
+        """Makes a consistent picture of the tree for other threads (worker only)."""
+        spaces = [s for s in self.spaces.values() if s.resolved and s.alive]
+        faults = copied = zero = 0
+        for s in spaces:
+            try:
+                c = self.loop.counters(s.loop_id)
+            except (KeyError, ValueError):
+                continue
+            faults += c.faults
+            copied += c.pages_copied
+            zero += c.pages_zero
+        self._faults_base = getattr(self, "_faults_base", (0, 0, 0))
+        self._published = {
+            "state": self.state,
+            "spaces": [{"asid": s.asid, "host_pid": s.host_pid} for s in
+                       sorted(spaces, key=lambda s: s.asid)],
+            "pids": [s.host_pid for s in spaces],
+            "managed_bytes": sum(e - b for s in spaces for b, e in s.registered),
+            "dirty_pages": self.dirty_pages(),
+            "pages_paged_out": self.counters.pages_paged_out,
+            "bytes_paged_out": self.counters.bytes_paged_out,
+            "pages_in_file": self.pf.index.live_entries(),
+            "pages_evicted": self.counters.pages_evicted,
+            "flush_lag_s": self.flush_lag(),
+            "faults_served": faults + self._faults_base[0],
+            "pages_faulted_in": copied + self._faults_base[1],
+            "pages_zero_filled": zero + self._faults_base[2],
+            "last_error": self.last_error,
+            "counters": dict(vars(self.counters)),
+        }
+
+    def snapshot(self) -> dict:
+        """The latest published picture plus the current RSS (any thread; reads /proc)."""
+        snap = dict(self._published) or {
+            "state": self.state, "spaces": [], "pids": [], "managed_bytes": 0, "dirty_pages": 0,
+            "pages_paged_out": 0, "bytes_paged_out": 0, "pages_in_file": 0, "pages_evicted": 0,
+            "flush_lag_s": None, "faults_served": 0, "pages_faulted_in": 0,
+            "pages_zero_filled": 0, "last_error": self.last_error, "counters": {}}
+        snap["state"] = self.state
+        snap["last_error"] = self.last_error
+        rss = 0
+        for pid in snap["pids"]:
+            try:
+                rss += procfs.rss_bytes(pid)
+            except ProcessLookupError:
+                pass
+        snap["rss"] = rss
+        return snap
+
+    # ------------------------------------------------------------------ attach
+
+    def attach_space(self, host_pid: int, uffd: native.Userfaultfd, *, api_done: bool = False,
+                     asid: int | None = None, keeper_key: str | None = None,
+                     wake: bool = False) -> AddressSpace:
+        """Starts tracking the process `host_pid` through `uffd`, a uffd created inside it.
+        Runs on the worker. Order: API -> fault loop serves it -> keeper holds a copy ->
+        registrations (a registered range is never without a server and a second holder)."""
+        if not api_done:
+            api = uffd.api(native.PAGER_FEATURES)
+            missing = native.PAGER_FEATURES & ~api.features
+            if missing:
+                uffd.close()
+                raise GfvmError(f"this kernel's userfaultfd lacks features {missing:#x} "
+                                "(WP_ASYNC, WP_UNPOPULATED, EVENT_FORK/REMAP/REMOVE/UNMAP are needed)")
+        if asid is None:
+            asid = procfs.inner_pid(host_pid)
+        cindex = native.PageIndex()
+        entries = self.pf.index.entries(asid)
+        if entries:
+            cindex.set_many([v << PAGE_SHIFT for v in entries], [p >> 32 for p in entries.values()])
+        space = AddressSpace(asid, host_pid, uffd, cindex, -1)
+        space.open_fds()
+        space.loop_id = self.loop.add(uffd, [native.Source(cindex, self.pf.pages_read_fd())], wp=True,
+                                      pid=host_pid, pidfd=space.pidfd)
+        self._add_space(space)
+        self._keep(space, keeper_key)
+        self._register_vmas(space)
+        if wake:
+            self._wake_all(space)
+        return space
+
+    def take_back_space(self, host_pid: int, uffd: native.Userfaultfd, asid: int, *,
+                        api_done: bool = True) -> AddressSpace:
+        """Takeover after a gfvmd restart: serve `uffd` again (waking every range), treat every
+        present page as dirty (the previous gfvmd's dirty set is lost), and drop index entries of
+        pages that are neither present nor released by us (the process removed them while the
+        event was not yet logged). Runs on the worker."""
+        space = self.attach_space(host_pid, uffd, api_done=api_done, asid=asid, wake=True)
+        present: set[int] = set()
+        for region in native.scan_present(space.pagemap_fd, 0, USER_END):
+            present.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
+        tracked = [(b >> PAGE_SHIFT, e >> PAGE_SHIFT) for b, e in space.registered]
+        for v in present:
+            if any(b <= v < e for b, e in tracked):
+                space.dirty.setdefault(v, self.tick)
+        released = self.pf.index.released.get(asid, set())
+        stale = [v for v in self.pf.index.entries(asid) if v not in present and v not in released]
+        for v in stale:
+            self.pf.drop(asid, v, 1)
+            space.cindex.remove(v << PAGE_SHIFT)
+        self.pf.commit()
+        self._wake_all(space)
+        return space
+
+    def take_back_orphan(self, meta: dict, uffd: native.Userfaultfd, key: str) -> None:
+        """Takeover of a forked child that the previous gfvmd had not identified yet."""
+        parent = self.spaces.get(meta.get("parent", -1))
+        if parent is None or not key.startswith("tmp"):
+            uffd.close()
+            self.ctx.keeper_drop(f"{self.rec.id}/{key}")
+            return
+        tmp = TMP_ASID_BASE + int(key[3:])
+        self._tmp_next = max(self._tmp_next, tmp - TMP_ASID_BASE + 1)
+        if not self.pf.index.entries(tmp):
+            self.pf.clone(parent.asid, tmp)
+        entries = self.pf.index.entries(tmp)
+        cindex = native.PageIndex()
+        cindex.set_many([v << PAGE_SHIFT for v in entries], [p >> 32 for p in entries.values()])
+        loop_id = self.loop.add(uffd, [native.Source(cindex, self.pf.pages_read_fd())], wp=True)
+        child = _child_space(tmp, uffd, cindex, loop_id, parent)
+        self._add_space(child)
+        self.pending_forks.append(_Pending(parent.asid, child))
+        self._resolve_forks()
+
+    def rekeep(self) -> None:
+        """Gives the keeper a copy of every uffd again (after the keeper was restarted)."""
+        for space in list(self.spaces.values()):
+            key = self._keeper_key(space) if space.resolved else \
+                f"{self.rec.id}/tmp{space.asid - TMP_ASID_BASE}"
+            self.ctx.keeper_put(key, space.uffd.fileno(), {"host_pid": space.host_pid,
+                                                            "start_time": space.start_time,
+                                                            "asid": space.asid})
+
+    def _add_space(self, space: AddressSpace) -> None:
+        self.spaces[space.asid] = space
+        self.by_loop_id[space.loop_id] = space
+
+    def _keeper_key(self, space: AddressSpace) -> str:
+        return f"{self.rec.id}/{space.asid}"
+
+    def _keep(self, space: AddressSpace, old_key: str | None = None) -> None:
+        meta = {"host_pid": space.host_pid, "start_time": space.start_time, "asid": space.asid}
+        self.ctx.keeper_put(self._keeper_key(space), space.uffd.fileno(), meta)
+        if old_key and old_key != self._keeper_key(space):
+            self.ctx.keeper_drop(old_key)
+        if space.resolved:
+            self._save_record()
+
+    def _save_record(self) -> None:
+        self.rec.spaces = [s.record() for s in self.spaces.values() if s.resolved]
+        self.ctx.save_record(self.rec)
+
+    def _wake_all(self, space: AddressSpace) -> None:
+        """UFFDIO_WAKE over every tracked VMA: a dead predecessor may have read faults it never
+        served, and those are never sent again."""
+        for start, end in space.registered:
+            try:
+                space.uffd.wake(start, end - start)
+            except OSError as exc:
+                log.debug("wake %#x-%#x: %s", start, end, exc)
+
+    def _register_vmas(self, space: AddressSpace) -> None:
+        """Registers every private anonymous VMA not registered yet; forgets vanished ones."""
+        vmas = procfs.tracked_vmas(space.host_pid)
+        current = {(v.start, v.end) for v in vmas}
+        for rng in sorted(current - space.registered - space.unregistrable):
+            start, end = rng
+            try:
+                space.uffd.register(start, end - start, missing=True, wp=True)
+            except OSError as exc:
+                if exc.errno in (errno.ESRCH, errno.ENOMEM) and not _alive(space):
+                    raise
+                # EINVAL: the VMA changed under us (it will show up again) or cannot be tracked
+                log.info("tree %s pid %d: cannot register %#x-%#x: %s", self.rec.id,
+                         space.host_pid, start, end, exc)
+                space.unregistrable.add(rng)
+                continue
+            space.registered.add(rng)
+        space.registered &= current
+        space.unregistrable &= current
+
+    # ------------------------------------------------------------------ events
+
+    def _drain_events(self) -> None:
+        for ev in self.loop.pop_events():
+            try:
+                self._on_event(ev)
+            except Exception as exc:  # noqa: BLE001
+                self._error(f"handling {ev.kind} event failed: {exc!r}")
+                log.exception("tree %s: event %s", self.rec.id, ev)
+        self._resolve_forks()
+
+    def _on_event(self, ev: native.LoopEvent) -> None:
+        space = self.by_loop_id.get(ev.uffd_id)
+        if ev.kind == "fork":
+            self._on_fork(space, ev)
+            return
+        if space is None:
+            return
+        if ev.kind in ("remove", "unmap"):
+            self._racing.append((ev.kind, space.asid, ev.start, ev.end))
+            if self._is_own_remove(space, ev):
+                return
+            self.pf.drop(space.asid, ev.start >> PAGE_SHIFT, (ev.end - ev.start) >> PAGE_SHIFT)
+            space.removed_since_flush = True
+            if ev.kind == "unmap":
+                space.registered = {r for r in space.registered if r[1] <= ev.start or r[0] >= ev.end}
+        elif ev.kind == "remap":
+            self._racing.append(("remap", space.asid, ev.start, ev.end))
+            npages = (ev.end - ev.start) >> PAGE_SHIFT
+            src, dst = ev.start >> PAGE_SHIFT, ev.to >> PAGE_SHIFT
+            self.pf.move(space.asid, src, dst, npages)
+            moved = {v: t for v, t in space.dirty.items() if src <= v < src + npages}
+            for v, t in moved.items():
+                space.dirty[v - src + dst] = t
+                if v not in space.hot:  # written in the latest scan: may be the old or new VMA
+                    del space.dirty[v]
+            space.registered = {r for r in space.registered if r[1] <= ev.start or r[0] >= ev.end}
+        elif ev.kind == "fault":
+            # The loop defers nothing in our configuration; a deferred fault would wait forever.
+            space.uffd.wake(ev.start & ~(PAGE_SIZE - 1), PAGE_SIZE)
+        elif ev.kind == "exit":
+            self._forget_space(space, "exited")
+        elif ev.kind == "error":
+            self._fail_stop(f"fault service for pid {space.host_pid} failed: "
+                            f"{os.strerror(ev.error) if ev.error else 'unknown error'}")
+
+    def _is_own_remove(self, space: AddressSpace, ev: native.LoopEvent) -> bool:
+        for asid, start, end in self._own_removes:
+            if asid == space.asid and ev.kind == "remove" and start <= ev.start and ev.end <= end:
+                return True
+        return False
+
+    def _on_fork(self, parent: AddressSpace | None, ev: native.LoopEvent) -> None:
+        if ev.uffd is None:
+            return
+        if parent is None or ev.child_id == 0:
+            # The loop could not serve the child: without a server its missing pages would be
+            # zeros once we drop the fd, so fail-stop the tree.
+            ev.uffd.close()
+            self._fail_stop("a forked child could not be served by the fault loop")
+            return
+        tmp = TMP_ASID_BASE + self._tmp_next
+        self._tmp_next += 1
+        self.pf.clone(parent.asid, tmp)
+        child = _child_space(tmp, ev.uffd, None, ev.child_id, parent)
+        self._add_space(child)
+        child.cindex = self._child_index(child)
+        self.ctx.keeper_put(f"{self.rec.id}/tmp{tmp - TMP_ASID_BASE}", child.uffd.fileno(),
+                            {"parent": parent.asid, "host_pid": 0})
+        self.pending_forks.append(_Pending(parent.asid, child))
+
+    def _child_index(self, child: AddressSpace) -> native.PageIndex:
+        """The C index the loop uses for a forked child (it cloned the parent's at the fork)."""
+        sources = getattr(self.loop, "sources", None)
+        if sources is not None:
+            return sources(child.loop_id)[0].index
+        # Without access to the loop's clone, give the child an index built from the file's
+        # (which, in log order, is the parent's at the fork) and make the loop use it.
+        entries = self.pf.index.entries(child.asid)
+        cindex = native.PageIndex()
+        cindex.set_many([v << PAGE_SHIFT for v in entries], [p >> 32 for p in entries.values()])
+        self.loop.set_sources(child.loop_id, [native.Source(cindex, self.pf.pages_read_fd())])
+        return cindex
+
+    def _resolve_forks(self) -> None:
+        if not self.pending_forks:
+            return
+        known = {s.host_pid for s in self.spaces.values() if s.resolved}
+        by_parent: dict[int, list[_Pending]] = {}
+        for p in self.pending_forks:
+            by_parent.setdefault(p.parent_asid, []).append(p)
+        still: list[_Pending] = []
+        for parent_asid, pendings in by_parent.items():
+            parent = self.spaces.get(parent_asid)
+            if parent is None:
+                for p in pendings:
+                    self._drop_unresolved(p, "its parent is gone")
+                continue
+            try:
+                kids = [k for k in procfs.children(parent.host_pid) if k not in known]
+                kids = [k for k in kids if procfs.tgid(k) == k]
+                kids.sort(key=lambda k: (procfs.start_time(k), k))
+            except ProcessLookupError:
+                kids = []
+            for p, kid in zip(pendings, kids):
+                self._resolve(p, kid)
+            for p in pendings[len(kids):]:
+                if time.monotonic() - p.since > 5.0:
+                    # The child is gone (exited and reaped, or exec'd) before we saw it.
+                    self._drop_unresolved(p, "the child vanished before it was identified")
+                else:
+                    still.append(p)
+        self.pending_forks = still
+
+    def _resolve(self, p: _Pending, host_pid: int) -> None:
+        child = p.space
+        tmp = child.asid
+        try:
+            asid = procfs.inner_pid(host_pid)
+            child.host_pid = host_pid
+            child.start_time = procfs.start_time(host_pid)
+            child.open_fds()
+        except (ProcessLookupError, OSError) as exc:
+            self._drop_unresolved(p, f"child {host_pid}: {exc}")
+            return
+        self.pf.clone(tmp, asid)
+        self.pf.forget(tmp)
+        del self.spaces[tmp]
+        child.asid = asid
+        child.resolved = True
+        child.registered = set(self.spaces[p.parent_asid].registered) if p.parent_asid in self.spaces else set()
+        self._add_space(child)
+        try:
+            self.loop.set_process(child.loop_id, host_pid, child.pidfd)
+        except OSError as exc:
+            log.debug("set_process: %s", exc)
+        self._keep(child, old_key=f"{self.rec.id}/tmp{tmp - TMP_ASID_BASE}")
+        log.info("tree %s: fork -> pid %d (inner %d)", self.rec.id, host_pid, asid)
+
+    def _drop_unresolved(self, p: _Pending, why: str) -> None:
+        log.info("tree %s: dropping an unresolved fork child: %s", self.rec.id, why)
+        space = p.space
+        self.pf.forget(space.asid)
+        self._remove_from_loop(space)
+        self.spaces.pop(space.asid, None)
+        self.by_loop_id.pop(space.loop_id, None)
+        self.ctx.keeper_drop(f"{self.rec.id}/tmp{space.asid - TMP_ASID_BASE}")
+        space.close()
+
+    def _remove_from_loop(self, space: AddressSpace) -> None:
+        try:
+            self.loop.remove(space.loop_id)
+        except (KeyError, OSError):
+            pass
+
+    def _forget_space(self, space: AddressSpace, why: str) -> None:
+        """The process exited (or exec'd): its pages are useless, drop everything."""
+        log.info("tree %s: pid %d (inner %d) %s", self.rec.id, space.host_pid, space.asid, why)
+        space.alive = False
+        self.pf.forget(space.asid)
+        self._remove_from_loop(space)
+        self.spaces.pop(space.asid, None)
+        self.by_loop_id.pop(space.loop_id, None)
+        self.ctx.keeper_drop(self._keeper_key(space))
+        space.close()
+        self._save_record()
+
+    # ------------------------------------------------------------------ the tick
+
+    def run_tick(self) -> None:
+        """One interval: events, new VMAs, scan, page out cold dirty pages, enforce the limit.
+        Runs on the worker (blocking)."""
+        self.tick += 1
+        now = time.monotonic()
+        self.tick_times[self.tick] = now
+        for space in list(self.spaces.values()):
+            if not space.resolved or not space.alive:
+                continue
+            try:
+                self._check_exec(space)
+                if not space.alive:
+                    continue
+                self._register_vmas(space)
+                self._scan(space)
+            except ProcessLookupError:
+                self._forget_space(space, "exited")
+        self._drain_events()
+        for space in list(self.spaces.values()):
+            if space.resolved and space.alive:
+                self._flush_space(space, self._flush_candidates(space))
+        self.pf.commit()
+        if self.rec.mem_limit:
+            self._enforce_limit()
+        self._check_tree_alive()
+        first = min((t for sp in self.spaces.values() for t in sp.dirty.values()), default=self.tick)
+        for t in [t for t in self.tick_times if t < first]:
+            del self.tick_times[t]
+        if self.state == "starting":
+            self.state = "running"
+
+    def _check_exec(self, space: AddressSpace) -> None:
+        if procfs.start_time(space.host_pid) != space.start_time:
+            raise ProcessLookupError(space.host_pid)
+        try:
+            native.scan_written(space.pagemap_fd, 0, PAGE_SIZE, reprotect=False, check_wpasync=False)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH or not _alive(space):
+                raise ProcessLookupError(space.host_pid) from None
+            self._on_exec(space)
+
+    def _on_exec(self, space: AddressSpace) -> None:
+        """The process exec'd: the old address space (and its uffd) is gone. Track the new one."""
+        host_pid, asid = space.host_pid, space.asid
+        self._forget_space(space, "exec'd a new program")
+        try:
+            uffd = self.ctx.tracer.inject_userfaultfd(host_pid)
+        except OSError as exc:
+            self._error(f"pid {host_pid} exec'd and could not be re-attached: {exc}")
+            return
+        self.attach_space(host_pid, uffd, asid=asid)
+
+    def _scan(self, space: AddressSpace) -> None:
+        t0 = time.monotonic()
+        written = native.scan_written(space.pagemap_fd, 0, USER_END, reprotect=True,
+                                      check_wpasync=False)
+        hot: set[int] = set()
+        for region in written:
+            hot.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
+        for v in hot:
+            space.dirty.setdefault(v, self.tick)
+        space.hot = hot
+        self.counters.scans += 1
+        self.counters.last_scan_s = time.monotonic() - t0
+
+    def _flush_candidates(self, space: AddressSpace) -> list[int]:
+        bound_ticks = max(1, round(self.settings.hot_bound / self.settings.interval))
+        return sorted(v for v, t in space.dirty.items()
+                      if v not in space.hot or self.tick - t >= bound_ticks)
+
+    # ------------------------------------------------------------------ paging out
+
+    def _flush_space(self, space: AddressSpace, vpages: list[int]) -> FlushResult:
+        """Pages out `vpages` (sorted) of one space: read, write, fsync, index. Not committed."""
+        result = FlushResult()
+        if not vpages:
+            return result
+        t0 = time.monotonic()
+        if space.removed_since_flush:
+            vpages = self._present_only(space, vpages)
+            space.removed_since_flush = False
+        self._racing = []
+        staged_all: list[StagedPages] = []
+        batch = self.settings.batch_pages
+        buf = bytearray(batch * PAGE_SIZE)
+        for i in range(0, len(vpages), batch):
+            chunk = vpages[i:i + batch]
+            ok, data = self._read_pages(space, chunk, buf)
+            if ok:
+                staged_all.append(self.pf.stage(space.asid, ok, data))
+        if not staged_all:
+            return result
+        self.pf.sync_pages()
+        for staged in staged_all:
+            accepted = self._index_batch(space, staged)
+            result.pages += len(accepted)
+            result.rejected += len(staged.vpages) - len(accepted)
+        result.bytes = result.pages * PAGE_SIZE
+        result.seconds = time.monotonic() - t0
+        self.counters.pages_paged_out += result.pages
+        self.counters.bytes_paged_out += result.bytes
+        self.counters.rejected_pages += result.rejected
+        self.counters.flushes += 1
+        self.counters.last_flush_s = result.seconds
+        return result
+
+    def _present_only(self, space: AddressSpace, vpages: list[int]) -> list[int]:
+        """Drops from `vpages` (and from dirty) the pages that are no longer present."""
+        lo, hi = vpages[0] << PAGE_SHIFT, (vpages[-1] + 1) << PAGE_SHIFT
+        present: set[int] = set()
+        for region in native.scan_present(space.pagemap_fd, lo, hi):
+            present.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
+        keep = [v for v in vpages if v in present]
+        for v in vpages:
+            if v not in present:
+                space.dirty.pop(v, None)
+        return keep
+
+    def _read_pages(self, space: AddressSpace, vpages: list[int], buf: bytearray
+                    ) -> tuple[list[int], memoryview]:
+        """process_vm_readv of the pages; unreadable ones (unmapped) are skipped and forgotten."""
+        ok: list[int] = []
+        view = memoryview(buf)
+        pos = 0
+        todo = vpages
+        while todo:
+            target = view[pos * PAGE_SIZE:]
+            try:
+                got = native.read_pages(space.host_pid, [v << PAGE_SHIFT for v in todo], target)
+            except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    raise ProcessLookupError(space.host_pid) from None
+                if exc.errno != errno.EFAULT:
+                    raise
+                got = 0
+            n = got // PAGE_SIZE
+            ok += todo[:n]
+            pos += n
+            if n < len(todo):  # todo[n] cannot be read: unmapped since the scan
+                space.dirty.pop(todo[n], None)
+                todo = todo[n + 1:]
+            else:
+                todo = []
+        return ok, view[:pos * PAGE_SIZE]
+
+    def _index_batch(self, space: AddressSpace, staged: StagedPages) -> list[int]:
+        """Indexes a durable staged batch, except pages that an event may have raced with.
+        Returns the accepted vpages (removed from `dirty`)."""
+        lock = getattr(self.loop, "entry_locked", None)
+        if lock is not None:
+            with lock(space.loop_id):
+                self._drain_events_only()
+                accepted = self._accepted_positions(space, staged)
+                space.cindex.set_many([staged.vpages[i] << PAGE_SHIFT for i in accepted],
+                                      [staged.slots[i] for i in accepted])
+        else:
+            self._drain_events_only()
+            accepted = self._accepted_positions(space, staged)
+            space.cindex.set_many([staged.vpages[i] << PAGE_SHIFT for i in accepted],
+                                  [staged.slots[i] for i in accepted])
+            # Fix-up: an event the loop applied just before our set may have been undone by it.
+            before = len(self._racing)
+            self._drain_events_only()
+            if len(self._racing) > before:
+                raced = set(self._touched(space, self._racing[before:]))
+                for i in [i for i in accepted if staged.vpages[i] in raced]:
+                    space.cindex.remove(staged.vpages[i] << PAGE_SHIFT)
+                accepted = [i for i in accepted if staged.vpages[i] not in raced]
+        self.pf.put(staged, accepted)
+        vpages = [staged.vpages[i] for i in accepted]
+        for v in vpages:
+            if v not in space.hot:
+                space.dirty.pop(v, None)
+            else:
+                space.dirty[v] = self.tick  # written again in this interval: dirty from now
+        return vpages
+
+    def _drain_events_only(self) -> None:
+        for ev in self.loop.pop_events():
+            try:
+                self._on_event(ev)
+            except Exception as exc:  # noqa: BLE001
+                self._error(f"handling {ev.kind} event failed: {exc!r}")
+
+    def _accepted_positions(self, space: AddressSpace, staged: StagedPages) -> list[int]:
+        raced = set(self._touched(space, self._racing))
+        return [i for i, v in enumerate(staged.vpages) if v not in raced]
+
+    @staticmethod
+    def _touched(space: AddressSpace, events: Iterable[tuple[str, int, int, int]]) -> Iterable[int]:
+        for _kind, asid, start, end in events:
+            if asid == space.asid:
+                yield from range(start >> PAGE_SHIFT, end >> PAGE_SHIFT)
+
+    # ------------------------------------------------------------------ flush_all (migration)
+
+    def flush_all(self) -> FlushResult:
+        """Pages out every dirty page of every process of the tree and commits the index.
+        Runs on the worker. With the tree frozen, the paging file then equals the memory of
+        every tracked page (pages never written are not in the file and read as zeros)."""
+        total = FlushResult()
+        t0 = time.monotonic()
+        self._drain_events()
+        for space in list(self.spaces.values()):
+            if not space.resolved or not space.alive:
+                continue
+            try:
+                self._register_vmas(space)
+                self._scan(space)
+                space.hot = set()  # everything dirty goes, hot or not
+                r = self._flush_space(space, sorted(space.dirty))
+            except ProcessLookupError:
+                self._forget_space(space, "exited")
+                continue
+            total.pages += r.pages
+            total.bytes += r.bytes
+            total.rejected += r.rejected
+        self.pf.commit()
+        total.seconds = time.monotonic() - t0
+        return total
+
+    def dirty_pages(self) -> int:
+        return sum(len(s.dirty) for s in self.spaces.values())
+
+    def flush_lag(self) -> float | None:
+        """Seconds since the oldest page that is dirty now was first written (None: clean)."""
+        first = min((t for sp in self.spaces.values() for t in sp.dirty.values()), default=None)
+        if first is None:
+            return None
+        return time.monotonic() - self.tick_times.get(first, time.monotonic())
+
+    # ------------------------------------------------------------------ eviction (--mem-limit)
+
+    def rss(self) -> int:
+        total = 0
+        for s in self.spaces.values():
+            if s.resolved and s.alive:
+                try:
+                    total += procfs.rss_bytes(s.host_pid)
+                except ProcessLookupError:
+                    pass
+        return total
+
+    def _enforce_limit(self) -> None:
+        limit = self.rec.mem_limit
+        rss = self.rss()
+        if not limit or rss <= limit:
+            return
+        want = (rss - int(limit * self.settings.evict_target)) // PAGE_SIZE
+        evicted = 0
+        for space in sorted(self.spaces.values(), key=lambda s: -len(self.pf.index.entries(s.asid))):
+            if evicted >= want:
+                break
+            if space.resolved and space.alive:
+                evicted += self._evict(space, want - evicted)
+        if evicted < want:
+            self._error(f"memory limit: could evict only {evicted} of {want} pages "
+                        f"(rss {rss >> 20} MiB, limit {limit >> 20} MiB): the rest is not yet in "
+                        "the paging file or not tracked")
+
+    def _evict(self, space: AddressSpace, want: int) -> int:
+        """Drops up to `want` clean indexed pages of one process from its memory (they come back
+        on fault from the paging file). Returns the number dropped."""
+        entries = self.pf.index.entries(space.asid)
+        released = self.pf.index.released.get(space.asid, set())
+        cursor = self._evict_cursor.get(space.asid, 0)
+        candidates = sorted(v for v in entries if v not in space.dirty and v not in released)
+        if not candidates:
+            return 0
+        # Round-robin over the address space: start after where the last eviction stopped.
+        start_at = next((i for i, v in enumerate(candidates) if v >= cursor), 0)
+        candidates = candidates[start_at:] + candidates[:start_at]
+        picked = candidates[:want * 2]  # some may turn out written or absent
+        pid = space.host_pid
+        tracer = self.ctx.tracer
+        ranges: list[tuple[int, int]] = []
+        with tracer.stopped(pid):
+            # Re-check with every thread stopped: only present pages not written since the scan.
+            clean = set(picked)
+            lo, hi = min(picked) << PAGE_SHIFT, (max(picked) + 1) << PAGE_SHIFT
+            for region in native.scan_written(space.pagemap_fd, lo, hi, reprotect=False,
+                                              check_wpasync=False):
+                clean.difference_update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
+            present: set[int] = set()
+            for region in native.scan_present(space.pagemap_fd, lo, hi):
+                present.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
+            chosen = sorted(v for v in picked if v in clean and v in present)[:want]
+            ranges = _runs_to_ranges(chosen)[: self.settings.evict_max_ranges]
+            if not ranges:
+                return 0
+            self._drain_events_only()
+            self._own_removes = [(space.asid, a, b) for a, b in ranges]
+            try:
+                tracer.inject_madvise(pid, ranges)
+            finally:
+                # The loop dropped the C entries when it read our REMOVE events: put them back
+                # before any thread runs again.
+                self._drain_events_only()
+                self._own_removes = []
+                vps = [v for a, b in ranges for v in range(a >> PAGE_SHIFT, b >> PAGE_SHIFT)]
+                space.cindex.set_many([v << PAGE_SHIFT for v in vps],
+                                      [entries[v] >> 32 for v in vps])
+        n = 0
+        for a, b in ranges:
+            self.pf.mark_released(space.asid, a >> PAGE_SHIFT, (b - a) >> PAGE_SHIFT)
+            n += (b - a) >> PAGE_SHIFT
+        self._evict_cursor[space.asid] = ranges[-1][1] >> PAGE_SHIFT
+        self.counters.pages_evicted += n
+        self.counters.evictions += 1
+        self.pf.commit()
+        return n
+
+    # ------------------------------------------------------------------ life and death
+
+    def _check_tree_alive(self) -> None:
+        if not _pid_matches(self.rec.init_pid, self.rec.init_start_time) and not self.spaces:
+            self.state = "ended"
+
+    def _fail_stop(self, why: str) -> None:
+        """The tree can no longer be served truthfully: kill it rather than let it run on wrong
+        memory."""
+        self._error(f"fail-stop: {why}")
+        self.ctx.kill_tree(self.rec)
+        self.state = "killed"
+
+    def _shutdown(self) -> None:
+        """Stops the fault loop and closes our fds (the keeper's copies keep the uffds alive
+        unless the tree ended)."""
+        try:
+            self.loop.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the fault loop")
+        for space in list(self.spaces.values()):
+            space.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            self.pf.commit()
+        except Exception:  # noqa: BLE001
+            log.exception("final commit")
+
+
+def _child_space(tmp: int, uffd: native.Userfaultfd, cindex: Any, loop_id: int,
+                 parent: AddressSpace) -> AddressSpace:
+    space = AddressSpace.__new__(AddressSpace)
+    space.asid = tmp
+    space.host_pid = 0
+    space.start_time = 0
+    space.uffd = uffd
+    space.cindex = cindex
+    space.loop_id = loop_id
+    space.pidfd = -1
+    space.pagemap_fd = -1
+    space.registered = set(parent.registered)
+    space.unregistrable = set(parent.unregistrable)
+    space.dirty = dict(parent.dirty)  # the child's memory is the parent's: same pages unflushed
+    space.hot = set(parent.hot)
+    space.removed_since_flush = parent.removed_since_flush
+    space.resolved = False
+    space.alive = True
+    return space
+
+
+def _runs_to_ranges(vpages: list[int]) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for v in vpages:
+        if ranges and ranges[-1][1] == v << PAGE_SHIFT:
+            ranges[-1] = (ranges[-1][0], (v + 1) << PAGE_SHIFT)
+        else:
+            ranges.append((v << PAGE_SHIFT, (v + 1) << PAGE_SHIFT))
+    return ranges
+
+
+def _alive(space: AddressSpace) -> bool:
+    return _pid_matches(space.host_pid, space.start_time)
+
+
+def _pid_matches(pid: int, start_time: int) -> bool:
+    try:
+        return procfs.state(pid) not in ("Z", "X") and procfs.start_time(pid) == start_time
+    except ProcessLookupError:
+        return False
