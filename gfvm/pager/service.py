@@ -99,39 +99,44 @@ class Pager:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Registers the control ops, takes back earlier trees, then runs until cancelled."""
-        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.tracer = native.Tracer()
         for op, handler in (("run", self._op_run), ("adopt", self._op_adopt), ("ls", self._op_ls),
                             ("status", self._op_status), ("flush", self._op_flush)):
             self.daemon.control.register(op, handler)
         try:
-            await self._thread(self._connect_keeper)
-            await self._thread(self.recover)
+            await self._thread(self.open_blocking)
             task_status.started()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._housekeeping)
-                await trio.sleep_forever()
+            while True:
+                await trio.sleep(0.2)
+                await self._thread(self.housekeeping)
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._shutdown)
+                await trio.to_thread.run_sync(self.close_blocking)
+
+    def open_blocking(self) -> list[str]:
+        """Starts the pager without trio (gfvmd's serve, tests, benchmarks): tracer, keeper,
+        takeover of earlier trees. Returns the takeover report. Blocks."""
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.tracer = native.Tracer()
+        self._connect_keeper()
+        return self.recover()
 
     async def _thread(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def _housekeeping(self) -> None:
-        """Notices trees that ended (reaps launched trees, records exit status)."""
-        while True:
-            await trio.sleep(0.2)
-            for gfvm_id, tree in list(self.trees.items()):
-                popen = self._launched.get(gfvm_id)
-                if popen is not None and popen.poll() is not None:
-                    tree.exit_status = popen.returncode
-                    del self._launched[gfvm_id]
-                if tree.state in ("ended", "killed") or (popen is not None and popen.returncode is not None
-                                                         and not tree.spaces):
-                    await self._thread(self._finish_tree, tree)
+    def housekeeping(self) -> None:
+        """Notices trees that ended: reaps launched trees, records their exit status, cleans up.
+        Blocks briefly; gfvmd calls it every 0.2 s."""
+        for gfvm_id, tree in list(self.trees.items()):
+            popen = self._launched.get(gfvm_id)
+            if popen is not None and popen.poll() is not None:
+                tree.exit_status = popen.returncode
+                del self._launched[gfvm_id]
+                tree.post(tree.check_ended)
+            if tree.state in ("ended", "killed"):
+                self._finish_tree(tree)
 
-    def _shutdown(self) -> None:
+    def close_blocking(self) -> None:
+        """Stops tracking every tree (they keep running; the keeper holds their uffds). Blocks."""
         for tree in list(self.trees.values()):
             tree.request_stop()
         for tree in list(self.trees.values()):

@@ -954,6 +954,13 @@ class ManagedTree:
 
     # ------------------------------------------------------------------ life and death
 
+    def check_ended(self) -> None:
+        """Marks the tree ended once its init and every tracked process are gone (worker)."""
+        for space in list(self.spaces.values()):
+            if space.resolved and not _alive(space):
+                self._forget_space(space, "exited")
+        self._check_tree_alive()
+
     def _check_tree_alive(self) -> None:
         if not _pid_matches(self.rec.init_pid, self.rec.init_start_time) and not self.spaces:
             self.state = "ended"
