@@ -10,7 +10,8 @@
  *   verify                    -> check every page against what was written    -> "ok <pages>" | "bad ..."
  *   dontneed FIRST COUNT      -> madvise(MADV_DONTNEED): the pages read zero    -> "ok"
  *   munmap FIRST COUNT        -> unmap pages (no longer verified)               -> "ok"
- *   mremap                    -> move the whole region elsewhere                -> "ok <address>"
+ *   mremap [COUNT]            -> move the first COUNT pages (default all) elsewhere; the rest
+ *                                is no longer verified                          -> "ok <address>"
  *   fork                      -> child rewrites half of the pages, verifies, exits 0 if right;
  *                                parent verifies too and waits                 -> "ok <child status>"
  *   forkstay                  -> child stays alive, connects to SOCKET again and serves commands;
@@ -236,13 +237,16 @@ static void serve(void)
             }
         } else if (!strcmp(cmd, "mremap")) {
             /* reserve a new place, then move the region there (MREMAP_FIXED replaces it) */
-            void *dst = mmap(NULL, npages * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            long n = a > 0 && a < npages ? a : npages;
+            void *dst = mmap(NULL, n * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             void *moved = dst == MAP_FAILED ? MAP_FAILED
-                : mremap(region, npages * PAGE, npages * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+                : mremap(region, n * PAGE, n * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
             if (moved == MAP_FAILED) {
                 fprintf(out, "bad mremap %s\n", strerror(errno));
             } else {
                 region = moved;
+                for (long p = n; p < npages; p++)
+                    gen[p] = GONE;
                 fprintf(out, "ok %p\n", moved);
             }
         } else if (!strcmp(cmd, "fork")) {

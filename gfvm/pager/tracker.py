@@ -174,6 +174,7 @@ class ManagedTree:
         self.tick_times: dict[int, float] = {}
         self.state = "starting"
         self.last_error: str | None = None
+        self.limit_note: str | None = None
         self.exit_status: int | None = None
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -318,6 +319,7 @@ class ManagedTree:
             "pages_faulted_in": copied + self._faults_base[1],
             "pages_zero_filled": zero + self._faults_base[2],
             "last_error": self.last_error,
+            "limit_note": self.limit_note,
             "counters": dict(vars(self.counters)),
         }
 
@@ -695,10 +697,14 @@ class ManagedTree:
     def _scan(self, space: AddressSpace) -> None:
         t0 = time.monotonic()
         written = native.scan_written(space.pagemap_fd, 0, USER_END, reprotect=True,
-                                      check_wpasync=False)
+                                      check_wpasync=False,
+                                      return_mask=native.PAGE_IS_WRITTEN | native.PAGE_IS_PRESENT)
         hot: set[int] = set()
         for region in written:
-            hot.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
+            # An unpopulated page (never written, or emptied by MADV_DONTNEED) reads as WRITTEN
+            # until the scan protects it (measured here): it holds nothing to page out.
+            if region.categories & native.PAGE_IS_PRESENT:
+                hot.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
         for v in hot:
             space.dirty.setdefault(v, self.tick)
         space.hot = hot
@@ -887,6 +893,7 @@ class ManagedTree:
         limit = self.rec.mem_limit
         rss = self.rss()
         if not limit or rss <= limit:
+            self.limit_note = None
             return
         want = (rss - int(limit * self.settings.evict_target)) // PAGE_SIZE
         evicted = 0
@@ -895,45 +902,51 @@ class ManagedTree:
                 break
             if space.resolved and space.alive:
                 evicted += self._evict(space, want - evicted)
-        if evicted < want:
-            self._error(f"memory limit: could evict only {evicted} of {want} pages "
-                        f"(rss {rss >> 20} MiB, limit {limit >> 20} MiB): the rest is not yet in "
-                        "the paging file or not tracked")
+        # Pages written recently are not in the paging file yet: they can go once paged out.
+        self.limit_note = None if evicted >= want else (
+            f"over the memory limit: evicted {evicted} of {want} pages (rss {rss >> 20} MiB, "
+            f"limit {limit >> 20} MiB); the rest is dirty or untracked for now")
+
+    def _present_pages(self, space: AddressSpace, ranges: Iterable[tuple[int, int]]) -> set[int]:
+        present: set[int] = set()
+        for start, end in ranges:
+            for region in native.scan_present(space.pagemap_fd, start, end):
+                present.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
+        return present
 
     def _evict(self, space: AddressSpace, want: int) -> int:
         """Drops up to `want` clean indexed pages of one process from its memory (they come back
-        on fault from the paging file). Returns the number dropped."""
+        on fault from the paging file). Returns the number dropped. Runs on the worker."""
         entries = self.pf.index.entries(space.asid)
-        released = self.pf.index.released.get(space.asid, set())
-        cursor = self._evict_cursor.get(space.asid, 0)
-        candidates = sorted(v for v in entries if v not in space.dirty and v not in released)
+        present = self._present_pages(space, sorted(space.registered))
+        candidates = sorted(v for v in present
+                            if v in entries and v not in space.dirty and v not in space.hot)
         if not candidates:
             return 0
-        # Round-robin over the address space: start after where the last eviction stopped.
+        # Round-robin over the address space: start where the last eviction stopped.
+        cursor = self._evict_cursor.get(space.asid, 0)
         start_at = next((i for i, v in enumerate(candidates) if v >= cursor), 0)
-        candidates = candidates[start_at:] + candidates[:start_at]
-        picked = candidates[:want * 2]  # some may turn out written or absent
+        picked = (candidates[start_at:] + candidates[:start_at])[:want]
+        ranges = _runs_to_ranges(sorted(picked))[: self.settings.evict_max_ranges]
         pid = space.host_pid
         tracer = self.ctx.tracer
-        ranges: list[tuple[int, int]] = []
         with tracer.stopped(pid):
-            # Re-check with every thread stopped: only present pages not written since the scan.
-            clean = set(picked)
-            lo, hi = min(picked) << PAGE_SHIFT, (max(picked) + 1) << PAGE_SHIFT
-            for region in native.scan_written(space.pagemap_fd, lo, hi, reprotect=False,
-                                              check_wpasync=False):
-                clean.difference_update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
-            present: set[int] = set()
-            for region in native.scan_present(space.pagemap_fd, lo, hi):
-                present.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
-            chosen = sorted(v for v in picked if v in clean and v in present)[:want]
-            ranges = _runs_to_ranges(chosen)[: self.settings.evict_max_ranges]
+            # Re-check with every thread stopped: only pages still present and not written since
+            # the last scan go (a page written meanwhile is dirty: its data is not in the file).
+            still = self._present_pages(space, ranges)
+            for start, end in ranges:
+                for region in native.scan_written(space.pagemap_fd, start, end, reprotect=False,
+                                                  check_wpasync=False):
+                    still.difference_update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
+            ranges = _runs_to_ranges(sorted(v for v in picked if v in still))
             if not ranges:
                 return 0
             self._drain_events_only()
             self._own_removes = [(space.asid, a, b) for a, b in ranges]
             try:
                 tracer.inject_madvise(pid, ranges)
+                for a, b in ranges:  # re-arm tracking on the now empty ptes (WP_UNPOPULATED)
+                    space.uffd.writeprotect(a, b - a, protect=True)
             finally:
                 # The loop dropped the C entries when it read our REMOVE events: put them back
                 # before any thread runs again.
