@@ -846,16 +846,13 @@ static void handle_event(struct gfvm_faultloop *loop, struct entry *e, const str
     queue_event(loop, &out);
 }
 
-/* Reads up to `max` messages; applies events now, appends faults to pend. Returns the number of
- * messages read, or -errno. */
-static int read_messages(struct gfvm_faultloop *loop, struct entry *e, int max, struct fault *pend, int *np)
+/* Reads a batch of messages; applies events now, appends faults to pend (PENDING_MAX of them at
+ * most: beyond that a fault is woken instead, so it faults again and is read later). Returns
+ * the number of messages read, or -errno. */
+static int read_messages(struct gfvm_faultloop *loop, struct entry *e, struct fault *pend, int *np)
 {
     struct uffd_msg msgs[MSG_BATCH];
-    if (max > MSG_BATCH)
-        max = MSG_BATCH;
-    if (max <= 0)
-        return 0;
-    ssize_t r = read(e->uffd, msgs, sizeof(msgs[0]) * (size_t)max);
+    ssize_t r = read(e->uffd, msgs, sizeof(msgs));
     if (r < 0)
         return errno == EAGAIN ? 0 : -errno;
     int n = (int)(r / (ssize_t)sizeof(msgs[0]));
@@ -864,7 +861,10 @@ static int read_messages(struct gfvm_faultloop *loop, struct entry *e, int max, 
         gfvm_uffd_decode(&msgs[i], &ev);
         if (ev.event == UFFD_EVENT_PAGEFAULT) {
             BUMP(e, loop, faults, 1);
-            pend[(*np)++] = (struct fault){.addr = ev.address, .flags = ev.flags, .tid = ev.tid};
+            if (*np < PENDING_MAX)
+                pend[(*np)++] = (struct fault){.addr = ev.address, .flags = ev.flags, .tid = ev.tid};
+            else
+                gfvm_uffd_wake(e->uffd, ev.address & ~(PAGE - 1), PAGE);
         } else {
             handle_event(loop, e, &ev);
         }
@@ -886,7 +886,7 @@ static int serve_batch(struct gfvm_faultloop *loop, struct entry *e)
 {
     static __thread struct fault pend[PENDING_MAX];
     int np = 0;
-    int n = read_messages(loop, e, MSG_BATCH, pend, &np);
+    int n = read_messages(loop, e, pend, &np);
     if (n < 0) {
         mark_failed(loop, e, -n, pend, np);
         return 0;
@@ -915,7 +915,7 @@ static int serve_batch(struct gfvm_faultloop *loop, struct entry *e)
             rc = serve_window(loop, e, f, single, &ws, &we);
             if (rc == NEED_DRAIN) {
                 BUMP(e, loop, eagain, 1);
-                int got = read_messages(loop, e, PENDING_MAX - np, pend, &np);
+                int got = read_messages(loop, e, pend, &np);
                 if (got < 0) {
                     rc = got;
                     break;

@@ -8,7 +8,13 @@
  *
  * Keys are page-aligned virtual addresses (callers pass addresses; unaligned ones are EINVAL).
  * Slots are < 2^63. The table is reference counted: the Python object and every fault-loop
- * entry that serves from it hold a reference. */
+ * entry that serves from it hold a reference.
+ *
+ * Change log: range removals and moves (what the process's REMOVE/UNMAP/REMAP events do) bump a
+ * sequence number and are remembered (the last CHANGE_LOG of them). A pager that reads a page's
+ * contents while the process runs takes the sequence number first and stores the slot with
+ * set_many_if(since): entries whose page was removed or moved meanwhile are skipped, so a page
+ * the process discarded never gets stale data back. */
 #include "kernel_abi.h"
 #include "pageindex.h"
 
@@ -26,8 +32,16 @@ struct entry {
     uint64_t slot;
 };
 
+#define CHANGE_LOG 256
+
+struct change {
+    uint64_t seq, start, end;
+};
+
 struct gfvm_pageindex {
     pthread_mutex_t lock;
+    uint64_t seq; /* number of logged changes so far */
+    struct change log[CHANGE_LOG];
     int refs;
     uint64_t cap; /* power of two */
     uint64_t count;
@@ -170,6 +184,12 @@ static int del(struct gfvm_pageindex *idx, uint64_t vpn)
     return 1;
 }
 
+static void log_change(struct gfvm_pageindex *idx, uint64_t start, uint64_t end)
+{
+    idx->seq++;
+    idx->log[idx->seq % CHANGE_LOG] = (struct change){idx->seq, start, end};
+}
+
 static int check_addr(uint64_t addr)
 {
     return (addr & PAGE_MASK_) ? -EINVAL : 0;
@@ -225,6 +245,8 @@ struct gfvm_pageindex *gfvm_pageindex_clone(struct gfvm_pageindex *src)
     idx->table = t;
     idx->cap = src->cap;
     idx->count = src->count;
+    idx->seq = src->seq;
+    memcpy(idx->log, src->log, sizeof(idx->log));
     pthread_mutex_unlock(&src->lock);
     pthread_mutex_init(&idx->lock, NULL);
     idx->refs = 1;
@@ -274,6 +296,7 @@ int64_t gfvm_pageindex_remove_range(struct gfvm_pageindex *idx, uint64_t start, 
         del(idx, v[i].vpn);
     if (n >= 0)
         free(v);
+    log_change(idx, start & ~PAGE_MASK_, end);
     pthread_mutex_unlock(&idx->lock);
     return n;
 }
@@ -298,6 +321,8 @@ int64_t gfvm_pageindex_move_range(struct gfvm_pageindex *idx, uint64_t from, uin
         uint64_t fv = from >> PAGE_SHIFT_, tv = to >> PAGE_SHIFT_;
         for (int64_t i = 0; i < n; i++)
             put(idx, v[i].vpn - fv + tv, v[i].slot);
+        log_change(idx, from, from + len);
+        log_change(idx, to, to + len);
     }
     free(v);
     pthread_mutex_unlock(&idx->lock);
@@ -310,6 +335,7 @@ void gfvm_pageindex_clear(struct gfvm_pageindex *idx)
     for (uint64_t i = 0; i < idx->cap; i++)
         idx->table[i].vpn = EMPTY;
     idx->count = 0;
+    log_change(idx, 0, UINT64_MAX);
     pthread_mutex_unlock(&idx->lock);
 }
 
@@ -334,6 +360,47 @@ int gfvm_pageindex_set_many(struct gfvm_pageindex *idx, const uint64_t *addrs, c
         rc = put(idx, addrs[i] >> PAGE_SHIFT_, slots[i]);
     pthread_mutex_unlock(&idx->lock);
     return rc;
+}
+
+uint64_t gfvm_pageindex_seq(struct gfvm_pageindex *idx)
+{
+    pthread_mutex_lock(&idx->lock);
+    uint64_t seq = idx->seq;
+    pthread_mutex_unlock(&idx->lock);
+    return seq;
+}
+
+/* Like set_many, but skips (skipped[i] = 1) every address that a change logged after sequence
+ * number `since` removed or moved. Returns how many were skipped; -ESTALE (nothing set) when
+ * more changes happened since than the log remembers. */
+int64_t gfvm_pageindex_set_many_if(struct gfvm_pageindex *idx, const uint64_t *addrs, const uint64_t *slots,
+                                   uint64_t n, uint64_t since, uint8_t *skipped)
+{
+    for (uint64_t i = 0; i < n; i++)
+        if (check_addr(addrs[i]) || slots[i] > MAX_SLOT)
+            return -EINVAL;
+    pthread_mutex_lock(&idx->lock);
+    int64_t rc = 0;
+    if (since > idx->seq)
+        rc = -EINVAL;
+    else if (idx->seq - since > CHANGE_LOG)
+        rc = -ESTALE;
+    else
+        rc = grow(idx, idx->count + n);
+    int64_t nskipped = 0;
+    for (uint64_t i = 0; rc == 0 && i < n; i++) {
+        int hit = 0;
+        for (uint64_t s = since + 1; s <= idx->seq && !hit; s++) {
+            const struct change *c = &idx->log[s % CHANGE_LOG];
+            hit = addrs[i] >= c->start && addrs[i] < c->end;
+        }
+        skipped[i] = (uint8_t)hit;
+        nskipped += hit;
+        if (!hit)
+            rc = put(idx, addrs[i] >> PAGE_SHIFT_, slots[i]);
+    }
+    pthread_mutex_unlock(&idx->lock);
+    return rc < 0 ? rc : nskipped;
 }
 
 /* slots[i] = slot of addrs[i], or -1. Returns how many were found. */

@@ -18,6 +18,9 @@ void gfvm_pageindex_clear(struct gfvm_pageindex *idx);
 uint64_t gfvm_pageindex_count(struct gfvm_pageindex *idx);
 int gfvm_pageindex_set_many(struct gfvm_pageindex *idx, const uint64_t *addrs, const uint64_t *slots,
                             uint64_t n);
+uint64_t gfvm_pageindex_seq(struct gfvm_pageindex *idx);
+int64_t gfvm_pageindex_set_many_if(struct gfvm_pageindex *idx, const uint64_t *addrs, const uint64_t *slots,
+                                   uint64_t n, uint64_t since, uint8_t *skipped);
 int64_t gfvm_pageindex_get_many(struct gfvm_pageindex *idx, const uint64_t *addrs, uint64_t n,
                                 int64_t *slots);
 int64_t gfvm_pageindex_lookup_run(struct gfvm_pageindex *idx, uint64_t start, uint64_t npages,

@@ -14,7 +14,9 @@ Parts (one per C module in csrc/):
 - ptrace: `Tracer` (own OS thread; stop all threads of a process, inject syscalls, helpers for
   userfaultfd/madvise/close/mmap/munmap).
 - `PageIndex` (virtual page -> paging-file slot, in C, shared with the fault loop) and
-  `FaultLoop` (native fault service on its own pthread, no GIL).
+  `FaultLoop` (native fault service on its own pthread, no GIL); `evict_pages` (drop pages
+  that are safely in the paging file, with everything a pager must get right about it).
+- `frozen_cgroup` (is a process frozen by a cgroup freezer: what that means for ptrace).
 
 Memory addresses are plain ints; lengths in bytes; pages are 4 KiB.
 """
@@ -25,6 +27,7 @@ import array
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import os
 import queue
 import threading
@@ -145,7 +148,7 @@ class PartialCopy(BlockingIOError):
 
 
 class UffdApi(NamedTuple):
-    features: int  #: feature bits granted
+    features: int  #: every feature bit the kernel supports (the requested ones are now enabled)
     ioctls: int  #: ioctl bits available on this uffd
 
 
@@ -181,6 +184,10 @@ class RemapEvent:
     start: int
     end: int
     to: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
 
 
 @dataclass(frozen=True)
@@ -253,8 +260,9 @@ class Userfaultfd:
         return f"Userfaultfd(fd={self._fd})"
 
     def api(self, features: int) -> UffdApi:
-        """UFFDIO_API: asks for `features`, returns those granted and the available ioctls.
-        Allowed once per uffd (a second call fails with EINVAL)."""
+        """UFFDIO_API: enables `features` (EINVAL if the kernel lacks one of them). The kernel
+        answers with its whole feature set, not just the requested bits, and the ioctls
+        available. Allowed once per uffd (a second call fails with EINVAL)."""
         granted = ffi.new("uint64_t *")
         ioctls = ffi.new("uint64_t *")
         check(lib.gfvm_uffd_api(self.fileno(), features, granted, ioctls), "UFFDIO_API")
@@ -569,6 +577,11 @@ class PageIndex:
     FaultLoop's native thread without the GIL; the loop itself applies the process's REMOVE,
     UNMAP (drop) and REMAP (move) events to it. Keys are page-aligned addresses (ValueError
     otherwise), slots ints in [0, 2**63). No call blocks beyond the mutex.
+
+    Flushing while the process runs races with those events (the process may discard a page
+    after the pager read it). Take `seq = index.change_seq` before reading the pages, then
+    `index.set_many(addrs, slots, unless_changed_since=seq)`: pages removed or moved meanwhile
+    are skipped (and returned), so a discarded page never gets stale data back.
     """
 
     def __init__(self, capacity_hint: int = 0, *, _ptr: Any = None):
@@ -648,15 +661,33 @@ class PageIndex:
     def clear(self) -> None:
         lib.gfvm_pageindex_clear(self._ptr)
 
-    def set_many(self, addresses: Iterable[int], slots: Iterable[int]) -> None:
-        """Bulk load: all entries or none (ValueError for a bad address/slot)."""
+    @property
+    def change_seq(self) -> int:
+        """Sequence number of range removals/moves so far (see set_many)."""
+        return int(lib.gfvm_pageindex_seq(self._ptr))
+
+    def set_many(self, addresses: Iterable[int], slots: Iterable[int], *,
+                 unless_changed_since: int | None = None) -> list[int]:
+        """Bulk load. Without `unless_changed_since`: all entries or none (ValueError for a bad
+        address/slot), returns []. With it (a change_seq taken before the pages were read):
+        skips every address removed or moved by a change after that point and returns the
+        skipped addresses; OSError(ESTALE), setting nothing, if too many changes happened
+        since to tell (more than 256: read again)."""
         a, s = _u64_array(addresses), _u64_array(slots)
         if len(a) != len(s):
             raise ValueError("set_many: addresses and slots differ in length")
-        rc = lib.gfvm_pageindex_set_many(self._ptr, a, s, len(a))
+        if unless_changed_since is None:
+            rc = lib.gfvm_pageindex_set_many(self._ptr, a, s, len(a))
+            skipped = None
+        else:
+            skipped = ffi.new("uint8_t[]", max(1, len(a)))
+            rc = lib.gfvm_pageindex_set_many_if(self._ptr, a, s, len(a), unless_changed_since, skipped)
         if rc == -errno.EINVAL:
-            raise ValueError("set_many: unaligned address or slot out of range")
+            raise ValueError("set_many: unaligned address, slot out of range or unknown change_seq")
         check(rc, "PageIndex.set_many")
+        if not skipped or rc == 0:
+            return []
+        return [int(a[i]) for i in range(len(a)) if skipped[i]]
 
     def update(self, items: Iterable[tuple[int, int]] | dict[int, int]) -> None:
         pairs = list(items.items() if isinstance(items, dict) else items)
@@ -973,6 +1004,8 @@ class FaultLoop:
             pass
         out = ffi.new("struct gfvm_fl_event[]", max_events)
         n = lib.gfvm_faultloop_pop_events(self._ptr(), out, max_events)
+        if n == max_events:
+            os.eventfd_write(self.notify_fd, 1)  # more may be queued: stay readable
         events = []
         for i in range(n):
             ev = out[i]
@@ -1039,7 +1072,9 @@ def frozen_cgroup(pid: int) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def _cgroup_mounts() -> dict[str, str]:
+    """Where the cgroup2 and v1 freezer hierarchies are mounted (read once)."""
     found: dict[str, str] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -1355,33 +1390,65 @@ class Tracer:
 
 
 def evict_pages(tracer: Tracer, pid: int, ranges: Sequence[tuple[int, int]], *, loop: FaultLoop,
-                uffd_id: int, uffd: Userfaultfd | None = None) -> None:
-    """Drops the pages of `ranges` from `pid`'s memory; later faults there are served by `loop`
-    from its sources, which must already map every page of the ranges (flush first!).
+                uffd_id: int, uffd: Userfaultfd, index: PageIndex) -> list[tuple[int, int]]:
+    """Drops from `pid`'s memory the pages of `ranges` whose current content is in the paging
+    file; later faults there are served by `loop`. Returns the [start, end) runs evicted.
 
-    All of it happens while every thread of `pid` is stopped (stopped here unless the tracer
-    holds it stopped already): announce the eviction to the loop (so the REMOVE events keep the
-    index entries), inject madvise(MADV_DONTNEED) over the ranges, and, if `uffd` (the WP-tracking
-    uffd) is given, write-protect the ranges again -- DONTNEED drops the write-protect markers,
-    and evicted pages would otherwise count as written. The loop must be running (each madvise
-    waits until its REMOVE event is read). Blocks for the injection (~150 us per 64-page range).
+    Everything happens while every thread of `pid` is stopped (stopped here unless the tracer
+    holds it stopped already), so no write can slip in between the checks and the drop:
+      1. a page is kept (not evicted) if `index` has no slot for it, or if it was written since
+         it was last protected (scan_written without re-protecting; memory that is not
+         WP-tracked always counts as written) -- its newest content is not in the paging file,
+         and evicting it would lose data. The caller must not evict pages whose flush (scan,
+         store, index update) is still under way: the scan already re-protected them;
+      2. the eviction is announced to the loop, so the REMOVE events keep the index entries;
+      3. madvise(MADV_DONTNEED) is injected over the remaining runs (one stop for all);
+      4. the runs are write-protected again through `uffd` (the WP-tracking uffd): DONTNEED
+         drops the markers, and evicted pages would otherwise count as written.
+    The loop must be running (each madvise waits until its REMOVE event is read). Blocks for the
+    injection (~150 us per madvise) plus a scan of the ranges.
     """
-    spans = list(ranges)
     held = bool(tracer.stopped_threads(pid))
     if not held:
         tracer.stop_process(pid)
     try:
-        loop.expect_eviction(uffd_id, spans)
+        runs = _evictable_runs(pid, ranges, index)
+        if not runs:
+            return []
+        loop.expect_eviction(uffd_id, runs)
         try:
-            tracer.inject_madvise(pid, spans, MADV_DONTNEED)
+            tracer.inject_madvise(pid, runs, MADV_DONTNEED)
         finally:
             loop.expect_eviction(uffd_id, [])
-        if uffd is not None:
-            for start, end in spans:
-                uffd.writeprotect(start, end - start)
+        for start, end in runs:
+            uffd.writeprotect(start, end - start)
+        return runs
     finally:
         if not held:
             tracer.resume_process(pid)
+
+
+def _evictable_runs(pid: int, ranges: Sequence[tuple[int, int]], index: PageIndex) -> list[tuple[int, int]]:
+    """The parts of `ranges` that are in `index` and not written since last protected."""
+    dirty: set[int] = set()
+    pm = open_pagemap(pid)
+    try:
+        for start, end in ranges:
+            dirty.update(scan_written(pm, start, end, reprotect=False, check_wpasync=False).pages())
+    finally:
+        os.close(pm)
+    runs: list[tuple[int, int]] = []
+    for start, end in ranges:
+        _check_page_aligned(start, "eviction start")
+        addrs, _ = index.export(start, end)
+        for a in addrs:
+            if a in dirty:
+                continue
+            if runs and runs[-1][1] == a:
+                runs[-1] = (runs[-1][0], a + PAGE_SIZE)
+            else:
+                runs.append((a, a + PAGE_SIZE))
+    return runs
 
 
 def _is_zombie(pid: int, tid: int) -> bool:

@@ -5,6 +5,7 @@
  * "ready <address> <npages> <pid>" and then serves one command per line on stdin (so between
  * commands it sits blocked in read(2) on a pipe), answering one line on stdout:
  *   verify                   -> "ok <pages checked>" or "bad <page> <word> <got> <want>"
+ *   pverify N                -> N threads verify at once (concurrent faults) -> "ok" or "bad" 
  *   write FIRST COUNT GEN    -> rewrite pages with generation GEN            -> "ok"
  *   expect FIRST COUNT GEN   -> only record that the pages now hold GEN (someone else wrote them)
  *   dontneed FIRST COUNT     -> madvise(MADV_DONTNEED) by the process itself -> "ok" (pages read 0)
@@ -104,6 +105,12 @@ static double now_ms(void)
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
+static void *verifier(void *arg)
+{
+    char msg[160];
+    return check(msg, sizeof(msg)) < 0 ? NULL : arg;
+}
+
 static void *nothing(void *arg)
 {
     return arg;
@@ -176,6 +183,17 @@ int main(int argc, char **argv)
         } else if (sscanf(line, "write %ld %ld %ld", &a, &b, &c) == 3) {
             fill(a, b, (int)c);
             reply("ok");
+        } else if (sscanf(line, "pverify %ld", &a) == 1) {
+            pthread_t ts[64];
+            long bad = 0, n = a < 64 ? a : 64;
+            for (long i = 0; i < n; i++)
+                pthread_create(&ts[i], NULL, verifier, (void *)1);
+            for (long i = 0; i < n; i++) {
+                void *r;
+                pthread_join(ts[i], &r);
+                bad += r != NULL;
+            }
+            reply(bad ? "bad %ld" : "ok", bad);
         } else if (sscanf(line, "expect %ld %ld %ld", &a, &b, &c) == 3) {
             for (long p = a; p < a + b; p++)
                 gen[p] = (int)c;

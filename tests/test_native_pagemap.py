@@ -9,7 +9,7 @@ import os
 import pytest
 
 from gfvm import native
-from native_support import PAGE, inject_uffd, require_root, start_target, target_binary, tracer  # noqa: F401
+from native_support import inject_uffd, require_root, start_target, target_binary, tracer  # noqa: F401
 
 TRACKING = native.UFFD_FEATURE_WP_ASYNC | native.UFFD_FEATURE_WP_UNPOPULATED
 

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from gfvm import native
-from native_support import require_root, start_target, target_binary  # noqa: F401
+from native_support import start_target, target_binary  # noqa: F401
 
 
 def test_getfd_copies_a_file_of_the_target(start_target):

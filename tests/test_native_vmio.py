@@ -8,7 +8,7 @@ import os
 import pytest
 
 from gfvm import native
-from native_support import PAGE, page_bytes, require_root, start_target, target_binary  # noqa: F401
+from native_support import PAGE, page_bytes, start_target, target_binary  # noqa: F401
 
 
 def test_read_scattered_pages_in_one_call(start_target):
