@@ -25,10 +25,14 @@ in the C index of the fault loop and in the paging file's log (committed = fsync
 
 The invariant that makes this safe against the process's own munmap / mremap / MADV_DONTNEED
 (the fault loop applies those to its C index the moment it reads them): a page whose flush was in
-flight when such an event touched it is not indexed (it stays dirty and is flushed again). Events
-popped between the read and the index update are the ones that may have raced; with the loop's
-entry lock (if the native layer has it) the check and the index update are atomic, otherwise a
-fix-up right after the update removes what raced (see `_index_batch`).
+flight when such an event touched it is not indexed (it stays dirty and is flushed again). The C
+index numbers its range changes; the flush takes that number before reading, drains (and logs)
+every event up to then, and stores the slots with `set_many(unless_changed_since=seq)`, which skips
+atomically every page changed after it; only the pages stored are logged as PUT. So the file's log
+has every event and PUT in the order the C index applied them. A forked child whose C index the
+native layer does not expose gets no C updates (its index stays the clone the loop made at the
+fork, which serves it correctly as long as the pager does not evict its pages); its flushes are
+checked against the events drained after its read instead (`_index_batch`).
 
 Events never drop dirtiness (a page written after a REMOVE must still be flushed): a dirty page that
 turns out unmapped (read fails) or not present any more (scan) is dropped at flush time. REMAP moves
@@ -184,7 +188,6 @@ class ManagedTree:
         self._evict_cursor: dict[int, int] = {}
         self._published: dict = {}
         self._racing: list[tuple[str, int, int, int]] = []  # events popped during a flush
-        self._own_removes: list[tuple[int, int, int]] = []  # (asid, start, end) we are evicting
         self.loop.start()
 
     # ------------------------------------------------------------------ worker thread plumbing
@@ -492,9 +495,9 @@ class ManagedTree:
         if space is None:
             return
         if ev.kind in ("remove", "unmap"):
-            self._racing.append((ev.kind, space.asid, ev.start, ev.end))
-            if self._is_own_remove(space, ev):
+            if ev.evicted:  # our own eviction: the entries stay, the pages live in the file
                 return
+            self._racing.append((ev.kind, space.asid, ev.start, ev.end))
             self.pf.drop(space.asid, ev.start >> PAGE_SHIFT, (ev.end - ev.start) >> PAGE_SHIFT)
             space.removed_since_flush = True
             if ev.kind == "unmap":
@@ -519,12 +522,6 @@ class ManagedTree:
             self._fail_stop(f"fault service for pid {space.host_pid} failed: "
                             f"{os.strerror(ev.error) if ev.error else 'unknown error'}")
 
-    def _is_own_remove(self, space: AddressSpace, ev: native.LoopEvent) -> bool:
-        for asid, start, end in self._own_removes:
-            if asid == space.asid and ev.kind == "remove" and start <= ev.start and ev.end <= end:
-                return True
-        return False
-
     def _on_fork(self, parent: AddressSpace | None, ev: native.LoopEvent) -> None:
         if ev.uffd is None:
             return
@@ -544,18 +541,13 @@ class ManagedTree:
                             {"parent": parent.asid, "host_pid": 0})
         self.pending_forks.append(_Pending(parent.asid, child))
 
-    def _child_index(self, child: AddressSpace) -> native.PageIndex:
-        """The C index the loop uses for a forked child (it cloned the parent's at the fork)."""
+    def _child_index(self, child: AddressSpace) -> native.PageIndex | None:
+        """The C index the loop serves a forked child from (it cloned the parent's at the fork),
+        or None when the native layer does not expose it (see the module header)."""
         sources = getattr(self.loop, "sources", None)
-        if sources is not None:
-            return sources(child.loop_id)[0].index
-        # Without access to the loop's clone, give the child an index built from the file's
-        # (which, in log order, is the parent's at the fork) and make the loop use it.
-        entries = self.pf.index.entries(child.asid)
-        cindex = native.PageIndex()
-        cindex.set_many([v << PAGE_SHIFT for v in entries], [p >> 32 for p in entries.values()])
-        self.loop.set_sources(child.loop_id, [native.Source(cindex, self.pf.pages_read_fd())])
-        return cindex
+        if sources is None:
+            return None
+        return sources(child.loop_id)[0].index
 
     def _resolve_forks(self) -> None:
         if not self.pending_forks:
@@ -727,10 +719,14 @@ class ManagedTree:
         if space.removed_since_flush:
             vpages = self._present_only(space, vpages)
             space.removed_since_flush = False
+        # Order matters: the change number first, then every event up to it is logged; a page an
+        # event touches after this point will not be indexed from this read.
+        seq = space.cindex.change_seq if space.cindex is not None else None
+        self._drain_events_only()
         self._racing = []
         staged_all: list[StagedPages] = []
         batch = self.settings.batch_pages
-        buf = bytearray(batch * PAGE_SIZE)
+        buf = bytearray(min(batch, len(vpages)) * PAGE_SIZE)
         for i in range(0, len(vpages), batch):
             chunk = vpages[i:i + batch]
             ok, data = self._read_pages(space, chunk, buf)
@@ -740,7 +736,7 @@ class ManagedTree:
             return result
         self.pf.sync_pages()
         for staged in staged_all:
-            accepted = self._index_batch(space, staged)
+            accepted = self._index_batch(space, staged, seq)
             result.pages += len(accepted)
             result.rejected += len(staged.vpages) - len(accepted)
         result.bytes = result.pages * PAGE_SIZE
@@ -791,29 +787,22 @@ class ManagedTree:
                 todo = []
         return ok, view[:pos * PAGE_SIZE]
 
-    def _index_batch(self, space: AddressSpace, staged: StagedPages) -> list[int]:
-        """Indexes a durable staged batch, except pages that an event may have raced with.
-        Returns the accepted vpages (removed from `dirty`)."""
-        lock = getattr(self.loop, "entry_locked", None)
-        if lock is not None:
-            with lock(space.loop_id):
-                self._drain_events_only()
-                accepted = self._accepted_positions(space, staged)
-                space.cindex.set_many([staged.vpages[i] << PAGE_SHIFT for i in accepted],
-                                      [staged.slots[i] for i in accepted])
+    def _index_batch(self, space: AddressSpace, staged: StagedPages, seq: int | None) -> list[int]:
+        """Indexes a durable staged batch, except pages an event may have raced with (they stay
+        dirty). Returns the accepted vpages (no longer dirty unless written again)."""
+        if space.cindex is not None:
+            try:
+                skipped = set(space.cindex.set_many(
+                    [v << PAGE_SHIFT for v in staged.vpages], staged.slots, unless_changed_since=seq))
+            except OSError as exc:
+                if exc.errno != errno.ESTALE:
+                    raise
+                skipped = {v << PAGE_SHIFT for v in staged.vpages}  # too much changed: retry later
+            accepted = [i for i, v in enumerate(staged.vpages) if v << PAGE_SHIFT not in skipped]
         else:
             self._drain_events_only()
-            accepted = self._accepted_positions(space, staged)
-            space.cindex.set_many([staged.vpages[i] << PAGE_SHIFT for i in accepted],
-                                  [staged.slots[i] for i in accepted])
-            # Fix-up: an event the loop applied just before our set may have been undone by it.
-            before = len(self._racing)
-            self._drain_events_only()
-            if len(self._racing) > before:
-                raced = set(self._touched(space, self._racing[before:]))
-                for i in [i for i in accepted if staged.vpages[i] in raced]:
-                    space.cindex.remove(staged.vpages[i] << PAGE_SHIFT)
-                accepted = [i for i in accepted if staged.vpages[i] not in raced]
+            raced = set(self._touched(space, self._racing))
+            accepted = [i for i, v in enumerate(staged.vpages) if v not in raced]
         self.pf.put(staged, accepted)
         vpages = [staged.vpages[i] for i in accepted]
         for v in vpages:
@@ -829,10 +818,6 @@ class ManagedTree:
                 self._on_event(ev)
             except Exception as exc:  # noqa: BLE001
                 self._error(f"handling {ev.kind} event failed: {exc!r}")
-
-    def _accepted_positions(self, space: AddressSpace, staged: StagedPages) -> list[int]:
-        raced = set(self._touched(space, self._racing))
-        return [i for i, v in enumerate(staged.vpages) if v not in raced]
 
     @staticmethod
     def _touched(space: AddressSpace, events: Iterable[tuple[str, int, int, int]]) -> Iterable[int]:
@@ -917,6 +902,8 @@ class ManagedTree:
     def _evict(self, space: AddressSpace, want: int) -> int:
         """Drops up to `want` clean indexed pages of one process from its memory (they come back
         on fault from the paging file). Returns the number dropped. Runs on the worker."""
+        if space.cindex is None:
+            return 0  # a forked child whose C index we cannot update (module header)
         entries = self.pf.index.entries(space.asid)
         present = self._present_pages(space, sorted(space.registered))
         candidates = sorted(v for v in present
@@ -928,33 +915,12 @@ class ManagedTree:
         start_at = next((i for i, v in enumerate(candidates) if v >= cursor), 0)
         picked = (candidates[start_at:] + candidates[:start_at])[:want]
         ranges = _runs_to_ranges(sorted(picked))[: self.settings.evict_max_ranges]
-        pid = space.host_pid
-        tracer = self.ctx.tracer
-        with tracer.stopped(pid):
-            # Re-check with every thread stopped: only pages still present and not written since
-            # the last scan go (a page written meanwhile is dirty: its data is not in the file).
-            still = self._present_pages(space, ranges)
-            for start, end in ranges:
-                for region in native.scan_written(space.pagemap_fd, start, end, reprotect=False,
-                                                  check_wpasync=False):
-                    still.difference_update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
-            ranges = _runs_to_ranges(sorted(v for v in picked if v in still))
-            if not ranges:
-                return 0
-            self._drain_events_only()
-            self._own_removes = [(space.asid, a, b) for a, b in ranges]
-            try:
-                tracer.inject_madvise(pid, ranges)
-                for a, b in ranges:  # re-arm tracking on the now empty ptes (WP_UNPOPULATED)
-                    space.uffd.writeprotect(a, b - a, protect=True)
-            finally:
-                # The loop dropped the C entries when it read our REMOVE events: put them back
-                # before any thread runs again.
-                self._drain_events_only()
-                self._own_removes = []
-                vps = [v for a, b in ranges for v in range(a >> PAGE_SHIFT, b >> PAGE_SHIFT)]
-                space.cindex.set_many([v << PAGE_SHIFT for v in vps],
-                                      [entries[v] >> 32 for v in vps])
+        # With every thread stopped: keeps pages written since the scan, announces the eviction
+        # (the loop keeps the entries on our REMOVE events), injects DONTNEED, re-arms tracking.
+        ranges = native.evict_pages(self.ctx.tracer, space.host_pid, ranges, loop=self.loop,
+                                    uffd_id=space.loop_id, uffd=space.uffd, index=space.cindex)
+        if not ranges:
+            return 0
         n = 0
         for a, b in ranges:
             self.pf.mark_released(space.asid, a >> PAGE_SHIFT, (b - a) >> PAGE_SHIFT)
