@@ -127,13 +127,20 @@ class Pager:
         """Notices trees that ended: reaps launched trees, records their exit status, cleans up.
         Blocks briefly; gfvmd calls it every 0.2 s."""
         for gfvm_id, tree in list(self.trees.items()):
-            popen = self._launched.get(gfvm_id)
-            if popen is not None and popen.poll() is not None:
-                tree.exit_status = popen.returncode
-                del self._launched[gfvm_id]
-                tree.post(tree.check_ended)
-            if tree.state in ("ended", "killed"):
-                self._finish_tree(tree)
+            try:
+                popen = self._launched.get(gfvm_id)
+                if popen is not None and popen.poll() is not None:
+                    tree.exit_status = popen.returncode
+                    del self._launched[gfvm_id]
+                    tree.post(tree.check_ended)
+                if not tree.worker_alive() and tree.state not in ("ended", "killed"):
+                    # Tracking stopped by a bug: nobody would serve its paged-out pages again.
+                    tree.last_error = "internal error: the tree's worker thread ended"
+                    tree.state = "killed"
+                if tree.state in ("ended", "killed"):
+                    self._finish_tree(tree)
+            except Exception:  # noqa: BLE001 - one tree's trouble must not end gfvmd
+                log.exception("housekeeping of %s", gfvm_id)
 
     def close_blocking(self) -> None:
         """Stops tracking every tree (they keep running; the keeper holds their uffds). Blocks."""
@@ -342,9 +349,16 @@ class Pager:
         try:
             uffd = self.tracer.inject_userfaultfd(pid)
         except PermissionError as exc:
-            tracer_pid = procfs.status(pid).get("TracerPid", "0")
-            cause = (f"it is already being traced by pid {tracer_pid}" if tracer_pid != "0"
-                     else f"ptrace was refused ({exc.strerror})")
+            cause = f"ptrace was refused ({exc.strerror})"
+            tracer_tid = int(procfs.status(pid).get("TracerPid", "0"))
+            if tracer_tid:
+                try:
+                    tracer_pid = procfs.tgid(tracer_tid)  # TracerPid is the tracing thread
+                    with open(f"/proc/{tracer_pid}/comm") as f:
+                        comm = f.read().strip()
+                except (ProcessLookupError, FileNotFoundError):
+                    tracer_pid, comm = tracer_tid, "?"
+                cause = f"it is already being traced by pid {tracer_pid} ({comm})"
             raise GfvmError(f"cannot adopt process {pid}: not permitted: {cause}") from None
         except ProcessLookupError:
             raise NotFound(f"cannot adopt process {pid}: it exited") from None
@@ -504,9 +518,14 @@ class Pager:
         tree.join(10)
         if tree.state == "killed":
             self.kill_tree(tree.rec)
-        status["state"] = tree.state if tree.state != "running" else "exited"
-        if tree.exit_status is not None:
+        if tree.state == "killed":
+            status["state"] = "killed (fail-stop)"
+        elif tree.exit_status is not None:
+            status["state"] = f"exited ({_describe_status(tree.exit_status)})"
             status["exit_status"] = tree.exit_status
+        else:
+            status["state"] = "exited"
+        status["rss"] = 0
         with self._trees_lock:
             self.trees.pop(tree.rec.id, None)
             self.finished[tree.rec.id] = status
@@ -526,10 +545,13 @@ class Pager:
         snap = tree.snapshot()
         rec = tree.rec
         main = _main_space(tree)
+        if main is not None:
+            tree.main_pid = main.host_pid
         return {
             "id": rec.id, "name": rec.name, "node": self.node, "cmd": rec.cmd,
             "state": snap["state"], "adopted": rec.adopted,
-            "pid": main.host_pid if main else rec.init_pid, "init_pid": rec.init_pid,
+            "pid": main.host_pid if main else (tree.main_pid or rec.init_pid),
+            "init_pid": rec.init_pid,
             "spaces": snap["spaces"], "rss": snap["rss"], "managed_bytes": snap["managed_bytes"],
             "mem_limit": rec.mem_limit, "dirty_pages": snap["dirty_pages"],
             "pages_paged_out": snap["pages_paged_out"], "bytes_paged_out": snap["bytes_paged_out"],
@@ -585,6 +607,16 @@ class Pager:
         except TreeDead as exc:
             raise NotFound(str(exc)) from None
         return asdict(result)
+
+
+def _describe_status(rc: int) -> str:
+    """Popen returncode -> words: 3 -> "status 3", -9 -> "signal 9 (SIGKILL)"."""
+    if rc < 0:
+        try:
+            return f"signal {-rc} ({signal.Signals(-rc).name})"
+        except ValueError:
+            return f"signal {-rc}"
+    return f"status {rc}"
 
 
 def _limit_arg(args: dict) -> int | None:

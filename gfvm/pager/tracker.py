@@ -180,8 +180,10 @@ class ManagedTree:
         self.last_error: str | None = None
         self.limit_note: str | None = None
         self.exit_status: int | None = None
+        self.main_pid: int | None = None  # host pid of the lowest asid, kept after it exits
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = False
         self._tmp_next = 0
@@ -228,15 +230,21 @@ class ManagedTree:
         self._poke()
 
     def _poke(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        with self._wake_lock:  # the fd is closed (and its number reusable) once the worker ends
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass
 
     def request_stop(self) -> None:
         """Asks the worker to stop tracking (the processes keep running). Never blocks."""
         self._stop = True
         self._poke()
+
+    def worker_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -960,11 +968,10 @@ class ManagedTree:
             log.exception("closing the fault loop")
         for space in list(self.spaces.values()):
             space.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
-            except OSError:
-                pass
+            self._wake_r = self._wake_w = -1
         try:
             self.pf.commit()
         except Exception:  # noqa: BLE001
