@@ -44,7 +44,14 @@ from gfvm.pager.keeper import KeeperClient
 from gfvm.pager.launch import start_tree
 from gfvm.pager.pagefile import PagingFile
 from gfvm.pager.state import StateStore, TreeRecord
-from gfvm.pager.tracker import FlushResult, ManagedTree, PagerSettings, TreeDead, _pid_matches
+from gfvm.pager.tracker import (
+    FlushResult,
+    ManagedTree,
+    PagerSettings,
+    TreeDead,
+    _pid_matches,
+    inject_while_frozen,
+)
 
 log = logging.getLogger("gfvm.pager")
 
@@ -254,6 +261,81 @@ class Pager:
         first (TreeCgroup.freeze) when the result must be exact."""
         tree = self.tree(ident)
         return tree.call(tree.flush_all)
+
+    def release_memory(self, ident: str) -> int:
+        """Migration step 5 (tree frozen, after flush_all): drops the tracked memory of every
+        process so CRIU does not dump it; returns the pages dropped. Blocking."""
+        tree = self.tree(ident)
+        return tree.call(tree.release_memory)
+
+    def reattach(self, ident: str) -> None:
+        """Rollback after release_memory: the tree is tracked and served again here. Blocking."""
+        tree = self.tree(ident)
+        tree.call(tree.reattach)
+
+    def hand_over(self, ident: str) -> str:
+        """After a successful migration: forgets the tree on this node without touching its
+        processes or its paging file (which now belongs to the target). Returns the paging dir.
+        Blocking."""
+        tree = self.tree(ident)
+        if tree.state != "released":
+            raise UsageError(f"{ident}: hand_over needs a tree whose memory was released")
+        tree.request_stop()
+        tree.join(10)
+        with self._trees_lock:
+            self.trees.pop(tree.rec.id, None)
+        self._launched.pop(tree.rec.id, None)
+        tree.pf.close()
+        self.store.remove(tree.rec.id)
+        try:
+            self._keeper_call("drop_prefix", f"{tree.rec.id}/")
+        except GfvmError as exc:
+            log.warning("keeper: %s", exc)
+        return tree.rec.paging_dir
+
+    def adopt_restored(self, gfvm_id: str, *, name: str, cmd: list[str], init_pid: int,
+                       host_pids: list[int], mem_limit: int | None = None) -> dict:
+        """Target side of a migration: manage the restored tree `gfvm_id`, whose paging file is
+        already here (local copy). Preconditions: every process in `host_pids` (the tree's
+        processes with memory, host pids) is alive, no other uffd is registered on its ranges
+        (CRIU's lazy-pages uffd has been unregistered), and every page that is not in the paging
+        file is present (served from CRIU's images). For each process a new uffd is injected and
+        registered; pages present now count as dirty, missing ones come from the paging file.
+        Blocking."""
+        if gfvm_id in self.trees:
+            raise UsageError(f"{gfvm_id} is already managed here")
+        paging_dir = f"procs/{gfvm_id}"
+        pf = PagingFile.open(self.backing, paging_dir)
+        cgroup = TreeCgroup.for_tree(self.cluster, self.node, gfvm_id)
+        cgroup.create()
+        rec = TreeRecord(
+            id=gfvm_id, name=name, cmd=list(cmd), node=self.node, created=time.time(),
+            init_pid=init_pid, init_start_time=procfs.start_time(init_pid), adopted=False,
+            paging_dir=paging_dir, cgroup=[str(p) for p in cgroup.paths], log_path="",
+            mem_limit=mem_limit)
+        for pid in [init_pid, *procfs.descendants(init_pid)]:
+            try:
+                cgroup.add(pid)
+            except OSError as exc:
+                log.warning("moving %d into %s: %s", pid, cgroup.paths, exc)
+        tree = ManagedTree(rec, pf, self)
+        tree.start()
+        assert self.tracer is not None
+        try:
+            for pid in host_pids:
+                uffd = inject_while_frozen(self.tracer, pid,
+                                           lambda pid=pid: self.tracer.inject_userfaultfd(pid))
+                tree.call(lambda pid=pid, uffd=uffd: tree.take_back_space(
+                    pid, uffd, procfs.inner_pid(pid), api_done=False))
+            self.store.save(rec)
+        except BaseException:
+            tree.request_stop()
+            tree.join(5)
+            pf.close()
+            raise
+        with self._trees_lock:
+            self.trees[gfvm_id] = tree
+        return self._summary(tree)
 
     def paging_dir(self, ident: str) -> str:
         """The tree's paging-file directory, relative to `self.backing`."""
@@ -530,6 +612,10 @@ class Pager:
             self.trees.pop(tree.rec.id, None)
             self.finished[tree.rec.id] = status
         tree.pf.close()
+        if tree.state == "released":
+            # Dumped for a migration: the paging file is the process's memory now; keep it.
+            self.store.remove(tree.rec.id)
+            return
         self._cleanup_record(tree.rec)
 
     # ------------------------------------------------------------------ status

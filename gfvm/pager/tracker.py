@@ -61,6 +61,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gfvm import native
@@ -629,10 +630,13 @@ class ManagedTree:
             pass
 
     def _forget_space(self, space: AddressSpace, why: str) -> None:
-        """The process exited (or exec'd): its pages are useless, drop everything."""
+        """The process exited (or exec'd): its pages are useless, drop everything. While the tree
+        is released for a migration the paging file is left alone (the process lives on
+        elsewhere; CRIU's dump ends it here)."""
         log.info("tree %s: pid %d (inner %d) %s", self.rec.id, space.host_pid, space.asid, why)
         space.alive = False
-        self.pf.forget(space.asid)
+        if self.state != "released":
+            self.pf.forget(space.asid)
         self._remove_from_loop(space)
         self.spaces.pop(space.asid, None)
         self.by_loop_id.pop(space.loop_id, None)
@@ -644,7 +648,9 @@ class ManagedTree:
 
     def run_tick(self) -> None:
         """One interval: events, new VMAs, scan, page out cold dirty pages, enforce the limit.
-        Runs on the worker (blocking)."""
+        Runs on the worker (blocking). Does nothing while the tree is released for a migration."""
+        if self.state == "released":
+            return
         self.tick += 1
         now = time.monotonic()
         self.tick_times[self.tick] = now
@@ -939,6 +945,53 @@ class ManagedTree:
         self.pf.commit()
         return n
 
+    # ------------------------------------------------------------------ migration hand-off
+
+    def release_memory(self) -> int:
+        """Migration step 5: with the tree frozen and flushed, drops every tracked page from the
+        processes' memory so that CRIU does not dump it: unregisters the uffd ranges and injects
+        madvise(MADV_DONTNEED) over them. Indexed pages are logged RELEASED (the target serves
+        them from the paging file). Tracking stops until `reattach()` (rollback) or the Pager's
+        hand_over(). Refuses while dirty pages remain. Returns the pages dropped. Worker only."""
+        self._drain_events()
+        dirty = self.dirty_pages()
+        if dirty:
+            raise GfvmError(f"{dirty} dirty pages are not in the paging file yet: flush_all first "
+                            "(with the tree frozen)")
+        dropped = 0
+        for space in list(self.spaces.values()):
+            if not space.resolved or not space.alive:
+                continue
+            ranges = sorted(space.registered)
+            present = self._present_pages(space, ranges)
+            entries = self.pf.index.entries(space.asid)
+            missing = [v for v in present if v not in entries and not _zero_page(space, v)]
+            if missing:
+                raise GfvmError(f"pid {space.host_pid}: {len(missing)} written pages are not in the "
+                                "paging file (the tree is not frozen?)")
+            for start, end in ranges:
+                space.uffd.unregister(start, end - start)
+            inject_while_frozen(self.ctx.tracer, space.host_pid,
+                                lambda space=space, ranges=ranges: self.ctx.tracer.inject_madvise(
+                                    space.host_pid, ranges))
+            for start, end in ranges:
+                self.pf.mark_released(space.asid, start >> PAGE_SHIFT, (end - start) >> PAGE_SHIFT)
+            dropped += len(present)
+        self.pf.commit()
+        self.state = "released"
+        return dropped
+
+    def reattach(self) -> None:
+        """Rollback of release_memory (migration failed before the target ran the process):
+        registers the ranges again; missing pages are served from the paging file. Worker only."""
+        if self.state != "released":
+            raise GfvmError("reattach: the tree was not released")
+        for space in list(self.spaces.values()):
+            if space.resolved and _alive(space):
+                space.registered = set()
+                self._register_vmas(space)
+        self.state = "running"
+
     # ------------------------------------------------------------------ life and death
 
     def check_ended(self) -> None:
@@ -997,6 +1050,35 @@ def _child_space(tmp: int, uffd: native.Userfaultfd, cindex: Any, loop_id: int,
     space.resolved = False
     space.alive = True
     return space
+
+
+def inject_while_frozen(tracer: native.Tracer, pid: int, fn: Callable[[], Any]) -> Any:
+    """Runs fn (which injects syscalls into `pid`) with every thread of `pid` held in a ptrace
+    stop. If a cgroup v2 freezer keeps `pid` frozen, it is thawed only while the threads are held
+    and frozen again before they are released, so they never run user code meanwhile (the
+    injector cannot run a syscall in a frozen task). Blocks."""
+    frozen = native.frozen_cgroup(pid)
+    if frozen and not frozen.endswith("cgroup.freeze"):
+        raise GfvmError(f"process {pid} is frozen by the cgroup v1 freezer ({frozen}): thaw it "
+                        "before injecting")
+    with tracer.stopped(pid):
+        if frozen:
+            Path(frozen).write_text("0\n")
+        try:
+            return fn()
+        finally:
+            if frozen:
+                Path(frozen).write_text("1\n")
+
+
+def _zero_page(space: AddressSpace, vpage: int) -> bool:
+    """Whether a present page holds only zeros (never written, e.g. served as zeros)."""
+    buf = bytearray(PAGE_SIZE)
+    try:
+        native.read_pages(space.host_pid, [vpage << PAGE_SHIFT], buf)
+    except OSError:
+        return True
+    return not any(buf)
 
 
 def _runs_to_ranges(vpages: list[int]) -> list[tuple[int, int]]:
