@@ -19,11 +19,10 @@ PAGE = 4096
 
 
 def build_workload(directory: Path) -> Path:
-    """Compiles tests/pager_workload.c into `directory` (blocking, ~0.3 s)."""
-    out = directory / "pager_workload"
-    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", str(out), str(HERE / "pager_workload.c")],
-                   check=True, capture_output=True)
-    return out
+    """Compiles gfvm/pager/workload.c into `directory` (blocking, ~0.3 s)."""
+    from gfvm.pager.workload import build
+
+    return build(directory)
 
 
 class Workload:

@@ -5,6 +5,9 @@ Format (docs/paging-file.md has the full description):
   index     a 64-byte header, then 32-byte records, each with its own CRC-32:
               PUT(asid, vpage, slot, crc)    page `vpage` of address space `asid` is in `slot`,
                                              whose 4096 bytes have CRC-32 `crc`
+              PUTS(asid, n) + payload        n PUTs at once: the header record is followed by
+                                             n vpages (u64), n slots (u64), n CRCs (u32), padded
+                                             to 32 bytes; the header's `c` is the payload's CRC
               DROP(asid, vpage, n)           pages [vpage, vpage+n) are no longer in the file
                                              (munmap / MADV_DONTNEED: the process sees zeros)
               MOVE(asid, from, to, n)        mremap: entries of [from, from+n) now belong at `to`
@@ -35,12 +38,11 @@ other nodes open their own PagingFile. Every method that touches the backing blo
 
 from __future__ import annotations
 
-import heapq
 import json
 import struct
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from gfvm.pager.backing import PAGE_SIZE, BackingFile, PagingBacking
@@ -51,9 +53,9 @@ HEADER = struct.Struct("<8sIIQ36sI")  # magic, version, page size, generation, g
 RECORD = struct.Struct("<BBHIQQII")  # type, flags, reserved, asid, a, b, c, crc
 assert HEADER.size == 64 and RECORD.size == 32
 
-PUT, DROP, MOVE, CLONE, FORGET, RELEASED = 1, 2, 3, 4, 5, 6
+PUT, DROP, MOVE, CLONE, FORGET, RELEASED, PUTS = 1, 2, 3, 4, 5, 6, 7
 RECORD_NAMES = {PUT: "PUT", DROP: "DROP", MOVE: "MOVE", CLONE: "CLONE", FORGET: "FORGET",
-                RELEASED: "RELEASED"}
+                RELEASED: "RELEASED", PUTS: "PUTS"}
 
 #: compact when the log holds more than this many times the live entries (and at least MIN records)
 COMPACT_RATIO = 4
@@ -76,6 +78,19 @@ def _pack_record(rtype: int, asid: int, a: int = 0, b: int = 0, c: int = 0) -> b
     return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
+def _pack_puts(asid: int, vpages: Sequence[int], slots: Sequence[int], crcs: Sequence[int]) -> bytes:
+    """A PUTS record: header + struct-of-arrays payload (no per-page packing work)."""
+    payload = (array("Q", vpages).tobytes() + array("Q", slots).tobytes()
+               + array("I", crcs).tobytes())
+    payload += bytes(-len(payload) % RECORD.size)
+    return _pack_record(PUTS, asid, len(vpages), 0, zlib.crc32(payload) & 0xFFFFFFFF) + payload
+
+
+def _puts_payload_size(n: int) -> int:
+    raw = 20 * n
+    return raw + (-raw % RECORD.size)
+
+
 def _pack_header(gfvm_id: str, generation: int) -> bytes:
     body = HEADER.pack(INDEX_MAGIC, FORMAT_VERSION, PAGE_SIZE, generation,
                        gfvm_id.encode()[:36], 0)[:-4]
@@ -84,13 +99,14 @@ def _pack_header(gfvm_id: str, generation: int) -> bytes:
 
 @dataclass(frozen=True)
 class Record:
-    """One decoded index record (for replay, tests and `dump`)."""
+    """One decoded index record (for replay, tests and `dump`). PUTS carries its arrays."""
 
     rtype: int
     asid: int
     a: int = 0
     b: int = 0
     c: int = 0
+    payload: tuple | None = None
 
     def __str__(self) -> str:
         return f"{RECORD_NAMES.get(self.rtype, self.rtype)}(asid={self.asid}, {self.a}, {self.b}, {self.c})"
@@ -114,10 +130,23 @@ def parse_index(data: bytes) -> tuple[str, int, list[Record], int]:
         raise PagingFileError(f"paging index page size {page_size} != {PAGE_SIZE}")
     records = []
     off = HEADER.size
+    view = memoryview(data)
     while off + RECORD.size <= len(data):
         rtype, _flags, _res, asid, a, b, c, crc = RECORD.unpack_from(data, off)
-        if zlib.crc32(data[off:off + RECORD.size - 4]) & 0xFFFFFFFF != crc or rtype not in RECORD_NAMES:
+        if zlib.crc32(view[off:off + RECORD.size - 4]) & 0xFFFFFFFF != crc or rtype not in RECORD_NAMES:
             break
+        if rtype == PUTS:
+            size = _puts_payload_size(a)
+            body = view[off + RECORD.size:off + RECORD.size + size]
+            if len(body) != size or zlib.crc32(body) & 0xFFFFFFFF != c:
+                break  # torn payload
+            vp, sl, cr = array("Q"), array("Q"), array("I")
+            vp.frombytes(body[:8 * a])
+            sl.frombytes(body[8 * a:16 * a])
+            cr.frombytes(body[16 * a:20 * a])
+            records.append(Record(rtype, asid, a, payload=(vp, sl, cr)))
+            off += RECORD.size + size
+            continue
         records.append(Record(rtype, asid, a, b, c))
         off += RECORD.size
     return raw_id.rstrip(b"\0").decode(errors="replace"), generation, records, off
@@ -172,6 +201,31 @@ class PageIndex:
         rel = self.released.get(asid)
         if rel:
             rel.discard(vpage)
+        return freed
+
+    def put_many(self, asid: int, vpages: Sequence[int], slots: Sequence[int],
+                 crcs: Sequence[int]) -> list[int]:
+        """put() of many pages (the same result, fewer Python calls)."""
+        freed: list[int] = []
+        if not vpages:
+            return freed
+        space = self.spaces.setdefault(asid, {})
+        refs = self.refs
+        top = max(slots)
+        if top >= len(refs):
+            refs.extend([0] * (top + 1 - len(refs)))
+        for v, slot, crc in zip(vpages, slots, crcs):
+            old = space.get(v)
+            refs[slot] += 1
+            space[v] = slot << 32 | crc
+            if old is not None:
+                o = old >> 32
+                refs[o] -= 1
+                if refs[o] == 0:
+                    freed.append(o)
+        rel = self.released.get(asid)
+        if rel:
+            rel.difference_update(vpages)
         return freed
 
     def drop(self, asid: int, vpage: int, npages: int) -> list[int]:
@@ -233,6 +287,9 @@ class PageIndex:
         """Applies one decoded record (replay)."""
         if rec.rtype == PUT:
             return self.put(rec.asid, rec.a, rec.b, rec.c)
+        if rec.rtype == PUTS:
+            assert rec.payload is not None
+            return self.put_many(rec.asid, *rec.payload)
         if rec.rtype == DROP:
             return self.drop(rec.asid, rec.a, rec.b)
         if rec.rtype == MOVE:
@@ -271,8 +328,10 @@ class PagingFile:
         self._log_end = 0  # byte offset where the next record goes
         self._log_records = 0
         self._buffer: list[bytes] = []  # records appended since the last commit
+        self._buffered_entries = 0  # entries (pages of PUTS, other records) in _buffer
         self._nslots = 0  # slots that exist in the pages file (0 .. _nslots-1)
-        self._free: list[int] = []  # heap of reusable slots (no references, not pending)
+        self._free: list[int] = []  # reusable slots (no references, not pending)
+        self._free_sorted = True  # _free is sorted highest first
         self._free_set: set[int] = set()
         self._pending_free: list[int] = []  # unreferenced, reusable after the next commit (I3)
         self._staged: set[int] = set()  # slots handed out by stage(), not yet put or released
@@ -307,7 +366,7 @@ class PagingFile:
         pf.generation = generation
         for rec in records:
             pf.index.apply(rec)
-        pf._log_records = len(records)
+        pf._log_records = sum(r.a if r.rtype == PUTS else 1 for r in records)
         pf._pages = backing.open(pf._rel(PAGES))
         pf._log = backing.open(pf._rel(INDEX))
         if valid_len != len(data):
@@ -316,7 +375,7 @@ class PagingFile:
         pf._log_end = valid_len
         pf._nslots = -(-pf._pages.size() // PAGE_SIZE)
         pf._free = [s for s in range(pf._nslots) if pf.index.slot_refs(s) == 0]
-        heapq.heapify(pf._free)
+        pf._free_sorted = False
         pf._free_set = set(pf._free)
         return pf
 
@@ -361,14 +420,17 @@ class PagingFile:
     # --- writing: stage data, make it durable, then index it ---------------------------------------
 
     def _alloc(self, n: int) -> list[int]:
-        slots = []
-        while self._free and len(slots) < n:
-            s = heapq.heappop(self._free)
-            self._free_set.discard(s)
-            slots.append(s)
-        while len(slots) < n:
-            slots.append(self._nslots)
-            self._nslots += 1
+        """n free slots, lowest first (runs of consecutive slots make large writes)."""
+        if not self._free_sorted:
+            self._free.sort(reverse=True)  # pop() from the end gives the lowest
+            self._free_sorted = True
+        take = min(n, len(self._free))
+        slots = self._free[len(self._free) - take:][::-1]
+        del self._free[len(self._free) - take:]
+        self._free_set.difference_update(slots)
+        if take < n:
+            slots.extend(range(self._nslots, self._nslots + n - take))
+            self._nslots += n - take
         self._staged.update(slots)
         return slots
 
@@ -379,15 +441,26 @@ class PagingFile:
         `crcs` may carry precomputed page checksums. Follow with `sync_pages()` and then `put()`
         (or `release_staged()` for pages that must not be indexed). Blocks.
         """
+        staged, write = self.prepare(asid, vpages, data, crcs)
+        write()
+        return staged
+
+    def prepare(self, asid: int, vpages: Sequence[int], data: memoryview,
+                crcs: Sequence[int] | None = None) -> tuple[StagedPages, Callable[[], None]]:
+        """stage() in two halves: allocates slots and checksums now, returns the write as a
+        callable that may run on another thread (it only writes the pages file; `data` must stay
+        untouched until it has returned). Call sync_pages() after every write has returned."""
         n = len(vpages)
         if len(data) != n * PAGE_SIZE:
             raise ValueError("stage: data is not len(vpages) pages")
         if crcs is None:
-            crcs = [page_crc(data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(n)]
+            crc32 = zlib.crc32
+            crcs = [crc32(data[i:i + PAGE_SIZE]) for i in range(0, n * PAGE_SIZE, PAGE_SIZE)]
         slots = self._alloc(n)
-        assert self._pages is not None
-        self._pages.write_pages([s * PAGE_SIZE for s in slots], data)
-        return StagedPages(asid, list(vpages), slots, list(crcs))
+        pages = self._pages
+        assert pages is not None
+        offsets = [s * PAGE_SIZE for s in slots]
+        return StagedPages(asid, list(vpages), slots, list(crcs)), lambda: pages.write_pages(offsets, data)
 
     def sync_pages(self) -> None:
         """fsync of the pages file: everything staged so far is durable (I1). Blocks."""
@@ -397,14 +470,20 @@ class PagingFile:
     def put(self, staged: StagedPages, accepted: Iterable[int] | None = None) -> None:
         """Indexes staged pages (all, or only positions in `accepted`); the others' slots are
         released. Call only after `sync_pages()`. In memory until `commit()`."""
-        keep = range(len(staged.vpages)) if accepted is None else set(accepted)
-        for i, (vpage, slot, crc) in enumerate(zip(staged.vpages, staged.slots, staged.crcs)):
-            self._staged.discard(slot)
-            if i in keep:
-                self._buffer.append(_pack_record(PUT, staged.asid, vpage, slot, crc))
-                self._pending_free += self.index.put(staged.asid, vpage, slot, crc)
-            else:
-                self._pending_free.append(slot)
+        n = len(staged.vpages)
+        keep = range(n) if accepted is None else sorted(set(accepted))
+        self._staged.difference_update(staged.slots)
+        if len(keep) == n:
+            vpages, slots, crcs = staged.vpages, staged.slots, staged.crcs
+        else:
+            vpages = [staged.vpages[i] for i in keep]
+            slots = [staged.slots[i] for i in keep]
+            crcs = [staged.crcs[i] for i in keep]
+            kept = set(slots)
+            self._pending_free += [s for s in staged.slots if s not in kept]
+        if vpages:
+            self._append(_pack_puts(staged.asid, vpages, slots, crcs), len(vpages))
+            self._pending_free += self.index.put_many(staged.asid, vpages, slots, crcs)
 
     def release_staged(self, staged: StagedPages) -> None:
         """Gives back the slots of staged pages that will not be indexed."""
@@ -412,28 +491,32 @@ class PagingFile:
 
     def drop(self, asid: int, vpage: int, npages: int) -> None:
         """Pages [vpage, vpage+npages) of asid are no longer in the file (munmap, DONTNEED)."""
-        self._buffer.append(_pack_record(DROP, asid, vpage, npages))
+        self._append(_pack_record(DROP, asid, vpage, npages))
         self._pending_free += self.index.drop(asid, vpage, npages)
 
     def move(self, asid: int, src: int, dst: int, npages: int) -> None:
         """mremap: the entries of [src, src+npages) now belong at dst."""
-        self._buffer.append(_pack_record(MOVE, asid, src, dst, npages))
+        self._append(_pack_record(MOVE, asid, src, dst, npages))
         self._pending_free += self.index.move(asid, src, dst, npages)
 
     def clone(self, parent: int, child: int) -> None:
         """fork: the child's entries become a copy of the parent's."""
-        self._buffer.append(_pack_record(CLONE, parent, child))
+        self._append(_pack_record(CLONE, parent, child))
         self._pending_free += self.index.clone(parent, child)
 
     def forget(self, asid: int) -> None:
         """exec or exit: drops every entry of the address space."""
-        self._buffer.append(_pack_record(FORGET, asid))
+        self._append(_pack_record(FORGET, asid))
         self._pending_free += self.index.forget(asid)
 
     def mark_released(self, asid: int, vpage: int, npages: int) -> None:
         """Records that the pager dropped these indexed pages from the process's memory."""
-        self._buffer.append(_pack_record(RELEASED, asid, vpage, npages))
+        self._append(_pack_record(RELEASED, asid, vpage, npages))
         self.index.mark_released(asid, vpage, npages)
+
+    def _append(self, record: bytes, entries: int = 1) -> None:
+        self._buffer.append(record)
+        self._buffered_entries += entries
 
     @property
     def uncommitted(self) -> int:
@@ -449,20 +532,26 @@ class PagingFile:
             self._log.pwrite(blob, self._log_end)
             self._log.fsync()
             self._log_end += len(blob)
-            self._log_records += len(self._buffer)
+            self._log_records += self._buffered_entries
             self._buffer = []
+            self._buffered_entries = 0
         self._free_pending()
         live = self.index.live_entries()
         if self._log_records > max(COMPACT_MIN_RECORDS, COMPACT_RATIO * live):
             self.compact()
 
     def _free_pending(self) -> None:
-        for s in self._pending_free:
-            # A slot may have been referenced again by a later put in the same batch (clone+put):
-            # free it only if nothing points at it now.
-            if self.index.slot_refs(s) == 0 and s not in self._free_set and s not in self._staged:
-                heapq.heappush(self._free, s)
-                self._free_set.add(s)
+        refs = self.index.refs
+        nrefs = len(refs)
+        # A slot may have been referenced again by a later put in the same batch (clone+put):
+        # free it only if nothing points at it now.
+        fresh = {s for s in self._pending_free if (s >= nrefs or refs[s] == 0)}
+        fresh -= self._free_set
+        fresh -= self._staged
+        if fresh:
+            self._free.extend(fresh)
+            self._free_set |= fresh
+            self._free_sorted = False
         self._pending_free = []
 
     def compact(self) -> None:
@@ -472,7 +561,11 @@ class PagingFile:
         self.generation += 1
         parts = [_pack_header(self.gfvm_id, self.generation)]
         for asid, space in sorted(self.index.spaces.items()):
-            parts.extend(_pack_record(PUT, asid, v, p >> 32, p & 0xFFFFFFFF) for v, p in space.items())
+            items = sorted(space.items())
+            for i in range(0, len(items), 65536):
+                chunk = items[i:i + 65536]
+                parts.append(_pack_puts(asid, [v for v, _ in chunk], [p >> 32 for _, p in chunk],
+                                        [p & 0xFFFFFFFF for _, p in chunk]))
             for start, n in _runs(sorted(self.index.released.get(asid, ()))):
                 parts.append(_pack_record(RELEASED, asid, start, n))
         blob = b"".join(parts)
@@ -481,7 +574,7 @@ class PagingFile:
         self.backing.replace(self._rel(INDEX), blob)
         self._log = self.backing.open(self._rel(INDEX))
         self._log_end = len(blob)
-        self._log_records = (len(blob) - HEADER.size) // RECORD.size
+        self._log_records = self.index.live_entries()
 
     # --- statistics ---
     def stats(self) -> dict:

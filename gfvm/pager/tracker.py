@@ -10,18 +10,24 @@ Threads: the worker thread is the only one that touches the tree's state. Other 
 trio.to_thread, the Pager) call `ManagedTree.call(fn)`, which runs fn on the worker and waits.
 ptrace goes through the pager-wide native.Tracer (its own thread).
 
-Dirty tracking, per tick (every `interval` seconds):
+Dirty tracking: the kernel keeps a "written" bit per page (WP_ASYNC: a write to a protected page
+unprotects it, nothing stops); the pager protects pages only when it needs to know whether they are
+written again, because each protection costs the process one write fault (~1 us) and a TLB flush.
+Per tick (every `interval` seconds):
   1. events from the fault loop are applied (see `_on_event`);
   2. /proc/PID/maps is re-read and new private anonymous VMAs are registered MISSING|WP (pages
-     present in a VMA that was just registered have no write-protect bit, so the next scan reports
-     them as written: a late registration never loses a page);
-  3. PAGEMAP_SCAN reports the pages written since the previous scan and write-protects them again
-     atomically. `dirty[vpage]` = the tick the page was first written since its last flush;
-  4. pages dirty but not written in this latest interval are "cold dirty" and are paged out; hot
-     pages (written again) wait, but no longer than `hot_bound` seconds.
-Paging out: read the pages with process_vm_readv (after the scan that re-protected them, so a write
-racing with the read marks them dirty again), write them to fresh slots, fsync, then index them:
-in the C index of the fault loop and in the paging file's log (committed = fsynced).
+     present in a VMA that was just registered are unprotected, so they count as written: a late
+     registration never loses a page);
+  3. a read-only PAGEMAP_SCAN of the registered VMAs gives W, the present pages written since
+     they were last protected. `dirty[vpage]` = the tick a page was first seen dirty;
+  4. a newly dirty page is *probed*: protected now; if it is not in W at the next tick it is
+     "cold dirty" and is paged out; if it was written again it is "hot" and waits, but no longer
+     than `hot_bound` seconds after it was first seen dirty: then it is protected and paged out.
+     A dirty page that is not in W (we protected it and its flush did not go through) is paged
+     out at once. So a page written all the time costs two protections per `hot_bound`.
+Paging out: read the pages with process_vm_readv after they were protected (a write racing with the
+read makes them written, hence dirty, again), write them to fresh slots, fsync, then index them: in
+the C index of the fault loop and in the paging file's log (committed = fsynced).
 
 The invariant that makes this safe against the process's own munmap / mremap / MADV_DONTNEED
 (the fault loop applies those to its C index the moment it reads them): a page whose flush was in
@@ -52,6 +58,7 @@ Exit: the fault loop reports it (pidfd); the address space is forgotten.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import logging
 import os
@@ -98,6 +105,7 @@ class Counters:
     evictions: int = 0
     rejected_pages: int = 0  #: flushed pages not indexed because an event raced with them
     scans: int = 0
+    protections: int = 0  #: pages write-protected (each costs the process a fault if rewritten)
     last_scan_s: float = 0.0
     last_flush_s: float = 0.0
 
@@ -117,11 +125,53 @@ class AddressSpace:
         self.pagemap_fd = -1
         self.registered: set[tuple[int, int]] = set()  # VMA ranges registered MISSING|WP
         self.unregistrable: set[tuple[int, int]] = set()  # VMAs the kernel refused (logged once)
-        self.dirty: dict[int, int] = {}  # vpage -> tick it was first written since its last flush
-        self.hot: set[int] = set()  # vpages written in the latest interval
+        self.dirty: dict[int, int] = {}  # vpage -> tick it was first seen dirty
+        self.buckets: dict[int, set[int]] = {}  # tick -> vpages first seen dirty then (lazy:
+        #                                         a member may have been cleaned or re-dirtied)
+        self.probe: dict[int, int] = {}  # dirty vpage -> tick it was protected, or -1: found hot
+        self.hot: set[int] = set()  # W: present pages written (unprotected) at the latest scan
         self.removed_since_flush = False  # a REMOVE/UNMAP happened: check presence at flush
         self.resolved = asid < TMP_ASID_BASE
         self.alive = True
+
+    def add_dirty(self, pages: set[int], tick: int) -> None:
+        """Pages newly seen dirty at `tick` (those already dirty keep their first tick)."""
+        new = pages - self.dirty.keys()
+        if new:
+            self.dirty.update(dict.fromkeys(new, tick))
+            self.buckets.setdefault(tick, set()).update(new)
+
+    def set_dirty(self, vpage: int, tick: int) -> None:
+        self.dirty[vpage] = tick
+        self.buckets.setdefault(tick, set()).add(vpage)
+
+    def clean(self, vpage: int) -> None:
+        self.dirty.pop(vpage, None)
+        self.probe.pop(vpage, None)
+
+    def _live(self, tick: int) -> set[int]:
+        live = {v for v in self.buckets[tick] if self.dirty.get(v) == tick}
+        if live:
+            self.buckets[tick] = live
+        else:
+            del self.buckets[tick]
+        return live
+
+    def oldest_tick(self) -> int | None:
+        """The first tick of the oldest page that is dirty now."""
+        for tick in sorted(self.buckets):
+            bucket = self.buckets[tick]
+            if any(self.dirty.get(v) == tick for v in bucket):
+                return tick
+            del self.buckets[tick]
+        return None
+
+    def due(self, upto_tick: int) -> set[int]:
+        """Dirty pages first seen at or before `upto_tick`."""
+        out: set[int] = set()
+        for tick in [t for t in self.buckets if t <= upto_tick]:
+            out |= self._live(tick)
+        return out
 
     def open_fds(self) -> None:
         self.pidfd = native.pidfd_open(self.host_pid)
@@ -185,6 +235,7 @@ class ManagedTree:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_lock = threading.Lock()
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"gfvm-write-{rec.id}")
         self._thread: threading.Thread | None = None
         self._stop = False
         self._tmp_next = 0
@@ -396,9 +447,7 @@ class ManagedTree:
         for region in native.scan_present(space.pagemap_fd, 0, USER_END):
             present.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
         tracked = [(b >> PAGE_SHIFT, e >> PAGE_SHIFT) for b, e in space.registered]
-        for v in present:
-            if any(b <= v < e for b, e in tracked):
-                space.dirty.setdefault(v, self.tick)
+        space.add_dirty({v for v in present if any(b <= v < e for b, e in tracked)}, self.tick)
         released = self.pf.index.released.get(asid, set())
         stale = [v for v in self.pf.index.entries(asid) if v not in present and v not in released]
         for v in stale:
@@ -516,11 +565,13 @@ class ManagedTree:
             npages = (ev.end - ev.start) >> PAGE_SHIFT
             src, dst = ev.start >> PAGE_SHIFT, ev.to >> PAGE_SHIFT
             self.pf.move(space.asid, src, dst, npages)
-            moved = {v: t for v, t in space.dirty.items() if src <= v < src + npages}
+            # The kernel moves the pages' protection with them; our dirty/probe state follows.
+            moved = {v: space.dirty.pop(v) for v in [v for v in space.dirty if src <= v < src + npages]}
             for v, t in moved.items():
-                space.dirty[v - src + dst] = t
-                if v not in space.hot:  # written in the latest scan: may be the old or new VMA
-                    del space.dirty[v]
+                space.set_dirty(v - src + dst, t)
+            probed = {v: space.probe.pop(v) for v in [v for v in space.probe if src <= v < src + npages]}
+            for v, t in probed.items():
+                space.probe[v - src + dst] = t
             space.registered = {r for r in space.registered if r[1] <= ev.start or r[0] >= ev.end}
         elif ev.kind == "fault":
             # The loop defers nothing in our configuration; a deferred fault would wait forever.
@@ -668,12 +719,16 @@ class ManagedTree:
         self._drain_events()
         for space in list(self.spaces.values()):
             if space.resolved and space.alive:
-                self._flush_space(space, self._flush_candidates(space))
+                try:
+                    self._flush_space(space, self._flush_candidates(space))
+                except ProcessLookupError:
+                    self._forget_space(space, "exited")
         self.pf.commit()
         if self.rec.mem_limit:
             self._enforce_limit()
         self._check_tree_alive()
-        first = min((t for sp in self.spaces.values() for t in sp.dirty.values()), default=self.tick)
+        first = min((t for sp in self.spaces.values() if (t := sp.oldest_tick()) is not None),
+                    default=self.tick)
         for t in [t for t in self.tick_times if t < first]:
             del self.tick_times[t]
         if self.state == "starting":
@@ -701,26 +756,49 @@ class ManagedTree:
         self.attach_space(host_pid, uffd, asid=asid)
 
     def _scan(self, space: AddressSpace) -> None:
+        """W := present pages written since last protected (read-only scan); new ones are dirty."""
         t0 = time.monotonic()
-        written = native.scan_written(space.pagemap_fd, 0, USER_END, reprotect=True,
-                                      check_wpasync=False,
-                                      return_mask=native.PAGE_IS_WRITTEN | native.PAGE_IS_PRESENT)
-        hot: set[int] = set()
-        for region in written:
-            # An unpopulated page (never written, or emptied by MADV_DONTNEED) reads as WRITTEN
-            # until the scan protects it (measured here): it holds nothing to page out.
-            if region.categories & native.PAGE_IS_PRESENT:
-                hot.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
-        for v in hot:
-            space.dirty.setdefault(v, self.tick)
-        space.hot = hot
+        written: set[int] = set()
+        for start, end in sorted(space.registered):
+            for region in native.scan_written(
+                    space.pagemap_fd, start, end, reprotect=False, check_wpasync=False,
+                    return_mask=native.PAGE_IS_WRITTEN | native.PAGE_IS_PRESENT):
+                # An unpopulated page (never touched, or emptied by MADV_DONTNEED) reads as
+                # WRITTEN until it is protected (measured here): it holds nothing to page out.
+                if region.categories & native.PAGE_IS_PRESENT:
+                    written.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
+        space.add_dirty(written, self.tick)
+        space.hot = written
         self.counters.scans += 1
         self.counters.last_scan_s = time.monotonic() - t0
 
+    def _protect(self, space: AddressSpace, vpages: list[int]) -> None:
+        """Write-protects the pages (runs); a later write makes them written again. A range that
+        vanished meanwhile is skipped (the scan walks only what is mapped and registered)."""
+        for start, end in _runs_to_ranges(sorted(vpages)):
+            native.scan_written(space.pagemap_fd, start, end, reprotect=True, check_wpasync=False)
+        self.counters.protections += len(vpages)
+
     def _flush_candidates(self, space: AddressSpace) -> list[int]:
+        """Probes new dirty pages, judges probed ones, and returns the (protected) pages to page
+        out now: cold ones and those dirty for longer than the hot bound (see module header).
+        Set operations only: this runs every tick over every dirty page."""
         bound_ticks = max(1, round(self.settings.hot_bound / self.settings.interval))
-        return sorted(v for v, t in space.dirty.items()
-                      if v not in space.hot or self.tick - t >= bound_ticks)
+        written = space.hot
+        probe = space.probe
+        probed = {v for v, st in probe.items() if st >= 0}
+        hot = probed & written
+        probe.update(dict.fromkeys(hot, -1))  # written again since the probe
+        cold = probed - written
+        unprobed = space.dirty.keys() - probe.keys()
+        to_probe = unprobed & written
+        leftover = unprobed - written  # protected by us and not written since (flush failed)
+        forced = space.due(self.tick - bound_ticks) & written
+        to_probe -= forced
+        if to_probe or forced:
+            self._protect(space, list(to_probe | forced))
+        probe.update(dict.fromkeys(to_probe, self.tick))
+        return sorted(cold | leftover | forced)
 
     # ------------------------------------------------------------------ paging out
 
@@ -740,12 +818,25 @@ class ManagedTree:
         self._racing = []
         staged_all: list[StagedPages] = []
         batch = self.settings.batch_pages
-        buf = bytearray(min(batch, len(vpages)) * PAGE_SIZE)
-        for i in range(0, len(vpages), batch):
-            chunk = vpages[i:i + batch]
-            ok, data = self._read_pages(space, chunk, buf)
-            if ok:
-                staged_all.append(self.pf.stage(space.asid, ok, data))
+        # Double buffering: the writer thread writes batch i while this thread reads and
+        # checksums batch i+1 (pwritev releases the GIL).
+        bufs = [bytearray(min(batch, len(vpages)) * PAGE_SIZE) for _ in range(2)]
+        writes: list[Any] = [None, None]
+        try:
+            for n, i in enumerate(range(0, len(vpages), batch)):
+                b = n % 2
+                if writes[b] is not None:
+                    writes[b].result()
+                    writes[b] = None
+                ok, data = self._read_pages(space, vpages[i:i + batch], bufs[b])
+                if ok:
+                    staged, write = self.pf.prepare(space.asid, ok, data)
+                    staged_all.append(staged)
+                    writes[b] = self._writer.submit(write)
+        finally:
+            for w in writes:
+                if w is not None:
+                    w.result()
         if not staged_all:
             return result
         self.pf.sync_pages()
@@ -771,7 +862,7 @@ class ManagedTree:
         keep = [v for v in vpages if v in present]
         for v in vpages:
             if v not in present:
-                space.dirty.pop(v, None)
+                space.clean(v)
         return keep
 
     def _read_pages(self, space: AddressSpace, vpages: list[int], buf: bytearray
@@ -795,7 +886,7 @@ class ManagedTree:
             ok += todo[:n]
             pos += n
             if n < len(todo):  # todo[n] cannot be read: unmapped since the scan
-                space.dirty.pop(todo[n], None)
+                space.clean(todo[n])
                 todo = todo[n + 1:]
             else:
                 todo = []
@@ -819,11 +910,8 @@ class ManagedTree:
             accepted = [i for i, v in enumerate(staged.vpages) if v not in raced]
         self.pf.put(staged, accepted)
         vpages = [staged.vpages[i] for i in accepted]
-        for v in vpages:
-            if v not in space.hot:
-                space.dirty.pop(v, None)
-            else:
-                space.dirty[v] = self.tick  # written again in this interval: dirty from now
+        for v in vpages:  # written after its protection? then the next scan sees it again
+            space.clean(v)
         return vpages
 
     def _drain_events_only(self) -> None:
@@ -854,7 +942,7 @@ class ManagedTree:
             try:
                 self._register_vmas(space)
                 self._scan(space)
-                space.hot = set()  # everything dirty goes, hot or not
+                self._protect(space, list(space.hot))
                 r = self._flush_space(space, sorted(space.dirty))
             except ProcessLookupError:
                 self._forget_space(space, "exited")
@@ -871,7 +959,8 @@ class ManagedTree:
 
     def flush_lag(self) -> float | None:
         """Seconds since the oldest page that is dirty now was first written (None: clean)."""
-        first = min((t for sp in self.spaces.values() for t in sp.dirty.values()), default=None)
+        first = min((t for sp in self.spaces.values() if (t := sp.oldest_tick()) is not None),
+                    default=None)
         if first is None:
             return None
         return time.monotonic() - self.tick_times.get(first, time.monotonic())
@@ -905,6 +994,18 @@ class ManagedTree:
         self.limit_note = None if evicted >= want else (
             f"over the memory limit: evicted {evicted} of {want} pages (rss {rss >> 20} MiB, "
             f"limit {limit >> 20} MiB); the rest is dirty or untracked for now")
+
+    def evict(self, max_pages: int | None = None) -> int:
+        """Drops up to `max_pages` (default: all) clean pages that are in the paging file from
+        the processes' memory, now; they come back on fault. Returns the number dropped. Worker."""
+        total = 0
+        for space in list(self.spaces.values()):
+            if space.resolved and space.alive:
+                want = (max_pages - total) if max_pages is not None else 1 << 40
+                if want <= 0:
+                    break
+                total += self._evict(space, want)
+        return total
 
     def _present_pages(self, space: AddressSpace, ranges: Iterable[tuple[int, int]]) -> set[int]:
         present: set[int] = set()
@@ -1015,6 +1116,7 @@ class ManagedTree:
     def _shutdown(self) -> None:
         """Stops the fault loop and closes our fds (the keeper's copies keep the uffds alive
         unless the tree ended)."""
+        self._writer.shutdown(wait=True)
         try:
             self.loop.close()
         except Exception:  # noqa: BLE001
@@ -1045,6 +1147,8 @@ def _child_space(tmp: int, uffd: native.Userfaultfd, cindex: Any, loop_id: int,
     space.registered = set(parent.registered)
     space.unregistrable = set(parent.unregistrable)
     space.dirty = dict(parent.dirty)  # the child's memory is the parent's: same pages unflushed
+    space.buckets = {t: set(b) for t, b in parent.buckets.items()}
+    space.probe = dict(parent.probe)
     space.hot = set(parent.hot)
     space.removed_since_flush = parent.removed_since_flush
     space.resolved = False

@@ -1,4 +1,4 @@
-/* Workload for tests/test_pager_*.py and `gfvm bench pager`: a process that writes known patterns
+/* Workload for tests/test_pager_*.py and `gfvm bench pager` (gfvm/bench/pager.py): a process that writes known patterns
  * into its memory and checks them itself.
  *
  * Usage: pager_workload SOCKET NPAGES
@@ -19,9 +19,12 @@
  *   threads N ROUNDS          -> N threads each rewrite their slice ROUNDS times and verify -> "ok"
  *   heap MB GEN               -> malloc MB MiB, fill it, keep it (verified by verify) -> "ok"
  *   writeloop MS              -> rewrite random pages for MS ms                 -> "ok <pages written>"
- *   bench MS                  -> write 8 bytes per 64 on random pages for MS ms -> "ok <bytes/s>"
- *   touch ORDER               -> read one word of every page (ORDER seq|random), timing each page:
- *                                "ok <total us> <p50 ns> <p99 ns>" (faults included)
+ *   fillloop MS [MBPS]        -> rewrite the whole region sequentially, pass after pass, for MS ms,
+ *                                at most MBPS MB/s (0: as fast as it can) -> "ok <MB written>"
+ *   bench MS                  -> write 8 bytes per 64 on random pages for MS ms
+ *                                -> "ok <bytes/s of wall time> <bytes/s of this process's CPU time>"
+ *   touch ORDER [write]       -> read (or write) one word of every page (ORDER seq|random),
+ *                                timing each page: "ok <total us> <p50 ns> <p99 ns>" (faults included)
  *   exec PATH ARGS...         -> execv(PATH, ARGS) (the connection is lost)
  *   exit CODE                 -> exits
  * Generation 0 means "zero page". */
@@ -90,6 +93,13 @@ static double now_s(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
@@ -324,8 +334,26 @@ static void serve(void)
                 g++;
             }
             fprintf(out, "ok %ld\n", written);
-        } else if (!strcmp(cmd, "bench")) {
+        } else if (!strcmp(cmd, "fillloop")) {
             double t0 = now_s(), end = t0 + a / 1000.0;
+            long pages = 0;
+            static int g = 20000;
+            while (now_s() < end) {
+                g++;
+                for (long p = 0; p < npages && now_s() < end; p++) {
+                    if (gen[p] == GONE)
+                        continue;
+                    fill_page(region, p, g);
+                    gen[p] = g;
+                    pages++;
+                    if (b > 0 && (pages & 63) == 0)
+                        while (now_s() < end && pages * (double)PAGE / (now_s() - t0) > b * 1e6)
+                            ;
+                }
+            }
+            fprintf(out, "ok %.0f\n", pages * (double)PAGE / 1e6);
+        } else if (!strcmp(cmd, "bench")) {
+            double t0 = now_s(), end = t0 + a / 1000.0, c0 = cpu_s();
             uint64_t bytes = 0;
             while (now_s() < end) {
                 for (int i = 0; i < 4096; i++) {
@@ -336,9 +364,10 @@ static void serve(void)
                     bytes += PAGE / 8;
                 }
             }
-            fprintf(out, "ok %.0f\n", bytes / (now_s() - t0));
+            fprintf(out, "ok %.0f %.0f\n", bytes / (now_s() - t0), bytes / (cpu_s() - c0));
         } else if (!strcmp(cmd, "touch")) {
             int random_order = strstr(line, "random") != NULL;
+            int do_write = strstr(line, "write") != NULL;
             uint64_t *lat = malloc(npages * sizeof(uint64_t));
             long *order = malloc(npages * sizeof(long));
             for (long p = 0; p < npages; p++)
@@ -353,7 +382,10 @@ static void serve(void)
             uint64_t t0 = now_ns();
             for (long i = 0; i < npages; i++) {
                 uint64_t s = now_ns();
-                sink += *(volatile uint64_t *)(region + order[i] * PAGE);
+                if (do_write)
+                    *(volatile uint64_t *)(region + order[i] * PAGE) = i;
+                else
+                    sink += *(volatile uint64_t *)(region + order[i] * PAGE);
                 lat[i] = now_ns() - s;
             }
             uint64_t total = now_ns() - t0;
