@@ -141,6 +141,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def is_exiting(pid: int) -> bool:
+    """PF_EXITING: the process is tearing itself down (its memory may already be gone)."""
+    try:
+        flags = int(_open_proc(pid, "stat").rsplit(")", 1)[1].split()[6])
+    except (IndexError, ValueError, ProcessLookupError):
+        return True
+    return bool(flags & 0x00000004)
+
+
 def is_kernel_thread(pid: int) -> bool:
     """Kernel threads have no mm: their /proc/PID/maps is empty and PF_KTHREAD is set."""
     try:

@@ -735,12 +735,15 @@ class ManagedTree:
             self.state = "running"
 
     def _check_exec(self, space: AddressSpace) -> None:
+        """Raises ProcessLookupError when the process is gone or exiting; re-attaches it when
+        it exec'd (its old mm is gone while it lives on with a new one)."""
         if procfs.start_time(space.host_pid) != space.start_time:
             raise ProcessLookupError(space.host_pid)
         try:
             native.scan_written(space.pagemap_fd, 0, PAGE_SIZE, reprotect=False, check_wpasync=False)
         except OSError as exc:
-            if exc.errno != errno.ESRCH or not _alive(space):
+            # An exiting process drops its mm before it becomes a zombie: not an exec.
+            if exc.errno != errno.ESRCH or not _alive(space) or procfs.is_exiting(space.host_pid):
                 raise ProcessLookupError(space.host_pid) from None
             self._on_exec(space)
 
@@ -750,6 +753,8 @@ class ManagedTree:
         self._forget_space(space, "exec'd a new program")
         try:
             uffd = self.ctx.tracer.inject_userfaultfd(host_pid)
+        except ProcessLookupError:
+            return  # it exited meanwhile
         except OSError as exc:
             self._error(f"pid {host_pid} exec'd and could not be re-attached: {exc}")
             return
@@ -943,6 +948,8 @@ class ManagedTree:
                 self._register_vmas(space)
                 self._scan(space)
                 self._protect(space, list(space.hot))
+                space.hot = set()  # everything is protected now
+                space.probe.clear()
                 r = self._flush_space(space, sorted(space.dirty))
             except ProcessLookupError:
                 self._forget_space(space, "exited")
