@@ -178,3 +178,90 @@ def test_gfvmd_killed_blocks_then_takes_back(node, workload_bin, tmp_path):
         assert conn.cmd("verify") == "ok 8192"
     finally:
         wl.close()
+
+
+def _keeper_pid(cluster) -> int | None:
+    """The keeper of node n1 (None if there is none): found among the processes of the node's
+    own network namespace, never by name alone."""
+    from gfvm.cluster import sysutil
+
+    netns = sysutil.ns_inode(cluster.node("n1").netns_path)
+    for pid in sysutil.pids_in_netns(netns):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"gfvm.pager.keeper" in f.read():
+                    return pid
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def test_process_killed_mid_fault_leaves_daemon_serving(node, workload_bin, tmp_path):
+    wl = Workload(workload_bin, tmp_path, 8192)
+    try:
+        gfvm_id = gfvm(node, "run", "--mem-limit", "8M", "--", *wl.argv()).stdout.strip()
+        conn = wl.accept()
+        conn.cmd("fill 0 8192 3")
+        wait_for(lambda: status(node, gfvm_id)["rss"] <= 8 * MiB, timeout=30, what="eviction")
+        pid = status(node, gfvm_id)["pid"]
+        conn.send("verify")  # faults pages back in from the paging file...
+        time.sleep(0.005)
+        os.kill(pid, signal.SIGKILL)  # ... and dies while they are being served
+        wait_for(lambda: status(node, gfvm_id)["state"].startswith(("exited", "killed")),
+                 what="the death to be noticed")
+        wl2 = Workload(workload_bin, tmp_path, 64)
+        try:
+            gfvm(node, "run", "--", *wl2.argv())
+            assert wl2.accept().cmd("fill 0 64 1") == "ok"
+        finally:
+            wl2.close()
+    finally:
+        wl.close()
+
+
+def test_keeper_killed_is_replaced_and_still_protects(node, workload_bin, tmp_path):
+    wl = Workload(workload_bin, tmp_path, 8192)
+    try:
+        gfvm_id = gfvm(node, "run", "--mem-limit", "16M", "--", *wl.argv()).stdout.strip()
+        conn = wl.accept()
+        conn.cmd("fill 0 8192 5")
+        wait_for(lambda: status(node, gfvm_id)["rss"] <= 16 * MiB, timeout=30, what="eviction")
+        old = _keeper_pid(node)
+        assert old
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: _keeper_pid(node) not in (None, old), timeout=10, what="a new keeper")
+        time.sleep(0.5)  # the trees give it their uffds (posted jobs)
+        node.stop_daemon("n1", signal.SIGKILL)
+        conn.send("verify")
+        readable, _, _ = select.select([conn.sock], [], [], 1.5)
+        assert not readable  # the new keeper's copies keep the registrations: the process waits
+        node.start_daemon("n1")
+        node.wait_daemon("n1")
+        assert conn.f.readline().strip() == "ok 8192"
+    finally:
+        wl.close()
+
+
+def test_fork_while_gfvmd_is_down(node, workload_bin, tmp_path):
+    wl = Workload(workload_bin, tmp_path, 1024)
+    try:
+        gfvm_id = gfvm(node, "run", "--", *wl.argv()).stdout.strip()
+        conn = wl.accept()
+        conn.cmd("fill 0 1024 6")
+        gfvm(node, "flush", gfvm_id)
+        node.stop_daemon("n1", signal.SIGKILL)
+        conn.send("forkstay")
+        readable, _, _ = select.select([conn.sock], [], [], 1.0)
+        assert not readable  # fork() waits until someone reads the uffd's fork event
+        node.start_daemon("n1")
+        node.wait_daemon("n1")
+        answer = conn.f.readline().strip()
+        assert answer.startswith("ok")
+        child = wl.accept()
+        wait_for(lambda: len(status(node, gfvm_id)["spaces"]) == 2, what="the child to be tracked")
+        child.cmd("random 100 7 7")
+        assert child.cmd("verify") == "ok 1024" and conn.cmd("verify") == "ok 1024"
+        flushed = json.loads(gfvm(node, "flush", gfvm_id, "--json").stdout)
+        assert flushed["rejected"] == 0
+    finally:
+        wl.close()

@@ -101,6 +101,7 @@ class Pager:
         self._trees_lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(8)
         self._launched: dict[str, subprocess.Popen] = {}
+        self._keeper_checked = 0.0
 
     # ------------------------------------------------------------------ component protocol
 
@@ -131,8 +132,16 @@ class Pager:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     def housekeeping(self) -> None:
-        """Notices trees that ended: reaps launched trees, records their exit status, cleans up.
-        Blocks briefly; gfvmd calls it every 0.2 s."""
+        """Notices trees that ended: reaps launched trees, records their exit status, cleans up;
+        and checks about once a second that the keeper is alive (a new keeper gets every uffd
+        again). Blocks briefly; gfvmd calls it every 0.2 s."""
+        now = time.monotonic()
+        if self.trees and now - self._keeper_checked > 1.0:
+            self._keeper_checked = now
+            try:
+                self._keeper_call("ping")
+            except GfvmError as exc:
+                log.error("keeper: %s", exc)
         for gfvm_id, tree in list(self.trees.items()):
             try:
                 popen = self._launched.get(gfvm_id)
