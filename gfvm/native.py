@@ -31,9 +31,9 @@ import functools
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple, Self
 
 try:
     from gfvm._native import ffi, lib
@@ -76,7 +76,7 @@ def _writable_buffer(buf: Any, need: int, what: str) -> Any:
 
 
 def probe_uffd_features() -> int:
-    """Every userfaultfd feature bit the running kernel offers. Raises OSError if uffd is unusable."""
+    """Every userfaultfd feature bit the running kernel offers; OSError if uffd is unusable."""
     features = ffi.new("uint64_t *")
     check(lib.gfvm_probe_uffd_features(features), "userfaultfd")
     return int(features[0])
@@ -250,7 +250,12 @@ class Userfaultfd:
         """Another fd for the same uffd (e.g. for a keeper process)."""
         return Userfaultfd(os.dup(self.fileno()))
 
-    def __enter__(self) -> Userfaultfd:
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -268,33 +273,51 @@ class Userfaultfd:
         check(lib.gfvm_uffd_api(self.fileno(), features, granted, ioctls), "UFFDIO_API")
         return UffdApi(int(granted[0]), int(ioctls[0]))
 
-    def register(self, start: int, length: int, *, missing: bool = True, wp: bool = False,
-                 minor: bool = False) -> int:
+    def register(
+        self,
+        start: int,
+        length: int,
+        *,
+        missing: bool = True,
+        wp: bool = False,
+        minor: bool = False,
+    ) -> int:
         """UFFDIO_REGISTER [start, start + length) in MISSING and/or WP (and/or MINOR) mode;
         returns the ioctl bits allowed on the range.
 
         With WP_ASYNC dirty tracking, pages that were never protected count as WRITTEN: arm the
         range with writeprotect(protect=True) (or one reprotecting scan) right after registering.
         """
-        mode = ((lib.UFFDIO_REGISTER_MODE_MISSING if missing else 0)
-                | (lib.UFFDIO_REGISTER_MODE_WP if wp else 0)
-                | (lib.UFFDIO_REGISTER_MODE_MINOR if minor else 0))
+        mode = (
+            (lib.UFFDIO_REGISTER_MODE_MISSING if missing else 0)
+            | (lib.UFFDIO_REGISTER_MODE_WP if wp else 0)
+            | (lib.UFFDIO_REGISTER_MODE_MINOR if minor else 0)
+        )
         ioctls = ffi.new("uint64_t *")
-        check(lib.gfvm_uffd_register(self.fileno(), start, length, mode, ioctls),
-              f"UFFDIO_REGISTER {start:#x}+{length:#x}")
+        check(
+            lib.gfvm_uffd_register(self.fileno(), start, length, mode, ioctls),
+            f"UFFDIO_REGISTER {start:#x}+{length:#x}",
+        )
         return int(ioctls[0])
 
     def unregister(self, start: int, length: int) -> None:
         """UFFDIO_UNREGISTER: faults in the range are no longer reported (waiters are woken)."""
-        check(lib.gfvm_uffd_unregister(self.fileno(), start, length),
-              f"UFFDIO_UNREGISTER {start:#x}+{length:#x}")
+        check(
+            lib.gfvm_uffd_unregister(self.fileno(), start, length),
+            f"UFFDIO_UNREGISTER {start:#x}+{length:#x}",
+        )
 
-    def writeprotect(self, start: int, length: int, *, protect: bool = True, wake: bool = True) -> None:
+    def writeprotect(
+        self, start: int, length: int, *, protect: bool = True, wake: bool = True
+    ) -> None:
         """UFFDIO_WRITEPROTECT: protect (arm dirty tracking) or unprotect the range."""
-        mode = ((lib.UFFDIO_WRITEPROTECT_MODE_WP if protect else 0)
-                | (0 if wake else lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE))
-        check(lib.gfvm_uffd_writeprotect(self.fileno(), start, length, mode),
-              f"UFFDIO_WRITEPROTECT {start:#x}+{length:#x}")
+        mode = (lib.UFFDIO_WRITEPROTECT_MODE_WP if protect else 0) | (
+            0 if wake else lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+        )
+        check(
+            lib.gfvm_uffd_writeprotect(self.fileno(), start, length, mode),
+            f"UFFDIO_WRITEPROTECT {start:#x}+{length:#x}",
+        )
 
     def _range_op(self, fn: Callable[..., int], what: str, *args: Any) -> int:
         done = ffi.new("int64_t *")
@@ -310,29 +333,35 @@ class Userfaultfd:
         WP_ASYNC dirty tracking; needs a WP-registered range). Raises FileExistsError (EEXIST)
         if the first page exists, PartialCopy (EAGAIN) when it stopped early."""
         cbuf = ffi.from_buffer(src)
-        mode = ((lib.UFFDIO_COPY_MODE_WP if wp else 0)
-                | (0 if wake else lib.UFFDIO_COPY_MODE_DONTWAKE))
-        return self._range_op(lib.gfvm_uffd_copy, f"UFFDIO_COPY {dst:#x}+{len(cbuf):#x}",
-                              dst, cbuf, len(cbuf), mode)
+        mode = (lib.UFFDIO_COPY_MODE_WP if wp else 0) | (
+            0 if wake else lib.UFFDIO_COPY_MODE_DONTWAKE
+        )
+        return self._range_op(
+            lib.gfvm_uffd_copy, f"UFFDIO_COPY {dst:#x}+{len(cbuf):#x}", dst, cbuf, len(cbuf), mode
+        )
 
     def zeropage(self, start: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_ZEROPAGE: maps the zero page over missing pages; returns bytes done. It has no
         WP mode and the pages count as WRITTEN for dirty tracking (see csrc/uffd.c): for tracked
         ranges copy() a zero buffer with wp=True instead."""
         mode = 0 if wake else lib.UFFDIO_ZEROPAGE_MODE_DONTWAKE
-        return self._range_op(lib.gfvm_uffd_zeropage, f"UFFDIO_ZEROPAGE {start:#x}+{length:#x}",
-                              start, length, mode)
+        return self._range_op(
+            lib.gfvm_uffd_zeropage, f"UFFDIO_ZEROPAGE {start:#x}+{length:#x}", start, length, mode
+        )
 
     def poison(self, start: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_POISON: accesses to the missing pages raise SIGBUS (a page that cannot be served
         truthfully). Needs UFFD_FEATURE_POISON. Returns bytes done."""
         mode = 0 if wake else lib.UFFDIO_POISON_MODE_DONTWAKE
-        return self._range_op(lib.gfvm_uffd_poison, f"UFFDIO_POISON {start:#x}+{length:#x}",
-                              start, length, mode)
+        return self._range_op(
+            lib.gfvm_uffd_poison, f"UFFDIO_POISON {start:#x}+{length:#x}", start, length, mode
+        )
 
     def wake(self, start: int, length: int) -> None:
         """UFFDIO_WAKE: wakes threads waiting on faults in the range (they retry the access)."""
-        check(lib.gfvm_uffd_wake(self.fileno(), start, length), f"UFFDIO_WAKE {start:#x}+{length:#x}")
+        check(
+            lib.gfvm_uffd_wake(self.fileno(), start, length), f"UFFDIO_WAKE {start:#x}+{length:#x}"
+        )
 
     def read_events(self, max_events: int = 64) -> list[UffdEvent]:
         """Reads up to `max_events` (<= 64) pending messages without blocking ([] when none).
@@ -369,8 +398,15 @@ PAGE_IS_PRESENT = lib.PAGE_IS_PRESENT
 PAGE_IS_SWAPPED = lib.PAGE_IS_SWAPPED
 PAGE_IS_PFNZERO = lib.PAGE_IS_PFNZERO
 PAGE_IS_HUGE = lib.PAGE_IS_HUGE
-PAGE_IS_ALL = (PAGE_IS_WPALLOWED | PAGE_IS_WRITTEN | PAGE_IS_FILE | PAGE_IS_PRESENT
-               | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_HUGE)
+PAGE_IS_ALL = (
+    PAGE_IS_WPALLOWED
+    | PAGE_IS_WRITTEN
+    | PAGE_IS_FILE
+    | PAGE_IS_PRESENT
+    | PAGE_IS_SWAPPED
+    | PAGE_IS_PFNZERO
+    | PAGE_IS_HUGE
+)
 
 
 class Region(NamedTuple):
@@ -387,7 +423,7 @@ class PageRegions(Sequence[Region]):
     cut it short). Never blocks.
     """
 
-    __slots__ = ("_ptr", "_n", "walk_end")
+    __slots__ = ("_n", "_ptr", "walk_end")
 
     def __init__(self, ptr: Any, n: int, walk_end: int):
         self._ptr = ptr
@@ -438,9 +474,18 @@ def open_pagemap(pid: int) -> int:
     return check(lib.gfvm_pagemap_open(pid), f"open /proc/{pid}/pagemap")
 
 
-def pagemap_scan(pagemap_fd: int, start: int, end: int, *, flags: int = 0, category_mask: int = 0,
-                 category_inverted: int = 0, category_anyof_mask: int = 0,
-                 return_mask: int | None = None, max_pages: int = 0) -> PageRegions:
+def pagemap_scan(
+    pagemap_fd: int,
+    start: int,
+    end: int,
+    *,
+    flags: int = 0,
+    category_mask: int = 0,
+    category_inverted: int = 0,
+    category_anyof_mask: int = 0,
+    return_mask: int | None = None,
+    max_pages: int = 0,
+) -> PageRegions:
     """PAGEMAP_SCAN over [start, end) (start page-aligned) with the kernel's filter semantics:
     a page matches when (categories ^ category_inverted) has every bit of category_mask and, if
     category_anyof_mask is set, one of its bits. Regions report categories & return_mask
@@ -452,10 +497,17 @@ def pagemap_scan(pagemap_fd: int, start: int, end: int, *, flags: int = 0, categ
     _check_page_aligned(start, "scan start")
     if return_mask is None:
         return_mask = (category_mask | category_anyof_mask) or PAGE_IS_ALL
-    spec = ffi.new("struct gfvm_scan_spec *", {
-        "flags": flags, "category_inverted": category_inverted, "category_mask": category_mask,
-        "category_anyof_mask": category_anyof_mask, "return_mask": return_mask,
-        "max_pages": max_pages})
+    spec = ffi.new(
+        "struct gfvm_scan_spec *",
+        {
+            "flags": flags,
+            "category_inverted": category_inverted,
+            "category_mask": category_mask,
+            "category_anyof_mask": category_anyof_mask,
+            "return_mask": return_mask,
+            "max_pages": max_pages,
+        },
+    )
     out = ffi.new("struct page_region **")
     walk_end = ffi.new("uint64_t *")
     n = lib.gfvm_pagemap_scan(pagemap_fd, start, end, spec, out, walk_end)
@@ -463,8 +515,15 @@ def pagemap_scan(pagemap_fd: int, start: int, end: int, *, flags: int = 0, categ
     return PageRegions(ffi.gc(out[0], lib.gfvm_free), n, int(walk_end[0]))
 
 
-def scan_written(pagemap_fd: int, start: int, end: int, *, reprotect: bool = True,
-                 check_wpasync: bool = True, return_mask: int = PAGE_IS_WRITTEN) -> PageRegions:
+def scan_written(
+    pagemap_fd: int,
+    start: int,
+    end: int,
+    *,
+    reprotect: bool = True,
+    check_wpasync: bool = True,
+    return_mask: int = PAGE_IS_WRITTEN,
+) -> PageRegions:
     """The pages written since they were last protected, in [start, end).
 
     reprotect=True write-protects every reported page again in the same walk (atomic: a write
@@ -474,15 +533,24 @@ def scan_written(pagemap_fd: int, start: int, end: int, *, reprotect: bool = Tru
     return_mask to tell zero-page-backed pages apart. If the scan fails after reprotecting some
     pages, treat the whole range as dirty. Blocks like pagemap_scan.
     """
-    flags = (PM_SCAN_WP_MATCHING if reprotect else 0) | (PM_SCAN_CHECK_WPASYNC if check_wpasync else 0)
-    return pagemap_scan(pagemap_fd, start, end, flags=flags, category_mask=PAGE_IS_WRITTEN,
-                        return_mask=return_mask | PAGE_IS_WRITTEN)
+    flags = (PM_SCAN_WP_MATCHING if reprotect else 0) | (
+        PM_SCAN_CHECK_WPASYNC if check_wpasync else 0
+    )
+    return pagemap_scan(
+        pagemap_fd,
+        start,
+        end,
+        flags=flags,
+        category_mask=PAGE_IS_WRITTEN,
+        return_mask=return_mask | PAGE_IS_WRITTEN,
+    )
 
 
 def scan_present(pagemap_fd: int, start: int, end: int) -> PageRegions:
     """The pages present in memory in [start, end). Blocks like pagemap_scan."""
-    return pagemap_scan(pagemap_fd, start, end, category_mask=PAGE_IS_PRESENT,
-                        return_mask=PAGE_IS_PRESENT)
+    return pagemap_scan(
+        pagemap_fd, start, end, category_mask=PAGE_IS_PRESENT, return_mask=PAGE_IS_PRESENT
+    )
 
 
 # --------------------------------------------------------------------------- process memory
@@ -499,8 +567,10 @@ def read_pages(pid: int, addresses: Iterable[int], buf: Any, *, page_size: int =
     """
     addrs = _u64_array(addresses)
     cbuf = _writable_buffer(buf, len(addrs) * page_size, "read_pages")
-    return check(lib.gfvm_vm_read_pages(pid, addrs, len(addrs), page_size, cbuf),
-                 f"process_vm_readv pid {pid}")
+    return check(
+        lib.gfvm_vm_read_pages(pid, addrs, len(addrs), page_size, cbuf),
+        f"process_vm_readv pid {pid}",
+    )
 
 
 def write_pages(pid: int, addresses: Iterable[int], buf: Any, *, page_size: int = PAGE_SIZE) -> int:
@@ -508,9 +578,13 @@ def write_pages(pid: int, addresses: Iterable[int], buf: Any, *, page_size: int 
     addrs = _u64_array(addresses)
     cbuf = ffi.from_buffer(buf)
     if len(cbuf) < len(addrs) * page_size:
-        raise ValueError(f"write_pages: buffer holds {len(cbuf)} bytes, {len(addrs) * page_size} needed")
-    return check(lib.gfvm_vm_write_pages(pid, addrs, len(addrs), page_size, cbuf),
-                 f"process_vm_writev pid {pid}")
+        raise ValueError(
+            f"write_pages: buffer holds {len(cbuf)} bytes, {len(addrs) * page_size} needed"
+        )
+    return check(
+        lib.gfvm_vm_write_pages(pid, addrs, len(addrs), page_size, cbuf),
+        f"process_vm_writev pid {pid}",
+    )
 
 
 def _ranges_arrays(ranges: Iterable[tuple[int, int]]) -> tuple[Any, Any, int]:
@@ -525,8 +599,10 @@ def read_ranges(pid: int, ranges: Iterable[tuple[int, int]], buf: Any) -> int:
     (partial like read_pages). Blocks on the copy (see read_pages about missing pages)."""
     starts, lens, total = _ranges_arrays(ranges)
     cbuf = _writable_buffer(buf, total, "read_ranges")
-    return check(lib.gfvm_vm_transfer_ranges(pid, 0, starts, lens, len(starts), cbuf),
-                 f"process_vm_readv pid {pid}")
+    return check(
+        lib.gfvm_vm_transfer_ranges(pid, 0, starts, lens, len(starts), cbuf),
+        f"process_vm_readv pid {pid}",
+    )
 
 
 def write_ranges(pid: int, ranges: Iterable[tuple[int, int]], buf: Any) -> int:
@@ -535,16 +611,20 @@ def write_ranges(pid: int, ranges: Iterable[tuple[int, int]], buf: Any) -> int:
     cbuf = ffi.from_buffer(buf)
     if len(cbuf) < total:
         raise ValueError(f"write_ranges: buffer holds {len(cbuf)} bytes, {total} needed")
-    return check(lib.gfvm_vm_transfer_ranges(pid, 1, starts, lens, len(starts), cbuf),
-                 f"process_vm_writev pid {pid}")
+    return check(
+        lib.gfvm_vm_transfer_ranges(pid, 1, starts, lens, len(starts), cbuf),
+        f"process_vm_writev pid {pid}",
+    )
 
 
 def read_regions(pid: int, regions: PageRegions, buf: Any) -> int:
     """process_vm_readv of every region of a scan result into `buf` (regions.page_count pages),
     without building Python lists. Returns bytes read (partial like read_pages)."""
     cbuf = _writable_buffer(buf, regions.page_count * PAGE_SIZE, "read_regions")
-    return check(lib.gfvm_vm_read_regions(pid, regions.cdata, len(regions), cbuf),
-                 f"process_vm_readv pid {pid}")
+    return check(
+        lib.gfvm_vm_read_regions(pid, regions.cdata, len(regions), cbuf),
+        f"process_vm_readv pid {pid}",
+    )
 
 
 # --------------------------------------------------------------------------- pidfd
@@ -650,13 +730,17 @@ class PageIndex:
 
     def remove_range(self, start: int, end: int) -> int:
         """Drops every entry in [start, end); returns how many."""
-        return check(lib.gfvm_pageindex_remove_range(self._ptr, start, end), "PageIndex.remove_range")
+        return check(
+            lib.gfvm_pageindex_remove_range(self._ptr, start, end), "PageIndex.remove_range"
+        )
 
     def move_range(self, src: int, dst: int, length: int) -> int:
         """Moves the entries of [src, src + length) to dst (as mremap does); returns how many."""
         _check_page_aligned(src, "src")
         _check_page_aligned(dst, "dst")
-        return check(lib.gfvm_pageindex_move_range(self._ptr, src, dst, length), "PageIndex.move_range")
+        return check(
+            lib.gfvm_pageindex_move_range(self._ptr, src, dst, length), "PageIndex.move_range"
+        )
 
     def clear(self) -> None:
         lib.gfvm_pageindex_clear(self._ptr)
@@ -666,8 +750,13 @@ class PageIndex:
         """Sequence number of range removals/moves so far (see set_many)."""
         return int(lib.gfvm_pageindex_seq(self._ptr))
 
-    def set_many(self, addresses: Iterable[int], slots: Iterable[int], *,
-                 unless_changed_since: int | None = None) -> list[int]:
+    def set_many(
+        self,
+        addresses: Iterable[int],
+        slots: Iterable[int],
+        *,
+        unless_changed_since: int | None = None,
+    ) -> list[int]:
         """Bulk load. Without `unless_changed_since`: all entries or none (ValueError for a bad
         address/slot), returns []. With it (a change_seq taken before the pages were read):
         skips every address removed or moved by a change after that point and returns the
@@ -681,7 +770,9 @@ class PageIndex:
             skipped = None
         else:
             skipped = ffi.new("uint8_t[]", max(1, len(a)))
-            rc = lib.gfvm_pageindex_set_many_if(self._ptr, a, s, len(a), unless_changed_since, skipped)
+            rc = lib.gfvm_pageindex_set_many_if(
+                self._ptr, a, s, len(a), unless_changed_since, skipped
+            )
         if rc == -errno.EINVAL:
             raise ValueError("set_many: unaligned address, slot out of range or unknown change_seq")
         check(rc, "PageIndex.set_many")
@@ -705,9 +796,17 @@ class PageIndex:
         while True:
             addrs = array.array("Q", bytes(8 * cap))
             slots = array.array("Q", bytes(8 * cap))
-            n = check(lib.gfvm_pageindex_export(
-                self._ptr, start, end, ffi.from_buffer("uint64_t[]", addrs),
-                ffi.from_buffer("uint64_t[]", slots), cap), "PageIndex.export")
+            n = check(
+                lib.gfvm_pageindex_export(
+                    self._ptr,
+                    start,
+                    end,
+                    ffi.from_buffer("uint64_t[]", addrs),
+                    ffi.from_buffer("uint64_t[]", slots),
+                    cap,
+                ),
+                "PageIndex.export",
+            )
             if n <= cap:
                 return addrs[:n], slots[:n]
             cap = n + 64  # it may grow between the calls
@@ -818,11 +917,19 @@ class LoopEvent:
 
 
 _LOOP_EVENT_KINDS = {
-    lib.GFVM_FL_FORK: "fork", lib.GFVM_FL_REMAP: "remap", lib.GFVM_FL_REMOVE: "remove",
-    lib.GFVM_FL_UNMAP: "unmap", lib.GFVM_FL_FAULT: "fault", lib.GFVM_FL_EXIT: "exit",
+    lib.GFVM_FL_FORK: "fork",
+    lib.GFVM_FL_REMAP: "remap",
+    lib.GFVM_FL_REMOVE: "remove",
+    lib.GFVM_FL_UNMAP: "unmap",
+    lib.GFVM_FL_FAULT: "fault",
+    lib.GFVM_FL_EXIT: "exit",
     lib.GFVM_FL_ERROR: "error",
 }
-_LOOP_STATES = {lib.GFVM_FL_ACTIVE: "active", lib.GFVM_FL_EXITED: "exited", lib.GFVM_FL_FAILED: "failed"}
+_LOOP_STATES = {
+    lib.GFVM_FL_ACTIVE: "active",
+    lib.GFVM_FL_EXITED: "exited",
+    lib.GFVM_FL_FAILED: "failed",
+}
 
 
 class FaultLoop:
@@ -889,7 +996,7 @@ class FaultLoop:
             lib.gfvm_faultloop_destroy(loop)
             self._keep.clear()
 
-    def __enter__(self) -> FaultLoop:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -913,8 +1020,16 @@ class FaultLoop:
                 arr[i].map_len = len(view)
         return arr, len(sources)
 
-    def add(self, uffd: Userfaultfd | int, sources: Sequence[Source], *, wp: bool,
-            defer_missing: bool = False, pid: int = 0, pidfd: int = -1) -> int:
+    def add(
+        self,
+        uffd: Userfaultfd | int,
+        sources: Sequence[Source],
+        *,
+        wp: bool,
+        defer_missing: bool = False,
+        pid: int = 0,
+        pidfd: int = -1,
+    ) -> int:
         """Starts serving `uffd` (the loop keeps its own dup, sets O_NONBLOCK); returns its id.
 
         wp: the uffd tracks dirty pages (ranges registered WP with WP_ASYNC): install pages
@@ -930,7 +1045,9 @@ class FaultLoop:
         spec.uffd = fd
         spec.pidfd = pidfd
         spec.pid = pid
-        spec.flags = (lib.GFVM_FL_WP if wp else 0) | (lib.GFVM_FL_DEFER_MISSING if defer_missing else 0)
+        spec.flags = (lib.GFVM_FL_WP if wp else 0) | (
+            lib.GFVM_FL_DEFER_MISSING if defer_missing else 0
+        )
         spec.nsources = n
         for i in range(n):
             spec.sources[i] = arr[i]
@@ -945,7 +1062,10 @@ class FaultLoop:
 
     def set_process(self, uffd_id: int, pid: int = 0, pidfd: int = -1) -> None:
         """Tells the loop which process an entry serves (a forked child's, typically)."""
-        check(lib.gfvm_faultloop_set_process(self._ptr(), uffd_id, pid, pidfd), "FaultLoop.set_process")
+        check(
+            lib.gfvm_faultloop_set_process(self._ptr(), uffd_id, pid, pidfd),
+            "FaultLoop.set_process",
+        )
 
     def remove(self, uffd_id: int) -> None:
         """Stops serving an entry (after the batch being served, if any). KeyError if unknown."""
@@ -988,7 +1108,9 @@ class FaultLoop:
         rc = lib.gfvm_faultloop_counters(self._ptr(), uffd_id, c)
         if rc == -errno.ENOENT:
             raise KeyError(uffd_id)
-        return FaultLoopCounters(**{name: int(getattr(c, name)) for name, _ in ffi.typeof(c[0]).fields})
+        return FaultLoopCounters(
+            **{name: int(getattr(c, name)) for name, _ in ffi.typeof(c[0]).fields}
+        )
 
     def latency(self) -> LatencyHistogram:
         buckets = ffi.new("uint64_t[]", lib.GFVM_FL_HIST_BUCKETS)
@@ -1009,11 +1131,20 @@ class FaultLoop:
         events = []
         for i in range(n):
             ev = out[i]
-            events.append(LoopEvent(
-                kind=_LOOP_EVENT_KINDS[ev.kind], uffd_id=int(ev.uffd_id), start=int(ev.start),
-                end=int(ev.end), to=int(ev.to), flags=int(ev.flags), tid=int(ev.tid),
-                error=int(ev.error), child_id=int(ev.child_id),
-                uffd=Userfaultfd(int(ev.fd)) if ev.fd >= 0 else None))
+            events.append(
+                LoopEvent(
+                    kind=_LOOP_EVENT_KINDS[ev.kind],
+                    uffd_id=int(ev.uffd_id),
+                    start=int(ev.start),
+                    end=int(ev.end),
+                    to=int(ev.to),
+                    flags=int(ev.flags),
+                    tid=int(ev.tid),
+                    error=int(ev.error),
+                    child_id=int(ev.child_id),
+                    uffd=Userfaultfd(int(ev.fd)) if ev.fd >= 0 else None,
+                )
+            )
         return events
 
     async def wait_events(self, max_events: int = 256) -> list[LoopEvent]:
@@ -1029,9 +1160,35 @@ class FaultLoop:
 
 # --------------------------------------------------------------------------- ptrace
 
-REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
-             "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base",
-             "gs_base", "ds", "es", "fs", "gs")
+REG_NAMES = (
+    "r15",
+    "r14",
+    "r13",
+    "r12",
+    "rbp",
+    "rbx",
+    "r11",
+    "r10",
+    "r9",
+    "r8",
+    "rax",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "orig_rax",
+    "rip",
+    "cs",
+    "eflags",
+    "rsp",
+    "ss",
+    "fs_base",
+    "gs_base",
+    "ds",
+    "es",
+    "fs",
+    "gs",
+)
 assert len(REG_NAMES) == lib.GFVM_NREGS
 
 Registers = NamedTuple("Registers", [(n, int) for n in REG_NAMES])  # type: ignore[misc]
@@ -1142,7 +1299,7 @@ class Tracer:
             if fut.set_running_or_notify_cancel():
                 try:
                     fut.set_result(fn(*args))
-                except BaseException as exc:  # handed to the caller
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
                     fut.set_exception(exc)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -1166,7 +1323,7 @@ class Tracer:
             self._jobs.put(None)
             self._thread.join()
 
-    def __enter__(self) -> Tracer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1182,8 +1339,11 @@ class Tracer:
             return sorted(self._stopped[pid])
         ctl = frozen_cgroup(pid)
         if ctl and "freezer.state" in ctl:
-            raise OSError(errno.EBUSY, f"process {pid} is frozen by the cgroup v1 freezer ({ctl}): "
-                          "its threads can be stopped only after a thaw")
+            raise OSError(
+                errno.EBUSY,
+                f"process {pid} is frozen by the cgroup v1 freezer ({ctl}): "
+                "its threads can be stopped only after a thaw",
+            )
         tids: dict[int, int] = {}
         self._stopped[pid] = tids
         try:
@@ -1212,8 +1372,10 @@ class Tracer:
                         del tids[tid]
                         continue
                     if rc == -errno.ETIMEDOUT:
-                        raise TimeoutError(errno.ETIMEDOUT, f"thread {tid} of {pid} did not stop "
-                                           f"within {self.stop_timeout} s")
+                        raise TimeoutError(
+                            errno.ETIMEDOUT,
+                            f"thread {tid} of {pid} did not stop within {self.stop_timeout} s",
+                        )
                     check(rc, f"waiting for thread {tid} to stop")
                     tids[tid] = int(sig[0])
             if not tids:
@@ -1236,7 +1398,10 @@ class Tracer:
                 if lib.gfvm_ptrace_wait_stop(tid, 100, out) < 0:
                     continue  # still running (ends traced until it stops; close() detaches)
             if tid in self._open:
-                if lib.gfvm_inject_end(self._open[tid][0], self._ms(self.syscall_timeout)) == -errno.ETIMEDOUT:
+                if (
+                    lib.gfvm_inject_end(self._open[tid][0], self._ms(self.syscall_timeout))
+                    == -errno.ETIMEDOUT
+                ):
                     continue  # keep it traced: detaching would let it run with foreign registers
                 del self._open[tid]
             lib.gfvm_ptrace_detach(tid)
@@ -1274,10 +1439,12 @@ class Tracer:
 
     def registers(self, tid: int) -> Registers:
         """The general registers of a stopped thread."""
+
         def get() -> Registers:
             regs = ffi.new("uint64_t[]", lib.GFVM_NREGS)
             check(lib.gfvm_ptrace_getregs(tid, regs), f"PTRACE_GETREGS {tid}")
             return Registers(*[int(v) for v in regs])
+
         return self.call(get)
 
     # -- injection
@@ -1295,8 +1462,11 @@ class Tracer:
     def _with_session(self, pid: int, tid: int | None, body: Callable[[_Session], Any]) -> Any:
         ctl = frozen_cgroup(pid)
         if ctl:
-            raise OSError(errno.EBUSY, f"process {pid} is frozen ({ctl}): thaw it while its "
-                          "threads are stopped, inject, then freeze it again (see Tracer)")
+            raise OSError(
+                errno.EBUSY,
+                f"process {pid} is frozen ({ctl}): thaw it while its "
+                "threads are stopped, inject, then freeze it again (see Tracer)",
+            )
         auto = pid not in self._stopped
         if auto:
             self._stop_process(pid)
@@ -1313,7 +1483,9 @@ class Tracer:
             if auto:
                 self._release(pid)
 
-    def inject(self, pid: int, calls: Sequence[Sequence[int]], *, tid: int | None = None) -> list[int]:
+    def inject(
+        self, pid: int, calls: Sequence[Sequence[int]], *, tid: int | None = None
+    ) -> list[int]:
         """Runs syscalls (nr, arg0, ..., arg5) one after another in one stop of `pid` (thread
         `tid`, default the main thread) and returns their raw results (-errno on failure).
         Stops and resumes the process itself unless it is already stopped by this tracer.
@@ -1344,15 +1516,25 @@ class Tracer:
 
         return self.call(self._with_session, pid, tid, body)
 
-    def inject_madvise(self, pid: int, ranges: Iterable[tuple[int, int]], advice: int = MADV_DONTNEED,
-                       *, tid: int | None = None) -> None:
+    def inject_madvise(
+        self,
+        pid: int,
+        ranges: Iterable[tuple[int, int]],
+        advice: int = MADV_DONTNEED,
+        *,
+        tid: int | None = None,
+    ) -> None:
         """madvise(start, end - start, advice) for every [start, end), all in one stop. Raises
         OSError for the first range that failed (after trying all of them). With uffd
         EVENT_REMOVE, each call waits until the REMOVE event is read: keep the FaultLoop (or
         another reader of the uffd) running."""
         spans = list(ranges)
-        results = self.call(self._with_session, pid, tid,
-                            lambda s: [s.syscall(SYS_madvise, a, e - a, advice) for a, e in spans])
+        results = self.call(
+            self._with_session,
+            pid,
+            tid,
+            lambda s: [s.syscall(SYS_madvise, a, e - a, advice) for a, e in spans],
+        )
         for (a, e), rc in zip(spans, results):
             check(rc, f"injected madvise({a:#x}, {e - a:#x}, {advice}) in {pid}")
 
@@ -1360,8 +1542,18 @@ class Tracer:
         """close(fd) inside `pid`."""
         self.syscall(pid, SYS_close, fd, tid=tid)
 
-    def inject_mmap(self, pid: int, addr: int, length: int, prot: int, flags: int, fd: int = -1,
-                    offset: int = 0, *, tid: int | None = None) -> int:
+    def inject_mmap(
+        self,
+        pid: int,
+        addr: int,
+        length: int,
+        prot: int,
+        flags: int,
+        fd: int = -1,
+        offset: int = 0,
+        *,
+        tid: int | None = None,
+    ) -> int:
         """mmap inside `pid`; returns the mapping's address."""
         rc = self.inject(pid, [(SYS_mmap, addr, length, prot, flags, fd, offset)], tid=tid)[0]
         return check(rc, f"injected mmap in {pid}")
@@ -1373,24 +1565,36 @@ class Tracer:
     def finish(self, tid: int) -> None:
         """Completes the rollback of an injection that timed out (raises TimeoutError again if
         the injected syscall still blocks)."""
+
         def run() -> None:
             if tid not in self._open:
                 return
             session, pid = self._open[tid]
             rc = lib.gfvm_inject_end(session, self._ms(self.syscall_timeout))
             if rc == -errno.ETIMEDOUT:
-                raise TimeoutError(errno.ETIMEDOUT, f"injected syscall in thread {tid} still blocks")
+                raise TimeoutError(
+                    errno.ETIMEDOUT, f"injected syscall in thread {tid} still blocks"
+                )
             del self._open[tid]
             if rc == -errno.ESRCH:
                 return
             check(rc, f"restoring thread {tid}")
             if pid not in self._stopped:
                 lib.gfvm_ptrace_detach(tid)  # its process was released meanwhile
+
         self.call(run)
 
 
-def evict_pages(tracer: Tracer, pid: int, ranges: Sequence[tuple[int, int]], *, loop: FaultLoop,
-                uffd_id: int, uffd: Userfaultfd, index: PageIndex) -> list[tuple[int, int]]:
+def evict_pages(
+    tracer: Tracer,
+    pid: int,
+    ranges: Sequence[tuple[int, int]],
+    *,
+    loop: FaultLoop,
+    uffd_id: int,
+    uffd: Userfaultfd,
+    index: PageIndex,
+) -> list[tuple[int, int]]:
     """Drops from `pid`'s memory the pages of `ranges` whose current content is in the paging
     file; later faults there are served by `loop`. Returns the [start, end) runs evicted.
 
@@ -1428,7 +1632,9 @@ def evict_pages(tracer: Tracer, pid: int, ranges: Sequence[tuple[int, int]], *, 
             tracer.resume_process(pid)
 
 
-def _evictable_runs(pid: int, ranges: Sequence[tuple[int, int]], index: PageIndex) -> list[tuple[int, int]]:
+def _evictable_runs(
+    pid: int, ranges: Sequence[tuple[int, int]], index: PageIndex
+) -> list[tuple[int, int]]:
     """The parts of `ranges` that are in `index` and not written since last protected."""
     dirty: set[int] = set()
     pm = open_pagemap(pid)
@@ -1476,11 +1682,15 @@ class _Session:
             raise ValueError("a syscall takes at most 6 arguments")
         for i in range(6):
             self._args[i] = (args[i] if i < len(args) else 0) & (2**64 - 1)
-        rc = lib.gfvm_inject_syscall(self._s, nr, self._args, self._result,
-                                     self._tracer._ms(self._tracer.syscall_timeout))
+        rc = lib.gfvm_inject_syscall(
+            self._s, nr, self._args, self._result, self._tracer._ms(self._tracer.syscall_timeout)
+        )
         if rc == -errno.ETIMEDOUT:
-            raise TimeoutError(errno.ETIMEDOUT, f"injected syscall {nr} in thread {self.tid} did not "
-                               f"return within {self._tracer.syscall_timeout} s")
+            raise TimeoutError(
+                errno.ETIMEDOUT,
+                f"injected syscall {nr} in thread {self.tid} did not "
+                f"return within {self._tracer.syscall_timeout} s",
+            )
         check(rc, f"injecting syscall {nr} into thread {self.tid}")
         return int(self._result[0])
 
@@ -1489,7 +1699,10 @@ class _Session:
         if rc == -errno.ETIMEDOUT:
             # Keep the session: the thread is inside our syscall with foreign registers.
             self._tracer._open[self.tid] = (self._s, self.pid)
-            raise TimeoutError(errno.ETIMEDOUT, f"thread {self.tid}: injected syscall still blocks; "
-                               "its registers are restored by Tracer.finish()")
+            raise TimeoutError(
+                errno.ETIMEDOUT,
+                f"thread {self.tid}: injected syscall still blocks; "
+                "its registers are restored by Tracer.finish()",
+            )
         if rc != -errno.ESRCH:
             check(rc, f"restoring thread {self.tid} after injection")

@@ -23,13 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gfvm import native  # noqa: E402
-from native_support import PAGE, HERE, Target  # noqa: E402
+from native_support import HERE, PAGE, Target
+
+from gfvm import native
 
 
 def build_target(tmp: Path) -> Path:
     out = tmp / "native_target"
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(out), str(HERE / "native_target.c")], check=True)
+    subprocess.run(
+        ["gcc", "-O1", "-pthread", "-o", str(out), str(HERE / "native_target.c")], check=True
+    )
     return out
 
 
@@ -49,15 +52,21 @@ def served_rate(binary: Path, tmp: Path, npages: int, window: int, tracer: nativ
             index = native.PageIndex(npages)
             index.set_many([t.page(i) for i in range(npages)], range(npages))
             uid = loop.add(uffd, [native.Source(index, f.fileno())], wp=True, pid=t.pid)
-            native.evict_pages(tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd, index=index)
+            native.evict_pages(
+                tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd, index=index
+            )
             word, elapsed_us = t.cmd("touch", timeout=600).split()
             assert word == "ok"
             check = t.cmd("verify", timeout=600)
             assert check == f"ok {npages}", check
             counters, hist = loop.counters(uid), loop.latency()
             uffd.close()
-        return {"rate": npages / (int(elapsed_us) / 1e6), "windows": counters.windows,
-                "p50_us": (hist.p50_ns or 0) / 1000, "p99_us": (hist.p99_ns or 0) / 1000}
+        return {
+            "rate": npages / (int(elapsed_us) / 1e6),
+            "windows": counters.windows,
+            "p50_us": (hist.p50_ns or 0) / 1000,
+            "p99_us": (hist.p99_ns or 0) / 1000,
+        }
     finally:
         t.kill()
 
@@ -66,6 +75,7 @@ def kernel_rate(binary: Path, npages: int) -> float:
     t = Target(binary, npages)
     try:
         word, elapsed_us = t.cmd("fresh", timeout=600).split()
+        assert word == "ok"
         return npages / (int(elapsed_us) / 1e6)
     finally:
         t.kill()
@@ -83,13 +93,21 @@ def main() -> None:
         tmp = Path(d)
         binary = build_target(tmp)
         base = [kernel_rate(binary, args.pages) for _ in range(args.repeat)]
-        print(f"{args.pages} pages ({args.pages * PAGE >> 20} MiB), sequential reads, median of {args.repeat}")
+        print(
+            f"{args.pages} pages ({args.pages * PAGE >> 20} MiB), sequential reads, "
+            f"median of {args.repeat}"
+        )
         print(f"plain first-touch kernel faults: {statistics.median(base) / 1e3:8.0f} k pages/s")
         for window in (int(w) for w in args.windows.split(",")):
-            runs = [served_rate(binary, tmp, args.pages, window, tracer) for _ in range(args.repeat)]
+            runs = [
+                served_rate(binary, tmp, args.pages, window, tracer) for _ in range(args.repeat)
+            ]
             mid = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
-            print(f"fault loop, window {window:3d}:      {mid['rate'] / 1e3:8.0f} k pages/s   "
-                  f"({mid['windows']} windows, per window p50 {mid['p50_us']:.0f} us, p99 {mid['p99_us']:.0f} us)")
+            print(
+                f"fault loop, window {window:3d}:      {mid['rate'] / 1e3:8.0f} k pages/s   "
+                f"({mid['windows']} windows, per window p50 {mid['p50_us']:.0f} us, "
+                f"p99 {mid['p99_us']:.0f} us)"
+            )
 
 
 if __name__ == "__main__":

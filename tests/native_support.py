@@ -1,14 +1,12 @@
 """Shared helpers for tests/test_native_*.py: a small C target process with known memory
-(tests/native_target.c, built once per session into a temp dir) driven over pipes.
-
-Every Target is killed by PID and reaped when its fixture ends, even on failure."""
+(tests/native_target.c, built once per session into a temp dir, see native_fixtures.py) driven
+over pipes, and the contents its pages hold."""
 
 from __future__ import annotations
 
 import array
 import os
 import select
-import shutil
 import signal
 import subprocess
 import time
@@ -20,31 +18,26 @@ HERE = Path(__file__).resolve().parent
 PAGE = 4096
 
 
+def require(condition: bool, reason: str) -> None:
+    """Skips the test (fails it under CI=true) when `condition` is false."""
+    if condition:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"required feature missing under CI: {reason}")
+    pytest.skip(reason)
+
+
 def require_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("these tests need root (userfaultfd, ptrace, pidfd_getfd)")
-        pytest.skip("needs root (userfaultfd, ptrace, pidfd_getfd)")
-
-
-@pytest.fixture(scope="session")
-def target_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("gcc is needed to build the test target")
-        pytest.skip("gcc is needed to build the test target")
-    out = tmp_path_factory.mktemp("native-target") / "native_target"
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(out), str(HERE / "native_target.c")],
-                   check=True)
-    return out
+    require(os.geteuid() == 0, "needs root (userfaultfd, ptrace, pidfd_getfd)")
 
 
 class Target:
     """One running native_target process."""
 
     def __init__(self, binary: Path, npages: int):
-        self.proc = subprocess.Popen([str(binary), str(npages)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0)
+        self.proc = subprocess.Popen(
+            [str(binary), str(npages)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+        )
         self._buf = b""
         word, addr, n, pid = self.read_line(10).split()
         assert word == "ready"
@@ -80,7 +73,9 @@ class Target:
 
     def ready_to_read(self, timeout: float = 0.0) -> bool:
         assert self.proc.stdout is not None
-        return b"\n" in self._buf or bool(select.select([self.proc.stdout.fileno()], [], [], timeout)[0])
+        return b"\n" in self._buf or bool(
+            select.select([self.proc.stdout.fileno()], [], [], timeout)[0]
+        )
 
     def cmd(self, line: str, timeout: float = 10.0) -> str:
         self.send(line)
@@ -114,24 +109,6 @@ def with_suppress(fn) -> None:
         pass
 
 
-@pytest.fixture
-def start_target(target_binary: Path):
-    """start_target(npages=64) -> Target; every target is killed at the end of the test."""
-    require_root()
-    started: list[Target] = []
-
-    def start(npages: int = 64) -> Target:
-        t = Target(target_binary, npages)
-        started.append(t)
-        return t
-
-    try:
-        yield start
-    finally:
-        for t in started:
-            t.kill()
-
-
 # --------------------------------------------------------------------------- memory contents
 
 _M = (1 << 64) - 1
@@ -143,15 +120,6 @@ def page_bytes(page: int, gen: int) -> bytes:
         return bytes(PAGE)
     base = (((page + 1) * 0x9E3779B97F4A7C15) & _M) ^ ((gen * 0x100000001B3) & _M)
     return array.array("Q", [base ^ w for w in range(PAGE // 8)]).tobytes()
-
-
-@pytest.fixture
-def tracer():
-    """A gfvm.native.Tracer, closed (every tracee released) at the end of the test."""
-    from gfvm import native
-
-    with native.Tracer() as t:
-        yield t
 
 
 def inject_uffd(tracer, target: Target, features: int, *, missing: bool = True, wp: bool = False):

@@ -205,3 +205,36 @@ def test_partition_cuts_one_pair_only(make_cluster):
     assert reachable(cluster, "n1", "n2") and reachable(cluster, "n2", "n3")
     cluster.partition("n1", "n3", cut=False)
     assert reachable(cluster, "n1", "n3")
+
+
+def rtt_ms(cluster: Cluster, src: str, dst: str, rounds: int = 20) -> float:
+    """Median TCP connect time (SYN -> RST round trip) from src to a closed port on dst, in ms."""
+    probe = (
+        "import socket,sys,time,statistics\n"
+        "ts=[]\n"
+        f"for _ in range({rounds}):\n"
+        "    t=time.perf_counter()\n"
+        "    try: socket.create_connection((sys.argv[1], 9), timeout=5)\n"
+        "    except ConnectionRefusedError: ts.append(time.perf_counter()-t)\n"
+        "print(statistics.median(ts)*1000 if ts else -1)\n"
+    )
+    out = cluster.run(src, [sys.executable, "-c", probe, cluster.node(dst).address],
+                      capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
+def test_impair_delays_and_is_removed(make_cluster):
+    cluster = make_cluster(2, start_daemons=False)
+    assert rtt_ms(cluster, "n1", "n2") < 20
+    cluster.impair("n1", delay_ms=60)
+    assert rtt_ms(cluster, "n1", "n2", rounds=5) >= 55
+    cluster.impair("n1")
+    assert rtt_ms(cluster, "n1", "n2") < 20
+
+
+def test_impair_loss_drops_packets(make_cluster):
+    cluster = make_cluster(2, start_daemons=False)
+    cluster.impair("n1", loss_pct=100)
+    assert not reachable(cluster, "n1", "n2")
+    cluster.impair("n1")
+    assert reachable(cluster, "n1", "n2")

@@ -11,9 +11,11 @@ import time
 
 import pytest
 import trio
+from native_support import PAGE, inject_uffd, page_bytes, require_root
 
 from gfvm import native
-from native_support import PAGE, inject_uffd, page_bytes, require_root, start_target, target_binary, tracer  # noqa: F401
+
+pytest_plugins = ["native_fixtures"]  # start_target, target_binary, tracer
 
 
 @pytest.fixture
@@ -27,14 +29,21 @@ def loop():
 class Managed:
     """A target under a pager-like setup: injected WP-tracking uffd, paging file, index, loop."""
 
-    def __init__(self, target, tracer, loop, tmp_path, *, defer_missing=False, npages_file=None):
+    def __init__(self, target, tracer, loop, tmp_path, *, defer_missing=False):
         self.t, self.tracer, self.loop = target, tracer, loop
         self.uffd = inject_uffd(tracer, target, native.PAGER_FEATURES, missing=True, wp=True)
         self.pidfd = native.pidfd_open(target.pid)
-        self.file = open(tmp_path / f"paging-{target.pid}", "w+b")
+        # Kept open across methods, closed by close().
+        self.file = open(tmp_path / f"paging-{target.pid}", "w+b")  # noqa: SIM115
         self.index = native.PageIndex()
-        self.id = loop.add(self.uffd, [native.Source(self.index, self.file.fileno())], wp=True,
-                           pid=target.pid, pidfd=self.pidfd, defer_missing=defer_missing)
+        self.id = loop.add(
+            self.uffd,
+            [native.Source(self.index, self.file.fileno())],
+            wp=True,
+            pid=target.pid,
+            pidfd=self.pidfd,
+            defer_missing=defer_missing,
+        )
 
     def flush(self, first=0, count=None):
         """Saves pages [first, first + count) at slot = page number, the way a pager does:
@@ -46,16 +55,27 @@ class Managed:
         finally:
             os.close(pm)
         buf = bytearray(count * PAGE)
-        assert native.read_ranges(self.t.pid, [(self.t.page(first), self.t.page(first + count))], buf) == len(buf)
+        assert native.read_ranges(
+            self.t.pid, [(self.t.page(first), self.t.page(first + count))], buf
+        ) == len(buf)
         self.file.seek(first * PAGE)
         self.file.write(buf)
         self.file.flush()
-        self.index.set_many([self.t.page(i) for i in range(first, first + count)], range(first, first + count))
+        self.index.set_many(
+            [self.t.page(i) for i in range(first, first + count)], range(first, first + count)
+        )
 
     def evict(self, first=0, count=None):
         count = self.t.npages - first if count is None else count
-        return native.evict_pages(self.tracer, self.t.pid, [(self.t.page(first), self.t.page(first + count))],
-                           loop=self.loop, uffd_id=self.id, uffd=self.uffd, index=self.index)
+        return native.evict_pages(
+            self.tracer,
+            self.t.pid,
+            [(self.t.page(first), self.t.page(first + count))],
+            loop=self.loop,
+            uffd_id=self.id,
+            uffd=self.uffd,
+            index=self.index,
+        )
 
     def written(self):
         pm = native.open_pagemap(self.t.pid)
@@ -183,7 +203,8 @@ def test_munmap_drops_index_entries(start_target, manage, loop):
     m.evict()
     assert t.cmd("munmap 48 16") == "ok"
     assert [(e.kind, e.start, e.end) for e in loop.pop_events() if e.kind == "unmap"] == [
-        ("unmap", t.page(48), t.page(64))]
+        ("unmap", t.page(48), t.page(64))
+    ]
     assert len(m.index) == 48
     assert t.cmd("verify") == "ok 48"
 
@@ -296,15 +317,21 @@ def test_second_source_serves_what_the_first_lacks(start_target, tracer, loop, t
     first, second = native.PageIndex(), native.PageIndex()
     data = b"".join(page_bytes(i, 1) for i in range(32))
     with open(tmp_path / "a", "w+b") as fa, open(tmp_path / "b", "w+b") as fb:
-        fa.write(data[:16 * PAGE])
+        fa.write(data[: 16 * PAGE])
         fa.flush()
         fb.write(bytes(PAGE) + data)  # the second file has its pages one slot further on
         fb.flush()
         first.set_many([t.page(i) for i in range(16)], range(16))
         second.set_many([t.page(i) for i in range(32)], range(1, 33))
-        uid = loop.add(uffd, [native.Source(first, fa.fileno()), native.Source(second, fb.fileno())],
-                       wp=True, pid=t.pid)
-        native.evict_pages(tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd, index=second)
+        uid = loop.add(
+            uffd,
+            [native.Source(first, fa.fileno()), native.Source(second, fb.fileno())],
+            wp=True,
+            pid=t.pid,
+        )
+        native.evict_pages(
+            tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd, index=second
+        )
         assert t.cmd("verify") == "ok 32"
     uffd.close()
 
@@ -316,7 +343,9 @@ def test_mapping_source(start_target, tracer, loop):
     index.set_many([t.page(i) for i in range(16)], range(16))
     mapping = bytearray(b"".join(page_bytes(i, 1) for i in range(16)))
     uid = loop.add(uffd, [native.Source(index, mapping=mapping)], wp=True, pid=t.pid)
-    native.evict_pages(tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd, index=index)
+    native.evict_pages(
+        tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd, index=index
+    )
     assert t.cmd("verify") == "ok 16"
     uffd.close()
 
@@ -373,7 +402,7 @@ def test_latency_histogram_and_removal(start_target, manage, loop):
 
 async def test_events_wake_a_trio_task(start_target, manage, loop):
     t = start_target(16)
-    m = manage(t)
+    manage(t)
     t.send("dontneed 0 2")
     with trio.fail_after(10):
         events = await loop.wait_events()

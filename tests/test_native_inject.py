@@ -16,11 +16,18 @@ import time
 from pathlib import Path
 
 import pytest
+from native_support import PAGE, page_bytes, require_root
 
 from gfvm import native
-from native_support import PAGE, page_bytes, require_root, start_target, target_binary, tracer  # noqa: F401
+
+pytest_plugins = ["native_fixtures"]  # start_target, target_binary, tracer
 
 CGROUP2 = Path("/sys/fs/cgroup/unified")
+
+
+def task_state(pid: int, tid: int) -> str:
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def fd_count(pid: int) -> int:
@@ -93,7 +100,7 @@ def test_multithreaded_target_all_threads_stop_and_resume(start_target, tracer):
     assert t.cmd("threads 3") == "ok"
     tids = tracer.stop_process(t.pid)
     assert len(tids) == 4
-    assert {open(f"/proc/{t.pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0] for tid in tids} == {"t"}
+    assert {task_state(t.pid, tid) for tid in tids} == {"t"}
     worker = max(tids)
     before = tracer.registers(worker)
     assert tracer.syscall(t.pid, native.SYS_getpid, tid=worker) == t.pid
@@ -113,8 +120,7 @@ def test_threads_created_while_stopping_are_caught(start_target, tracer):
     time.sleep(0.05)
     listed = {int(x) for x in os.listdir(f"/proc/{t.pid}/task")}
     assert listed <= set(tids)
-    states = {open(f"/proc/{t.pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0] for tid in listed}
-    assert states == {"t"}
+    assert {task_state(t.pid, tid) for tid in listed} == {"t"}
     tracer.resume_process(t.pid)
     assert t.cmd("verify") == "ok 4"
 
@@ -132,8 +138,13 @@ def test_inject_userfaultfd_leaves_no_fd_behind(start_target, tracer):
 def test_inject_mmap_and_munmap(start_target, tracer):
     t = start_target(4)
     with tracer.stopped(t.pid):
-        addr = tracer.inject_mmap(t.pid, 0, 2 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
-                                  mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        addr = tracer.inject_mmap(
+            t.pid,
+            0,
+            2 * PAGE,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+        )
         assert native.write_pages(t.pid, [addr], page_bytes(0, 5)) == PAGE
         got = bytearray(PAGE)
         assert native.read_pages(t.pid, [addr], got) == PAGE and bytes(got) == page_bytes(0, 5)
@@ -296,3 +307,29 @@ def test_cgroup2_frozen_target(start_target, tracer, cgroup2):
     assert not t.ready_to_read(0.2)  # frozen: does not answer
     set_frozen(cgroup2, False)
     assert t.read_line() == "ok 8"
+
+
+def test_cgroup1_frozen_target_is_refused_clearly(start_target, tracer):
+    """A task in a frozen v1 freezer cgroup enters a ptrace stop only once thawed (measured:
+    seize and interrupt succeed, the stop never comes): stop_process says so up front."""
+    v1 = Path("/sys/fs/cgroup/freezer")
+    if not (v1 / "freezer.state").exists() and not (v1 / "cgroup.procs").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("no cgroup v1 freezer hierarchy")
+        pytest.skip("no cgroup v1 freezer hierarchy")
+    t = start_target(4)
+    cg = v1 / f"gfvm-test-native-{os.getpid()}"
+    cg.mkdir()
+    try:
+        (cg / "cgroup.procs").write_text(str(t.pid))
+        (cg / "freezer.state").write_text("FROZEN")
+        with pytest.raises(OSError) as exc:
+            tracer.stop_process(t.pid)
+        assert exc.value.errno == errno.EBUSY and "freezer.state" in str(exc.value)
+        (cg / "freezer.state").write_text("THAWED")
+        assert t.cmd("verify") == "ok 4"
+    finally:
+        (cg / "freezer.state").write_text("THAWED")
+        for pid in (cg / "cgroup.procs").read_text().split():
+            (v1 / "cgroup.procs").write_text(pid)
+        cg.rmdir()

@@ -7,9 +7,11 @@ import errno
 import os
 
 import pytest
+from native_support import inject_uffd, require_root
 
 from gfvm import native
-from native_support import inject_uffd, require_root, start_target, target_binary, tracer  # noqa: F401
+
+pytest_plugins = ["native_fixtures"]  # start_target, target_binary, tracer
 
 TRACKING = native.UFFD_FEATURE_WP_ASYNC | native.UFFD_FEATURE_WP_UNPOPULATED
 
@@ -52,7 +54,9 @@ def test_scan_without_reprotect_reports_again(start_target, tracer, pagemap):
     pm = pagemap(t.pid)
     assert t.cmd("write 1 2 2") == "ok"
     for _ in range(2):
-        assert native.scan_written(pm, t.addr, t.end, reprotect=False).ranges() == [(t.page(1), t.page(3))]
+        assert native.scan_written(pm, t.addr, t.end, reprotect=False).ranges() == [
+            (t.page(1), t.page(3))
+        ]
 
 
 def test_many_regions_are_collected_past_a_full_vector(start_target, tracer, pagemap):
@@ -72,8 +76,14 @@ def test_max_pages_stops_the_walk(start_target, tracer, pagemap):
     inject_uffd(tracer, t, TRACKING, missing=False, wp=True)
     pm = pagemap(t.pid)
     assert t.cmd("write 0 64 2") == "ok"
-    first = native.pagemap_scan(pm, t.addr, t.end, category_mask=native.PAGE_IS_WRITTEN, max_pages=10,
-                                flags=native.PM_SCAN_WP_MATCHING)
+    first = native.pagemap_scan(
+        pm,
+        t.addr,
+        t.end,
+        category_mask=native.PAGE_IS_WRITTEN,
+        max_pages=10,
+        flags=native.PM_SCAN_WP_MATCHING,
+    )
     assert first.page_count == 10
     assert first.walk_end == t.page(10)
     rest = native.scan_written(pm, first.walk_end, t.end)

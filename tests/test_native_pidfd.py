@@ -10,7 +10,8 @@ import signal
 import pytest
 
 from gfvm import native
-from native_support import start_target, target_binary  # noqa: F401
+
+pytest_plugins = ["native_fixtures"]  # start_target, target_binary, tracer
 
 
 def test_getfd_copies_a_file_of_the_target(start_target):

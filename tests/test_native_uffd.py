@@ -10,14 +10,24 @@ import select
 import signal
 
 import pytest
+from native_support import PAGE, inject_uffd, page_bytes, require_root
 
 from gfvm import native
-from native_support import PAGE, inject_uffd, page_bytes, require_root, start_target, target_binary, tracer  # noqa: F401
 
-NO_EVENTS = native.UFFD_FEATURE_THREAD_ID | native.UFFD_FEATURE_WP_ASYNC | native.UFFD_FEATURE_WP_UNPOPULATED
-ALL_EVENTS = (native.UFFD_FEATURE_EVENT_FORK | native.UFFD_FEATURE_EVENT_REMAP
-              | native.UFFD_FEATURE_EVENT_REMOVE | native.UFFD_FEATURE_EVENT_UNMAP
-              | native.UFFD_FEATURE_THREAD_ID)
+pytest_plugins = ["native_fixtures"]  # start_target, target_binary, tracer
+
+NO_EVENTS = (
+    native.UFFD_FEATURE_THREAD_ID
+    | native.UFFD_FEATURE_WP_ASYNC
+    | native.UFFD_FEATURE_WP_UNPOPULATED
+)
+ALL_EVENTS = (
+    native.UFFD_FEATURE_EVENT_FORK
+    | native.UFFD_FEATURE_EVENT_REMAP
+    | native.UFFD_FEATURE_EVENT_REMOVE
+    | native.UFFD_FEATURE_EVENT_UNMAP
+    | native.UFFD_FEATURE_THREAD_ID
+)
 
 
 def pump(uffd, target, timeout=10.0):
@@ -61,8 +71,12 @@ def test_register_reports_range_ioctls_and_rejects_unaligned(start_target, trace
     u = tracer.inject_userfaultfd(t.pid)
     u.api(NO_EVENTS)
     ioctls = u.register(t.addr, 16 * PAGE, missing=True, wp=True)
-    for bit in (native.UFFDIO_COPY_BIT, native.UFFDIO_ZEROPAGE_BIT, native.UFFDIO_WAKE_BIT,
-                native.UFFDIO_WRITEPROTECT_BIT):
+    for bit in (
+        native.UFFDIO_COPY_BIT,
+        native.UFFDIO_ZEROPAGE_BIT,
+        native.UFFDIO_WAKE_BIT,
+        native.UFFDIO_WRITEPROTECT_BIT,
+    ):
         assert ioctls & bit
     with pytest.raises(OSError) as exc:
         u.register(t.addr + 1, PAGE)
@@ -98,7 +112,7 @@ def test_copy_reports_partial_progress_and_eexist(start_target, tracer):
         u.copy(t.page(8), page_bytes(8, 4))
     got = bytearray(8 * PAGE)
     assert native.read_ranges(t.pid, [(t.page(0), t.page(8))], got) == 8 * PAGE
-    assert bytes(got) == data[:8 * PAGE]
+    assert bytes(got) == data[: 8 * PAGE]
     assert t.cmd("expect 0 8 4") == "ok"
     assert t.cmd("verify") == "ok 16"
 

@@ -6,9 +6,11 @@ import errno
 import os
 
 import pytest
+from native_support import PAGE, page_bytes
 
 from gfvm import native
-from native_support import PAGE, page_bytes, start_target, target_binary  # noqa: F401
+
+pytest_plugins = ["native_fixtures"]  # start_target, target_binary, tracer
 
 
 def test_read_scattered_pages_in_one_call(start_target):
@@ -17,15 +19,19 @@ def test_read_scattered_pages_in_one_call(start_target):
     buf = bytearray(len(pages) * PAGE)
     assert native.read_pages(t.pid, [t.page(i) for i in pages], buf) == len(buf)
     for k, i in enumerate(pages):
-        assert buf[k * PAGE:(k + 1) * PAGE] == page_bytes(i, 1), f"page {i}"
+        assert buf[k * PAGE : (k + 1) * PAGE] == page_bytes(i, 1), f"page {i}"
 
 
 def test_read_ranges_and_regions(start_target):
     t = start_target(64)
     assert t.cmd("write 10 4 7") == "ok"
     buf = bytearray(8 * PAGE)
-    assert native.read_ranges(t.pid, [(t.page(10), t.page(14)), (t.page(20), t.page(24))], buf) == len(buf)
-    want = b"".join(page_bytes(i, 7) for i in range(10, 14)) + b"".join(page_bytes(i, 1) for i in range(20, 24))
+    assert native.read_ranges(
+        t.pid, [(t.page(10), t.page(14)), (t.page(20), t.page(24))], buf
+    ) == len(buf)
+    want = b"".join(page_bytes(i, 7) for i in range(10, 14)) + b"".join(
+        page_bytes(i, 1) for i in range(20, 24)
+    )
     assert bytes(buf) == want
     pm = native.open_pagemap(t.pid)
     try:
@@ -34,7 +40,7 @@ def test_read_ranges_and_regions(start_target):
         os.close(pm)
     whole = bytearray(present.page_count * PAGE)
     assert native.read_regions(t.pid, present, whole) == 64 * PAGE
-    assert whole[10 * PAGE:11 * PAGE] == page_bytes(10, 7)
+    assert whole[10 * PAGE : 11 * PAGE] == page_bytes(10, 7)
 
 
 def test_partial_read_stops_at_the_first_hole(start_target):
@@ -43,7 +49,7 @@ def test_partial_read_stops_at_the_first_hole(start_target):
     buf = bytearray(8 * PAGE)
     got = native.read_pages(t.pid, [t.page(i) for i in range(8)], buf)
     assert got == 5 * PAGE
-    assert buf[4 * PAGE:5 * PAGE] == page_bytes(4, 1)
+    assert buf[4 * PAGE : 5 * PAGE] == page_bytes(4, 1)
 
 
 def test_nothing_readable_is_efault(start_target):

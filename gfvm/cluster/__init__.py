@@ -66,6 +66,7 @@ class Node:
     veth: str
     anchor_pid: int = 0
     daemon_pid: int = 0
+    impair_pid: int = 0
 
     @property
     def netns_path(self) -> Path:
@@ -246,15 +247,21 @@ class Cluster:
         progress(f"bridge {bridge}")
         sysutil.run(["ip", "link", "add", bridge, "type", "bridge"])
         sysutil.run(["ip", "link", "set", bridge, "up"])
-        config_text = self.config().to_toml()
+        # Provision the nodes the way real ones are: `cluster init` makes the CA and one bundle
+        # per node, each node `join`s with its own bundle.
+        from gfvm import provision
+
+        admin = provision.init_cluster(
+            self.config().nodes, self.lib_dir(self.name) / "admin", name=self.name,
+            replicas=self.replicas,
+        )
         for node in self.nodes.values():
             progress(f"node {node.name}: namespaces, {node.address} on {bridge}")
             dirs = self.dirs(node.name)
             for d in (dirs.etc, dirs.state, dirs.run):
                 d.mkdir(parents=True, exist_ok=True)
             os.chmod(dirs.etc, 0o700)
-            (dirs.etc / "cluster.toml").write_text(config_text)
-            (dirs.etc / "node.toml").write_text(f'name = "{node.name}"\n')
+            provision.join(admin.bundles[node.name], dirs.etc)
             node.anchor_pid = self._start_anchor(dirs)
             self._save()
             sysutil.run(["ip", "netns", "attach", node.netns, str(node.anchor_pid)])
@@ -337,27 +344,33 @@ class Cluster:
         n = self.node(node)
         if n.daemon_pid and sysutil.pid_alive(n.daemon_pid):
             return n.daemon_pid
-        # The daemon runs the same gfvm code as its caller (an installed package or a checkout),
-        # from "/" and with -P, so no directory called gfvm (e.g. /gfvm) can shadow the package.
-        code_root = str(Path(__file__).resolve().parents[2])
-        pythonpath = os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))
         log = open(self.daemon_log(node), "ab")
         try:
-            proc = subprocess.Popen(
-                self.exec_argv(node, [sys.executable, "-P", "-m", "gfvm.daemon"]),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd="/",
-                start_new_session=True,
-                env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})},
-            )
+            proc = self._start_module(node, "gfvm.daemon", [], stdout=log, env=env)
         finally:
             log.close()
         # nsenter execs the command in the same process, so this PID is gfvmd's own.
         n.daemon_pid = proc.pid
         self._save()
         return proc.pid
+
+    def _start_module(self, node: str, module: str, args: list[str], *, stdout, env=None) -> subprocess.Popen:
+        """Starts `python -m module args` inside `node`, detached from our session.
+
+        It runs the same gfvm code as its caller (an installed package or a checkout), from "/"
+        and with -P, so that no directory called gfvm (e.g. /gfvm) can shadow the package.
+        """
+        code_root = str(Path(__file__).resolve().parents[2])
+        pythonpath = os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))
+        return subprocess.Popen(
+            self.exec_argv(node, [sys.executable, "-P", "-m", module, *args]),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout is subprocess.PIPE else stdout,
+            cwd="/",
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})},
+        )
 
     def wait_daemon(self, node: str, timeout: float = 30.0) -> dict:
         """Waits until `node`'s gfvmd answers a ping; returns the answer (blocking)."""
@@ -417,6 +430,40 @@ class Cluster:
                     raise FeatureMissing("this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM)")
                 if proc.returncode != 0:
                     raise sysutil.CommandFailed(f"tc netem {spec}: {proc.stderr.strip()}")
+
+    def impair(
+        self, node: str, *, delay_ms: float = 0, jitter_ms: float = 0, loss_pct: float = 0,
+        seed: int | None = None,
+    ) -> None:
+        """Delays (± jitter, which also reorders) and drops `node`'s outgoing packets to the other
+        nodes, like netem would (see gfvm.cluster.impair). All zero removes the impairment."""
+        from gfvm.cluster.impair import divert_rule
+
+        n = self.node(node)
+        if n.impair_pid:
+            sysutil.kill_pids([n.impair_pid], signal.SIGTERM)
+            sysutil.wait_gone([n.impair_pid], 5)
+            n.impair_pid = 0
+        rule = divert_rule(0, f"{SUBNET}.0/24")
+        sysutil.run(self.exec_argv(node, ["iptables", "-t", "mangle", "-D", *rule]), check=False)
+        self._save()
+        if not (delay_ms or jitter_ms or loss_pct):
+            return
+        if shutil.which("iptables") is None:
+            raise FeatureMissing("`iptables` is missing: apt-get install iptables")
+        args = ["--delay", str(delay_ms), "--jitter", str(jitter_ms), "--loss", str(loss_pct)]
+        if seed is not None:
+            args += ["--seed", str(seed)]
+        proc = self._start_module(node, "gfvm.cluster.impair", args, stdout=subprocess.PIPE)
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if line.strip() != b"ready":
+            proc.kill()
+            rest = proc.communicate()[0].decode(errors="replace")
+            raise GfvmError(f"packet impairer on {node} did not start: {line.decode()}{rest}")
+        proc.stdout.close()  # type: ignore[union-attr]
+        n.impair_pid = proc.pid
+        self._save()
+        sysutil.run(self.exec_argv(node, ["iptables", "-t", "mangle", "-A", *rule]))
 
     def partition(self, a: str, b: str, cut: bool = True) -> None:
         """Drops all traffic between nodes `a` and `b` only (`cut=False` heals it)."""

@@ -13,7 +13,8 @@ from gfvm.errors import UsageError
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "cluster",
-        help="a local test cluster of namespace nodes (up, status, exec, down)",
+        help="set up a real cluster (init), or a local test cluster of namespace nodes "
+        "(up, status, exec, down)",
         description="A local gfvm cluster on this machine: each node is a network namespace on "
         "one bridge (10.77.0.1..N) with a private mount namespace (its own /gfvm, /etc/gfvm, "
         "/var/lib/gfvm, /run/gfvm) and its own gfvmd.",
@@ -57,6 +58,10 @@ def add_commands(sub) -> None:
     )
     common(down)
     down.set_defaults(func=_down)
+
+    from gfvm import provision
+
+    provision.add_commands(csub, sub)
 
 
 def _say(msg: str) -> None:
