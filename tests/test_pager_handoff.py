@@ -81,3 +81,32 @@ def test_hand_over_and_adopt_restored(pager, workload_bin, tmp_path):
     finally:
         cg.thaw()
         wl.close()
+
+
+def test_paging_file_source_gives_the_pages_at_the_dump(pager, workload_bin, tmp_path):
+    """What the migration target reads: after flush_all with the tree frozen, the source's pages
+    for the task's inner pid equal its memory."""
+    from gfvm import native
+    from gfvm.pager.source import PagingFileSource
+
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    try:
+        cg.freeze()
+        pager.flush_all(summary["id"])
+        src = PagingFileSource(pager.backing, tree.rec.paging_dir)
+        try:
+            assert 2 in src.asids()
+            region = conn.region
+            buf = bytearray(4096 * 16)
+            native.read_pages(summary["pid"], [region + i * 4096 for i in range(16)], buf)
+            assert src.lookup_run(2, region, 16) == bytes(buf)
+            assert any(a <= region < b for a, b in src.ranges(2))
+            assert src.lookup(2, 0x1000) is None
+            (source,) = src.native_sources(2)
+            assert source.index.get(region) is not None
+        finally:
+            src.close()
+    finally:
+        cg.thaw()
+        wl.close()
