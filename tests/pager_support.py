@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +39,7 @@ class Workload:
     def argv(self) -> list[str]:
         return [str(self.binary), str(self.sock_path), str(self.npages)]
 
-    def accept(self) -> "Conn":
+    def accept(self) -> Conn:
         conn, _ = self.listener.accept()
         c = Conn(conn)
         self.conns.append(c)
@@ -162,7 +160,8 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
 def check_file_matches_memory(tree, *, stopped: bool = True) -> int:
     """For every tracked process of the tree: every present page of its tracked VMAs is either in
     the paging file with exactly the bytes in memory, or not in the file and all zeros; and every
-    page in the file that is present equals memory. Call with the tree frozen. Returns pages checked."""
+    page in the file that is present equals memory. Call with the tree frozen. Returns the number
+    of pages checked."""
     from gfvm import native
     from gfvm.pager.pagefile import page_crc
 
@@ -182,13 +181,17 @@ def check_file_matches_memory(tree, *, stopped: bool = True) -> int:
             assert got == len(pages) * PAGE, f"could read only {got} bytes of {len(pages)} pages"
             entries = tree.pf.index.entries(space.asid)
             for i, v in enumerate(pages):
-                mem = bytes(buf[i * PAGE:(i + 1) * PAGE])
+                mem = bytes(buf[i * PAGE : (i + 1) * PAGE])
                 if v in entries:
                     filed = tree.pf.read_page(space.asid, v)
-                    assert filed == mem, (f"asid {space.asid} page {v << 12:#x}: file and memory "
-                                          f"differ (crc {page_crc(filed):#x} vs {page_crc(mem):#x})")
+                    assert filed == mem, (
+                        f"asid {space.asid} page {v << 12:#x}: file and memory "
+                        f"differ (crc {page_crc(filed):#x} vs {page_crc(mem):#x})"
+                    )
                 else:
-                    assert mem == zero, f"asid {space.asid} page {v << 12:#x}: written but not in the file"
+                    assert (
+                        mem == zero
+                    ), f"asid {space.asid} page {v << 12:#x}: written but not in the file"
                 checked += 1
         return checked
 

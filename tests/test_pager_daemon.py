@@ -31,8 +31,14 @@ def node(make_cluster):
 
 
 def gfvm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = cluster.run("n1", [sys.executable, "-m", "gfvm", *args], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO)
+    proc = cluster.run(
+        "n1",
+        [sys.executable, "-m", "gfvm", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+        cwd=REPO,
+    )
     if check:
         assert proc.returncode == 0, f"gfvm {' '.join(args)}: {proc.stderr}"
     return proc
@@ -86,8 +92,10 @@ def test_adopt_kernel_thread(node):
 
 def test_adopt_zombie(node):
     child = subprocess.Popen(["true"])
-    wait_for(lambda: open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
-             what="a zombie")
+    wait_for(
+        lambda: open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
+        what="a zombie",
+    )
     try:
         proc = gfvm(node, "adopt", str(child.pid), check=False)
         assert proc.returncode == 1 and "zombie" in proc.stderr
@@ -140,8 +148,10 @@ def test_process_killed_mid_flush_leaves_daemon_serving(node, workload_bin, tmp_
         conn.send("writeloop 5000")
         wait_for(lambda: status(node, gfvm_id)["pages_paged_out"] > 0, what="flushing")
         os.kill(status(node, gfvm_id)["pid"], signal.SIGKILL)
-        wait_for(lambda: status(node, gfvm_id)["state"].startswith(("exited", "killed")),
-                 what="the kill to be noticed")
+        wait_for(
+            lambda: status(node, gfvm_id)["state"].startswith(("exited", "killed")),
+            what="the kill to be noticed",
+        )
         # the daemon still serves: a new managed process works
         wl2 = Workload(workload_bin, tmp_path, 64)
         try:
@@ -207,8 +217,10 @@ def test_process_killed_mid_fault_leaves_daemon_serving(node, workload_bin, tmp_
         conn.send("verify")  # faults pages back in from the paging file...
         time.sleep(0.005)
         os.kill(pid, signal.SIGKILL)  # ... and dies while they are being served
-        wait_for(lambda: status(node, gfvm_id)["state"].startswith(("exited", "killed")),
-                 what="the death to be noticed")
+        wait_for(
+            lambda: status(node, gfvm_id)["state"].startswith(("exited", "killed")),
+            what="the death to be noticed",
+        )
         wl2 = Workload(workload_bin, tmp_path, 64)
         try:
             gfvm(node, "run", "--", *wl2.argv())

@@ -70,12 +70,15 @@ def test_hand_over_and_adopt_restored(pager, workload_bin, tmp_path):
         assert gfvm_id not in pager.trees
         assert pager.backing.exists(f"{paging_dir}/index")
         # the "target" (here the same node) takes the frozen processes and their paging file
-        pager.adopt_restored(gfvm_id, name="handoff", cmd=tree.rec.cmd,
-                             init_pid=tree.rec.init_pid, host_pids=[pid])
+        pager.adopt_restored(
+            gfvm_id, name="handoff", cmd=tree.rec.cmd, init_pid=tree.rec.init_pid, host_pids=[pid]
+        )
         cg.thaw()
         assert conn.cmd("verify") == "ok 4096"
         new_tree = pager.tree(gfvm_id)
-        assert new_tree.snapshot()["pages_faulted_in"] > 0 or new_tree.loop.counters().pages_copied > 0
+        assert (
+            new_tree.snapshot()["pages_faulted_in"] > 0 or new_tree.loop.counters().pages_copied > 0
+        )
         conn.cmd("random 500 5 6")
         assert conn.cmd("verify") == "ok 4096"
     finally:

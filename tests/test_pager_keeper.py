@@ -15,8 +15,9 @@ from gfvm.pager.keeper import KeeperClient
 @pytest.fixture
 def keeper(tmp_path):
     sock = tmp_path / "keeper.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "gfvm.pager.keeper", str(sock)],
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gfvm.pager.keeper", str(sock)], stdin=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 10
     while not sock.exists():
         assert proc.poll() is None, "keeper exited at start"
@@ -39,7 +40,7 @@ def test_fd_survives_client_and_comes_back(keeper):
     client.close()
     os.close(w)  # the keeper now holds the only write end
     client = KeeperClient(keeper)
-    (key, meta, fd), = client.take_all()
+    ((key, meta, fd),) = client.take_all()
     assert key == "p1/2" and meta == {"host_pid": 123}
     os.write(fd, b"still open")
     assert os.read(r, 100) == b"still open"

@@ -1,5 +1,5 @@
 """--mem-limit: the pager keeps RSS under the limit by evicting clean pages, which come back on
-fault from the paging file (served by the native fault loop), and the workload's memory stays right."""
+fault from the paging file (served by the native fault loop); the workload's memory stays right."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def test_rss_stays_under_limit_and_data_comes_back(pager, workload_bin, tmp_path
             # every page read back (half of them from the paging file), half rewritten
             assert conn.cmd("verify") == "ok 8192"
             conn.cmd(f"random 3000 {gen} {gen}")
-            wait_for(lambda: tree.snapshot()["rss"] <= limit, timeout=30, what="RSS under the limit")
+            wait_for(
+                lambda: tree.snapshot()["rss"] <= limit, timeout=30, what="RSS under the limit"
+            )
         assert conn.cmd("verify") == "ok 8192"
         snap = tree.snapshot()
         assert snap["pages_faulted_in"] > 0

@@ -1,8 +1,9 @@
 """The paging file format: round trips, torn tails, compaction, and crash safety.
 
-Crash safety is checked against a simulated disk (`SimDisk`): writes stay volatile until fsync, and a
-crash keeps an arbitrary subset of the volatile writes (as a real disk may). A real power loss cannot
-be produced here, so this is the place where the ordering invariants of pagefile.py are exercised.
+Crash safety is checked against a simulated disk (`SimDisk`): writes stay volatile until fsync,
+and a crash keeps an arbitrary subset of the volatile writes (as a real disk may). A real power
+loss cannot be produced here, so this is where the ordering invariants of pagefile.py are
+exercised.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from gfvm.pager.pagefile import (
     PagingFile,
     PagingFileError,
     load_index,
-    page_crc,
 )
 
 
@@ -41,17 +41,17 @@ def write(pf: PagingFile, asid: int, items: dict[int, int]) -> None:
 def test_round_trip_local(tmp_path):
     backing = LocalBacking(tmp_path)
     pf = PagingFile.create(backing, "procs/a1", {"id": "a1", "name": "x"})
-    write(pf, 2, {0x400: 1, 0x401: 2, 0x7f00: 3})
+    write(pf, 2, {0x400: 1, 0x401: 2, 0x7F00: 3})
     write(pf, 3, {0x400: 4})
     pf.commit()
     pf.close()
     pf = PagingFile.open(backing, "procs/a1")
     assert pf.read_page(2, 0x400) == page(1)
-    assert pf.read_page(2, 0x7f00) == page(3)
+    assert pf.read_page(2, 0x7F00) == page(3)
     assert pf.read_page(3, 0x400) == page(4)
     assert pf.read_page(3, 0x401) is None
     assert pf.read_meta()["name"] == "x"
-    assert sorted(load_index(backing, "procs/a1").entries(2)) == [0x400, 0x401, 0x7f00]
+    assert sorted(load_index(backing, "procs/a1").entries(2)) == [0x400, 0x401, 0x7F00]
     pf.close()
 
 
@@ -156,22 +156,22 @@ def test_compaction_keeps_entries_and_shrinks_log(tmp_path, monkeypatch):
     pf.close()
 
 
-# --- crash safety on a simulated disk --------------------------------------------------------------
+# --- crash safety on a simulated disk ----------------------------------------------------------
 
 
 class SimFile:
-    def __init__(self, disk: "SimDisk", name: str) -> None:
+    def __init__(self, disk: SimDisk, name: str) -> None:
         self.disk, self.name = disk, name
 
     def write_pages(self, offsets, data):
         for i, off in enumerate(offsets):
-            self.pwrite(bytes(data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]), off)
+            self.pwrite(bytes(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]), off)
 
     def pwrite(self, data, offset):
         # in record-sized pieces, so that a crash can keep any subset of them (torn appends)
         ops = self.disk.pending.setdefault(self.name, [])
         for i in range(0, len(data), RECORD.size):
-            ops.append(("w", offset + i, bytes(data[i:i + RECORD.size])))
+            ops.append(("w", offset + i, bytes(data[i : i + RECORD.size])))
 
     def _current(self) -> bytearray:
         buf = bytearray(self.disk.durable.get(self.name, b""))
@@ -180,7 +180,7 @@ class SimFile:
         return buf
 
     def pread(self, length, offset):
-        return bytes(self._current()[offset:offset + length])
+        return bytes(self._current()[offset : offset + length])
 
     def fsync(self):
         if self.name.endswith("index") and self.disk.fail_next_index_fsync:
@@ -210,7 +210,7 @@ def _apply(buf: bytearray, op) -> None:
     else:
         if len(buf) < off:
             buf.extend(bytes(off - len(buf)))
-        buf[off:off + len(data)] = data
+        buf[off : off + len(data)] = data
 
 
 class SimDisk:
@@ -258,11 +258,27 @@ class Crash(Exception):
     pass
 
 
-KINDS = ["write", "write", "write", "write", "commit", "crash", "crash_in_commit", "drop", "move",
-         "clone", "forget"]
+KINDS = [
+    "write",
+    "write",
+    "write",
+    "write",
+    "commit",
+    "crash",
+    "crash_in_commit",
+    "drop",
+    "move",
+    "clone",
+    "forget",
+]
 ops = st.lists(
-    st.tuples(st.sampled_from(KINDS), st.integers(1, 2), st.integers(0, 3), st.integers(0, 3),
-              st.integers(1, 3)),
+    st.tuples(
+        st.sampled_from(KINDS),
+        st.integers(1, 2),
+        st.integers(0, 3),
+        st.integers(0, 3),
+        st.integers(1, 3),
+    ),
     max_size=40,
 )
 
@@ -345,8 +361,11 @@ def test_crash_never_exposes_wrong_data(script, seed):
                 candidates = history
             disk.crash(rng)
             pf = PagingFile.open(disk, "p")
-            recovered = {a: {v: _tag_of(pf.read_page(a, v)) for v in s}
-                         for a, s in pf.index.spaces.items() if s}
+            recovered = {
+                a: {v: _tag_of(pf.read_page(a, v)) for v in s}
+                for a, s in pf.index.spaces.items()
+                if s
+            }
             assert recovered in candidates
             model = {a: dict(s) for a, s in recovered.items()}
             history = [_snapshot(model)]

@@ -156,7 +156,9 @@ def test_fork_child_gets_its_own_address_space(pager, workload_bin, tmp_path):
         child_pid = int(conn.cmd("forkstay").split()[1])
         child = wl.accept()
         assert child.pid == child_pid == 3  # inner pids
-        wait_for(lambda: 3 in tree.spaces and tree.spaces[3].resolved, what="the child to be tracked")
+        wait_for(
+            lambda: 3 in tree.spaces and tree.spaces[3].resolved, what="the child to be tracked"
+        )
         child.cmd("random 200 8 1")
         conn.cmd("random 200 9 2")
         result, checked = frozen_flush_and_check(pager, tree)
@@ -183,8 +185,10 @@ def test_exec_is_tracked_again(pager, workload_bin, tmp_path):
         conn.send(f"exec {workload_bin} {wl.sock_path} 128")
         conn2 = wl.accept()
         assert conn2.pid == 2
-        wait_for(lambda: 2 in tree.spaces and len(tree.pf.index.entries(2)) < old_entries,
-                 what="the old address space to be forgotten")
+        wait_for(
+            lambda: 2 in tree.spaces and len(tree.pf.index.entries(2)) < old_entries,
+            what="the old address space to be forgotten",
+        )
         conn2.cmd("fill 0 128 6")
         frozen_flush_and_check(pager, tree)
         assert conn2.cmd("verify") == "ok 128"

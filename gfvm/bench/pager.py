@@ -37,10 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flush-mb", type=int, default=512, help="dirty memory paged out in (b)")
     p.add_argument("--fault-mb", type=int, default=1024, help="memory faulted back in (c)")
     p.add_argument("--interval-ms", type=int, help="pager scan interval (default: the pager's)")
-    p.add_argument("--json", dest="json_path", help="where to write the results "
-                   "(default bench-results/pager-<time>.json)")
-    p.add_argument("--only", choices=["a", "b", "c"], action="append",
-                   help="run only these parts (repeatable)")
+    p.add_argument(
+        "--json",
+        dest="json_path",
+        help="where to write the results " "(default bench-results/pager-<time>.json)",
+    )
+    p.add_argument(
+        "--only", choices=["a", "b", "c"], action="append", help="run only these parts (repeatable)"
+    )
 
 
 class _Session:
@@ -59,8 +63,12 @@ class _Session:
         if interval_ms:
             settings.interval = interval_ms / 1000
         node = f"bench{os.getpid()}"
-        paths = NodePaths(etc=self.tmp / "etc", state=self.tmp / "state", run=self.tmp / "run",
-                          mount=self.tmp / "mnt")
+        paths = NodePaths(
+            etc=self.tmp / "etc",
+            state=self.tmp / "state",
+            run=self.tmp / "run",
+            mount=self.tmp / "mnt",
+        )
         daemon = SimpleNamespace(paths=paths, node_name=node, config=None, control=ControlServer())
         self.pager = Pager(daemon, settings=settings)
         self.pager.open_blocking()
@@ -108,7 +116,9 @@ class _Session:
                 pass
         for root in cgroup_roots():
             group = root / "gfvm" / cgroup_node_group(self.pager.cluster, self.pager.node)
-            for d in sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            for d in sorted(
+                (p for p in group.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
+            ):
                 _rmdir(d)
             _rmdir(group)
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -160,6 +170,7 @@ def _freeze(tree):
 
 # --- (a) --------------------------------------------------------------------------------------
 
+
 def bench_write(s: _Session, mb: int, seconds: float, pairs: int = 4) -> dict:
     """Alternates unmanaged and managed runs (this machine is shared and noisy: a ratio of
     neighbouring runs is steadier than two long runs) and reports medians. Also reports
@@ -185,8 +196,8 @@ def bench_write(s: _Session, mb: int, seconds: float, pairs: int = 4) -> dict:
     out["managed_pager_counters"] = snap["counters"]
     for conn, _tree in procs.values():
         conn.close()
-    ratios = [m[0] / u[0] for u, m in zip(runs["unmanaged"], runs["managed"])]
-    cpu_ratios = [m[1] / u[1] for u, m in zip(runs["unmanaged"], runs["managed"])]
+    ratios = [m[0] / u[0] for u, m in zip(runs["unmanaged"], runs["managed"], strict=False)]
+    cpu_ratios = [m[1] / u[1] for u, m in zip(runs["unmanaged"], runs["managed"], strict=False)]
     out["unmanaged"] = _median([u[0] for u in runs["unmanaged"]])
     out["managed"] = _median([m[0] for m in runs["managed"]])
     out["ratio"] = _median(ratios)
@@ -201,6 +212,7 @@ def _median(xs: list[float]) -> float:
 
 
 # --- (b) --------------------------------------------------------------------------------------
+
 
 def bench_flush(s: _Session, mb: int, load_mbps: int = 500) -> dict:
     npages = mb * MiB // PAGE
@@ -241,13 +253,15 @@ def bench_flush(s: _Session, mb: int, load_mbps: int = 500) -> dict:
             cg.thaw()
         out[f"flush_all_{label}_pages"] = result.pages
         out[f"flush_all_{label}_s"] = result.seconds
-        out[f"flush_all_{label}_mb_per_s"] = (result.bytes / MiB / result.seconds
-                                              if result.seconds else None)
+        out[f"flush_all_{label}_mb_per_s"] = (
+            result.bytes / MiB / result.seconds if result.seconds else None
+        )
     conn.close()
     return out
 
 
 # --- (c) --------------------------------------------------------------------------------------
+
 
 def bench_faults(s: _Session, mb: int) -> dict:
     npages = mb * MiB // PAGE
@@ -268,27 +282,35 @@ def bench_faults(s: _Session, mb: int) -> dict:
         counters = tree.loop.counters()
         from gfvm.native import LatencyHistogram
 
-        window = LatencyHistogram(tuple(a - b for a, b in zip(after, before)))
+        window = LatencyHistogram(tuple(a - b for a, b in zip(after, before, strict=False)))
         out[order] = {
             "pages_evicted": evicted,
             "pages_per_s": npages / (total_us / 1e6),
-            "touch_p50_ns": p50, "touch_p99_ns": p99,
-            "window_p50_us": (window.p50_ns or 0) / 1000, "window_p99_us": (window.p99_ns or 0) / 1000,
-            "windows": window.count, "pages_copied": counters.pages_copied,
+            "touch_p50_ns": p50,
+            "touch_p99_ns": p99,
+            "window_p50_us": (window.p50_ns or 0) / 1000,
+            "window_p99_us": (window.p99_ns or 0) / 1000,
+            "windows": window.count,
+            "pages_copied": counters.pages_copied,
         }
         conn.cmd("verify")
         conn.close()
     for write in (False, True):
         conn, _ = s.workload(npages, False)
-        total_us, p50, p99 = (int(x) for x in
-                              conn.cmd(f"touch seq{' write' if write else ''}").split()[1:])
+        total_us, p50, p99 = (
+            int(x) for x in conn.cmd(f"touch seq{' write' if write else ''}").split()[1:]
+        )
         out["kernel_first_touch_" + ("write" if write else "read")] = {
-            "pages_per_s": npages / (total_us / 1e6), "touch_p50_ns": p50, "touch_p99_ns": p99}
+            "pages_per_s": npages / (total_us / 1e6),
+            "touch_p50_ns": p50,
+            "touch_p99_ns": p99,
+        }
         conn.close()
     return out
 
 
 # --- driver -----------------------------------------------------------------------------------
+
 
 def run(args) -> int:
     if os.geteuid() != 0:
@@ -298,14 +320,21 @@ def run(args) -> int:
     s = _Session(args.interval_ms)
     results: dict = {
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
-        "settings": {"interval_s": s.settings.interval, "hot_bound_s": s.settings.hot_bound,
-                     "window_pages": s.settings.window_pages, "replicas": 1,
-                     "backing": "local files (the File Manager is not used yet)"},
+        "settings": {
+            "interval_s": s.settings.interval,
+            "hot_bound_s": s.settings.hot_bound,
+            "window_pages": s.settings.window_pages,
+            "replicas": 1,
+            "backing": "local files (the File Manager is not used yet)",
+        },
     }
     try:
         if "a" in parts:
-            print(f"(a) write-heavy workload, {args.write_mb} MiB, {args.write_seconds:.0f} s each ...",
-                  flush=True)
+            print(
+                f"(a) write-heavy workload, {args.write_mb} MiB, "
+                f"{args.write_seconds:.0f} s per run ...",
+                flush=True,
+            )
             results["write"] = bench_write(s, args.write_mb, args.write_seconds)
         if "b" in parts:
             print(f"(b) page-out of {args.flush_mb} MiB ...", flush=True)
@@ -336,10 +365,22 @@ def _print_table(r: dict) -> None:
     if "pageout" in r:
         b = r["pageout"]
         rows += [
-            ("(b) flush_all, steady state", f"{b['flush_all_steady_mb_per_s']:.0f} MB/s", ">= 400 MB/s"),
-            ("(b) flush_all, paging file growing", f"{b['flush_all_growing_mb_per_s']:.0f} MB/s", ""),
-            ("(b) background page-out under load", f"{b['under_load_mb_per_s']:.0f} MB/s "
-             f"(process dirtied {b['under_load_dirtied_mb_per_s']:.0f} MB/s)", ">= 400 MB/s"),
+            (
+                "(b) flush_all, steady state",
+                f"{b['flush_all_steady_mb_per_s']:.0f} MB/s",
+                ">= 400 MB/s",
+            ),
+            (
+                "(b) flush_all, paging file growing",
+                f"{b['flush_all_growing_mb_per_s']:.0f} MB/s",
+                "",
+            ),
+            (
+                "(b) background page-out under load",
+                f"{b['under_load_mb_per_s']:.0f} MB/s "
+                f"(process dirtied {b['under_load_dirtied_mb_per_s']:.0f} MB/s)",
+                ">= 400 MB/s",
+            ),
             ("(b) background drain after one write", f"{b['background_mb_per_s']:.0f} MB/s", ""),
         ]
     if "faults" in r:
@@ -347,18 +388,35 @@ def _print_table(r: dict) -> None:
         for order in ("seq", "random"):
             o = c[order]
             rows += [
-                (f"(c) fault-in {order}", f"{o['pages_per_s'] / 1e3:.0f}k pages/s",
-                 ">= 250k pages/s" if order == "seq" else ""),
-                (f"(c) {order}: touch p50 / p99", f"{o['touch_p50_ns'] / 1e3:.1f} / {o['touch_p99_ns'] / 1e3:.1f} us", ""),
-                (f"(c) {order}: window p50 / p99", f"{o['window_p50_us']:.0f} / {o['window_p99_us']:.0f} us "
-                 f"({c['window_pages']} pages)", ""),
+                (
+                    f"(c) fault-in {order}",
+                    f"{o['pages_per_s'] / 1e3:.0f}k pages/s",
+                    ">= 250k pages/s" if order == "seq" else "",
+                ),
+                (
+                    f"(c) {order}: touch p50 / p99",
+                    f"{o['touch_p50_ns'] / 1e3:.1f} / {o['touch_p99_ns'] / 1e3:.1f} us",
+                    "",
+                ),
+                (
+                    f"(c) {order}: window p50 / p99",
+                    f"{o['window_p50_us']:.0f} / {o['window_p99_us']:.0f} us "
+                    f"({c['window_pages']} pages)",
+                    "",
+                ),
             ]
         for kind in ("read", "write"):
             k = c[f"kernel_first_touch_{kind}"]
-            rows.append((f"(c) kernel first touch ({kind})", f"{k['pages_per_s'] / 1e3:.0f}k pages/s, "
-                         f"p50 {k['touch_p50_ns'] / 1e3:.1f} us, p99 {k['touch_p99_ns'] / 1e3:.1f} us", ""))
+            rows.append(
+                (
+                    f"(c) kernel first touch ({kind})",
+                    f"{k['pages_per_s'] / 1e3:.0f}k pages/s, "
+                    f"p50 {k['touch_p50_ns'] / 1e3:.1f} us, p99 {k['touch_p99_ns'] / 1e3:.1f} us",
+                    "",
+                )
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))

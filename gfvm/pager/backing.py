@@ -118,7 +118,7 @@ class LocalFile:
                 run = []
             if not run:
                 run_start = off
-            run.append(data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+            run.append(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
             run_next = off + PAGE_SIZE
         if run:
             self._pwritev_all(run, run_start)
@@ -187,7 +187,7 @@ class LocalBacking:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

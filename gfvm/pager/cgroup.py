@@ -3,9 +3,9 @@
 A tree gets one cgroup in one hierarchy gfvm can freeze with (`gfvm.config.cgroup_roots()`): the
 cgroup v2 hierarchy (`cgroup.freeze`) when it is mounted, else the v1 `freezer` hierarchy. Never
 both: a tree frozen by both freezers at once deadlocks (measured here: v1 holds tasks in the
-refrigerator, so they never reach v2's freezer trap, and v2-trapped tasks never reach v1's). The path
-is `<root>/gfvm/<cluster>-<node>/<gfvm id>` so that namespace nodes sharing one machine never share a
-cgroup and `gfvm cluster down` finds leftovers by prefix.
+refrigerator, so they never reach v2's freezer trap, and v2-trapped tasks never reach v1's).
+The path is `<root>/gfvm/<cluster>-<node>/<gfvm id>` so that namespace nodes sharing one machine
+never share a cgroup and `gfvm cluster down` finds leftovers by prefix.
 
 A process joins by writing "0" (itself) to `cgroup.procs` before it execs the tree's first program
 (`join_and_exec_argv`), so every process of the tree is born inside. All functions block briefly.
@@ -36,7 +36,7 @@ class TreeCgroup:
     paths: tuple[Path, ...]
 
     @classmethod
-    def for_tree(cls, cluster: str, node: str, gfvm_id: str) -> "TreeCgroup":
+    def for_tree(cls, cluster: str, node: str, gfvm_id: str) -> TreeCgroup:
         """The cgroup paths a tree with this id uses on this node (not created yet)."""
         group = cgroup_node_group(cluster, node)
         roots = sorted(cgroup_roots(), key=lambda r: not _is_v2(r))[:1]  # v2 first
@@ -46,15 +46,24 @@ class TreeCgroup:
         """Makes the cgroups. Raises FeatureMissing when no freezing hierarchy is mounted."""
         if not self.paths:
             raise FeatureMissing(
-                "no cgroup hierarchy to freeze processes with: mount cgroup2 (cgroup.freeze) or the "
-                "v1 freezer controller")
+                "no cgroup hierarchy to freeze processes with: mount cgroup2 (cgroup.freeze) or "
+                "the "
+                "v1 freezer controller"
+            )
         for p in self.paths:
             p.mkdir(parents=True, exist_ok=True)
 
     def join_and_exec_argv(self, argv: list[str]) -> list[str]:
         """argv that joins these cgroups and then execs `argv`."""
-        return ["/bin/sh", "-c", _JOIN_SCRIPT, "gfvm-join",
-                *[str(p / "cgroup.procs") for p in self.paths], "--", *argv]
+        return [
+            "/bin/sh",
+            "-c",
+            _JOIN_SCRIPT,
+            "gfvm-join",
+            *[str(p / "cgroup.procs") for p in self.paths],
+            "--",
+            *argv,
+        ]
 
     def add(self, pid: int) -> None:
         """Moves an existing process (gfvm adopt) into the cgroups."""
@@ -81,7 +90,9 @@ class TreeCgroup:
         deadline = time.monotonic() + timeout
         while not self.frozen():
             if time.monotonic() > deadline:
-                raise GfvmError(f"the tree in {self.paths[0]} did not freeze within {timeout:.0f} s")
+                raise GfvmError(
+                    f"the tree in {self.paths[0]} did not freeze within {timeout:.0f} s"
+                )
             time.sleep(0.005)
 
     def frozen(self) -> bool:

@@ -48,9 +48,12 @@ def add_commands(sub) -> None:
         "the node's run directory (shown by `gfvm status ID`).",
     )
     run.add_argument("--name", help="a label for `gfvm ls` (default: the command's name)")
-    run.add_argument("--mem-limit", metavar="SIZE",
-                     help="keep the process's resident memory under SIZE (e.g. 512M) by evicting "
-                     "clean pages to the paging file")
+    run.add_argument(
+        "--mem-limit",
+        metavar="SIZE",
+        help="keep the process's resident memory under SIZE (e.g. 512M) by evicting "
+        "clean pages to the paging file",
+    )
     run.add_argument("--json", action="store_true", help="print the whole answer as JSON")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     run.set_defaults(func=_run)
@@ -96,9 +99,12 @@ def add_commands(sub) -> None:
     bsub.required = True
     from gfvm.bench import pager as bench_pager
 
-    bp = bsub.add_parser("pager", help="managed vs unmanaged writes, page-out and fault-in speed",
-                         description=bench_pager.__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    bp = bsub.add_parser(
+        "pager",
+        help="managed vs unmanaged writes, page-out and fault-in speed",
+        description=bench_pager.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     bench_pager.add_arguments(bp)
     bp.set_defaults(func=bench_pager.run)
 
@@ -125,16 +131,24 @@ def _run(args) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise UsageError("give the command to run after --, e.g. gfvm run -- python3 job.py")
-    result = control.call(_socket(), "run", {
-        "cmd": cmd, "name": args.name, "mem_limit": _mem_limit(args),
-        "cwd": os.getcwd(), "env": dict(os.environ),
-    })
+    result = control.call(
+        _socket(),
+        "run",
+        {
+            "cmd": cmd,
+            "name": args.name,
+            "mem_limit": _mem_limit(args),
+            "cwd": os.getcwd(),
+            "env": dict(os.environ),
+        },
+    )
     return _started(args, result)
 
 
 def _adopt(args) -> int:
-    result = control.call(_socket(), "adopt", {
-        "pid": args.pid, "name": args.name, "mem_limit": _mem_limit(args)})
+    result = control.call(
+        _socket(), "adopt", {"pid": args.pid, "name": args.name, "mem_limit": _mem_limit(args)}
+    )
     return _started(args, result)
 
 
@@ -143,8 +157,11 @@ def _started(args, result: dict) -> int:
         _print(result)
         return 0
     print(result["id"])
-    print(f"gfvm: {result['id']} ({result['name']}) runs as pid {result['pid']} on node "
-          f"{result['node']}; output: {result.get('log') or 'unchanged (adopted)'}", file=sys.stderr)
+    print(
+        f"gfvm: {result['id']} ({result['name']}) runs as pid {result['pid']} on node "
+        f"{result['node']}; output: {result.get('log') or 'unchanged (adopted)'}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -159,12 +176,23 @@ def _ls(args) -> int:
         return 0
     rows = [("ID", "NAME", "NODE", "PID", "RSS", "MANAGED", "DIRTY", "PAGED OUT", "LAG", "STATE")]
     for p in procs:
-        rows.append((p["id"], p["name"], p["node"], str(p["pid"]), human_bytes(p["rss"]),
-                     human_bytes(p["managed_bytes"]), str(p["dirty_pages"]),
-                     str(p["pages_paged_out"]), _lag(p["flush_lag_s"]), p["state"]))
+        rows.append(
+            (
+                p["id"],
+                p["name"],
+                p["node"],
+                str(p["pid"]),
+                human_bytes(p["rss"]),
+                human_bytes(p["managed_bytes"]),
+                str(p["dirty_pages"]),
+                str(p["pages_paged_out"]),
+                _lag(p["flush_lag_s"]),
+                p["state"],
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
     return 0
 
 
@@ -178,20 +206,32 @@ def _status(args) -> int:
         _print(s)
         return 0
     lines = [
-        ("id", s["id"]), ("name", s["name"]), ("state", s["state"]), ("node", s["node"]),
+        ("id", s["id"]),
+        ("name", s["name"]),
+        ("state", s["state"]),
+        ("node", s["node"]),
         ("command", " ".join(s["cmd"])),
-        ("pids (host/inner)", ", ".join(f"{a['host_pid']}/{a['asid']}" for a in s["spaces"]) or "-"),
+        (
+            "pids (host/inner)",
+            ", ".join(f"{a['host_pid']}/{a['asid']}" for a in s["spaces"]) or "-",
+        ),
         ("init pid", str(s["init_pid"])),
         ("rss", human_bytes(s["rss"])),
         ("managed", human_bytes(s["managed_bytes"])),
         ("memory limit", human_bytes(s["mem_limit"]) if s["mem_limit"] else "none"),
         ("dirty pages now", str(s["dirty_pages"])),
-        ("pages paged out", f"{s['pages_paged_out']} ({human_bytes(s['bytes_paged_out'])} written)"),
+        (
+            "pages paged out",
+            f"{s['pages_paged_out']} ({human_bytes(s['bytes_paged_out'])} written)",
+        ),
         ("pages in paging file", str(s["pages_in_file"])),
         ("pages evicted", str(s["pages_evicted"])),
         ("flush lag", _lag(s["flush_lag_s"])),
-        ("faults served", f"{s['faults_served']} ({s['pages_faulted_in']} pages from the file, "
-                          f"{s['pages_zero_filled']} zero-filled)"),
+        (
+            "faults served",
+            f"{s['faults_served']} ({s['pages_faulted_in']} pages from the file, "
+            f"{s['pages_zero_filled']} zero-filled)",
+        ),
         ("paging file", s["paging_dir"]),
         ("output log", s["log_path"] or "-"),
         ("cgroup", ", ".join(s["cgroup"]) or "-"),
@@ -208,6 +248,8 @@ def _flush(args) -> int:
     if args.json:
         _print(result)
     else:
-        print(f"{args.id}: {result['pages']} pages ({human_bytes(result['bytes'])}) made durable "
-              f"in {result['seconds']:.3f} s")
+        print(
+            f"{args.id}: {result['pages']} pages ({human_bytes(result['bytes'])}) made durable "
+            f"in {result['seconds']:.3f} s"
+        )
     return 0

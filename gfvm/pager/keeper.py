@@ -1,7 +1,8 @@
 """The keeper: a tiny process that holds a duplicate of every userfaultfd the pager serves.
 
 Why: when the last holder of a uffd closes it, the kernel drops its registrations and the process
-silently reads zero pages where its data was paged out (PLATFORM.md). With the keeper holding a copy,
+silently reads zero pages where its data was paged out (PLATFORM.md). With the keeper holding a
+copy,
 a dying gfvmd leaves the managed processes blocked on their next missing page instead, and the next
 gfvmd takes every uffd back (`KeeperClient.take_all`), wakes all ranges and serves again.
 
@@ -209,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gfvm-keeper")
     parser.add_argument("socket", type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s keeper %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s keeper %(levelname)s %(message)s"
+    )
     # The keeper must outlive gfvmd and its terminal; only SIGKILL (or "exit") ends it.
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)

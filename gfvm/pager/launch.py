@@ -1,4 +1,4 @@
-"""Starting a managed process tree: own PID namespace, tini as init, own cgroup, stopped before exec.
+"""Starting a managed process tree: own PID namespace, tini as init, own cgroup, held before exec.
 
 The tree gfvmd starts for `gfvm run -- CMD ARGS` is (host view, each line execs or forks the next):
 
@@ -9,8 +9,8 @@ The tree gfvmd starts for `gfvm run -- CMD ARGS` is (host view, each line execs 
 setsid runs inside the namespace so that the session leader is inside it (CRIU refuses otherwise).
 The shim stops itself before it execs CMD; gfvmd finds it stopped, seizes it with ptrace
 (PTRACE_O_TRACEEXEC), lets it continue and creates the userfaultfd inside CMD's address space at the
-exec stop, before CMD's first instruction (gfvm/pager/attach.py). CMD's stdout and stderr go to a log
-file. Everything here blocks.
+exec stop, before CMD's first instruction (Pager._attach_at_exec in gfvm/pager/service.py).
+CMD's stdout and stderr go to a log file. Everything here blocks.
 """
 
 from __future__ import annotations
@@ -42,14 +42,35 @@ def tree_argv(cmd: list[str]) -> list[str]:
     """The command line that starts CMD in its own PID namespace under tini, stopped before exec."""
     tini = find_tini()
     if tini is None:
-        raise FeatureMissing("tini is not installed (Debian package `tini`): each managed process "
-                             "tree runs under it as its init")
-    return ["unshare", "--pid", "--fork", "setsid", tini, "-s", "--",
-            "/bin/sh", "-c", SHIM_SCRIPT, "gfvm-shim", *cmd]
+        raise FeatureMissing(
+            "tini is not installed (Debian package `tini`): each managed process "
+            "tree runs under it as its init"
+        )
+    return [
+        "unshare",
+        "--pid",
+        "--fork",
+        "setsid",
+        tini,
+        "-s",
+        "--",
+        "/bin/sh",
+        "-c",
+        SHIM_SCRIPT,
+        "gfvm-shim",
+        *cmd,
+    ]
 
 
-def start_tree(cmd: list[str], cgroup: TreeCgroup, log_path: Path, *, cwd: str = "/",
-               env: dict[str, str] | None = None, timeout: float = 10.0) -> LaunchedTree:
+def start_tree(
+    cmd: list[str],
+    cgroup: TreeCgroup,
+    log_path: Path,
+    *,
+    cwd: str = "/",
+    env: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> LaunchedTree:
     """Starts `cmd` as a new managed tree and returns once its shim has stopped itself.
 
     On failure everything started is killed again and GfvmError says why (with the log's tail).
@@ -60,7 +81,10 @@ def start_tree(cmd: list[str], cgroup: TreeCgroup, log_path: Path, *, cwd: str =
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(
             cgroup.join_and_exec_argv(tree_argv(cmd)),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            cwd=cwd,
             env=env if env is not None else dict(os.environ),
             start_new_session=True,  # not in gfvmd's session: signals to gfvmd do not reach it
         )
@@ -89,7 +113,9 @@ def _find_stopped_shim(popen: subprocess.Popen, timeout: float) -> tuple[int, in
             except ProcessLookupError:
                 pass
         if time.monotonic() > deadline:
-            raise GfvmError(f"the process tree did not reach its start point within {timeout:.0f} s")
+            raise GfvmError(
+                f"the process tree did not reach its start point within {timeout:.0f} s"
+            )
         time.sleep(0.002)
 
 

@@ -54,8 +54,15 @@ RECORD = struct.Struct("<BBHIQQII")  # type, flags, reserved, asid, a, b, c, crc
 assert HEADER.size == 64 and RECORD.size == 32
 
 PUT, DROP, MOVE, CLONE, FORGET, RELEASED, PUTS = 1, 2, 3, 4, 5, 6, 7
-RECORD_NAMES = {PUT: "PUT", DROP: "DROP", MOVE: "MOVE", CLONE: "CLONE", FORGET: "FORGET",
-                RELEASED: "RELEASED", PUTS: "PUTS"}
+RECORD_NAMES = {
+    PUT: "PUT",
+    DROP: "DROP",
+    MOVE: "MOVE",
+    CLONE: "CLONE",
+    FORGET: "FORGET",
+    RELEASED: "RELEASED",
+    PUTS: "PUTS",
+}
 
 #: compact when the log holds more than this many times the live entries (and at least MIN records)
 COMPACT_RATIO = 4
@@ -78,10 +85,13 @@ def _pack_record(rtype: int, asid: int, a: int = 0, b: int = 0, c: int = 0) -> b
     return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
-def _pack_puts(asid: int, vpages: Sequence[int], slots: Sequence[int], crcs: Sequence[int]) -> bytes:
+def _pack_puts(
+    asid: int, vpages: Sequence[int], slots: Sequence[int], crcs: Sequence[int]
+) -> bytes:
     """A PUTS record: header + struct-of-arrays payload (no per-page packing work)."""
-    payload = (array("Q", vpages).tobytes() + array("Q", slots).tobytes()
-               + array("I", crcs).tobytes())
+    payload = (
+        array("Q", vpages).tobytes() + array("Q", slots).tobytes() + array("I", crcs).tobytes()
+    )
     payload += bytes(-len(payload) % RECORD.size)
     return _pack_record(PUTS, asid, len(vpages), 0, zlib.crc32(payload) & 0xFFFFFFFF) + payload
 
@@ -92,8 +102,9 @@ def _puts_payload_size(n: int) -> int:
 
 
 def _pack_header(gfvm_id: str, generation: int) -> bytes:
-    body = HEADER.pack(INDEX_MAGIC, FORMAT_VERSION, PAGE_SIZE, generation,
-                       gfvm_id.encode()[:36], 0)[:-4]
+    body = HEADER.pack(
+        INDEX_MAGIC, FORMAT_VERSION, PAGE_SIZE, generation, gfvm_id.encode()[:36], 0
+    )[:-4]
     return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
@@ -109,7 +120,8 @@ class Record:
     payload: tuple | None = None
 
     def __str__(self) -> str:
-        return f"{RECORD_NAMES.get(self.rtype, self.rtype)}(asid={self.asid}, {self.a}, {self.b}, {self.c})"
+        name = RECORD_NAMES.get(self.rtype, self.rtype)
+        return f"{name}(asid={self.asid}, {self.a}, {self.b}, {self.c})"
 
 
 def parse_index(data: bytes) -> tuple[str, int, list[Record], int]:
@@ -125,7 +137,9 @@ def parse_index(data: bytes) -> tuple[str, int, list[Record], int]:
     if zlib.crc32(data[: HEADER.size - 4]) & 0xFFFFFFFF != crc:
         raise PagingFileError("paging index header checksum mismatch")
     if version != FORMAT_VERSION:
-        raise PagingFileError(f"paging index format {version} is not supported (this gfvm reads {FORMAT_VERSION})")
+        raise PagingFileError(
+            f"paging index format {version} is not supported (this gfvm reads {FORMAT_VERSION})"
+        )
     if page_size != PAGE_SIZE:
         raise PagingFileError(f"paging index page size {page_size} != {PAGE_SIZE}")
     records = []
@@ -133,17 +147,20 @@ def parse_index(data: bytes) -> tuple[str, int, list[Record], int]:
     view = memoryview(data)
     while off + RECORD.size <= len(data):
         rtype, _flags, _res, asid, a, b, c, crc = RECORD.unpack_from(data, off)
-        if zlib.crc32(view[off:off + RECORD.size - 4]) & 0xFFFFFFFF != crc or rtype not in RECORD_NAMES:
+        if (
+            zlib.crc32(view[off : off + RECORD.size - 4]) & 0xFFFFFFFF != crc
+            or rtype not in RECORD_NAMES
+        ):
             break
         if rtype == PUTS:
             size = _puts_payload_size(a)
-            body = view[off + RECORD.size:off + RECORD.size + size]
+            body = view[off + RECORD.size : off + RECORD.size + size]
             if len(body) != size or zlib.crc32(body) & 0xFFFFFFFF != c:
                 break  # torn payload
             vp, sl, cr = array("Q"), array("Q"), array("I")
-            vp.frombytes(body[:8 * a])
-            sl.frombytes(body[8 * a:16 * a])
-            cr.frombytes(body[16 * a:20 * a])
+            vp.frombytes(body[: 8 * a])
+            sl.frombytes(body[8 * a : 16 * a])
+            cr.frombytes(body[16 * a : 20 * a])
             records.append(Record(rtype, asid, a, payload=(vp, sl, cr)))
             off += RECORD.size + size
             continue
@@ -203,8 +220,9 @@ class PageIndex:
             rel.discard(vpage)
         return freed
 
-    def put_many(self, asid: int, vpages: Sequence[int], slots: Sequence[int],
-                 crcs: Sequence[int]) -> list[int]:
+    def put_many(
+        self, asid: int, vpages: Sequence[int], slots: Sequence[int], crcs: Sequence[int]
+    ) -> list[int]:
         """put() of many pages (the same result, fewer Python calls)."""
         freed: list[int] = []
         if not vpages:
@@ -214,7 +232,7 @@ class PageIndex:
         top = max(slots)
         if top >= len(refs):
             refs.extend([0] * (top + 1 - len(refs)))
-        for v, slot, crc in zip(vpages, slots, crcs):
+        for v, slot, crc in zip(vpages, slots, crcs, strict=False):
             old = space.get(v)
             refs[slot] += 1
             space[v] = slot << 32 | crc
@@ -342,15 +360,19 @@ class PagingFile:
         return f"{self.directory}/{name}"
 
     @classmethod
-    def create(cls, backing: PagingBacking, directory: str, meta: dict) -> "PagingFile":
+    def create(cls, backing: PagingBacking, directory: str, meta: dict) -> PagingFile:
         """Creates an empty paging file in `directory` (which must not hold one). Blocks."""
         gfvm_id = meta["id"]
         if backing.exists(f"{directory}/{INDEX}"):
             raise FileExistsError(f"a paging file already exists in {directory}")
         backing.makedirs(directory)
         pf = cls(backing, directory, gfvm_id)
-        backing.replace(pf._rel(META), json.dumps({**meta, "format": FORMAT_VERSION,
-                                                    "page_size": PAGE_SIZE}, indent=1).encode())
+        backing.replace(
+            pf._rel(META),
+            json.dumps(
+                {**meta, "format": FORMAT_VERSION, "page_size": PAGE_SIZE}, indent=1
+            ).encode(),
+        )
         pf._pages = backing.open(pf._rel(PAGES), create=True)
         backing.replace(pf._rel(INDEX), _pack_header(gfvm_id, 0))
         pf._log = backing.open(pf._rel(INDEX))
@@ -358,7 +380,7 @@ class PagingFile:
         return pf
 
     @classmethod
-    def open(cls, backing: PagingBacking, directory: str) -> "PagingFile":
+    def open(cls, backing: PagingBacking, directory: str) -> PagingFile:
         """Opens an existing paging file and replays its index (cutting off a torn tail). Blocks."""
         data = backing.read_file(f"{directory}/{INDEX}")
         gfvm_id, generation, records, valid_len = parse_index(data)
@@ -385,9 +407,13 @@ class PagingFile:
 
     def write_meta(self, meta: dict) -> None:
         """Replaces meta.json atomically. Blocks."""
-        self.backing.replace(self._rel(META), json.dumps(
-            {**meta, "id": self.gfvm_id, "format": FORMAT_VERSION, "page_size": PAGE_SIZE},
-            indent=1).encode())
+        self.backing.replace(
+            self._rel(META),
+            json.dumps(
+                {**meta, "id": self.gfvm_id, "format": FORMAT_VERSION, "page_size": PAGE_SIZE},
+                indent=1,
+            ).encode(),
+        )
 
     def pages_read_fd(self) -> int:
         """Read-only fd of the local copy of `pages` (for the native fault loop; do not close)."""
@@ -404,7 +430,7 @@ class PagingFile:
     # --- reading -------------------------------------------------------------------------------
 
     def read_page(self, asid: int, vpage: int) -> bytes | None:
-        """The page's bytes from the file (checksum verified), or None if the file has none. Blocks."""
+        """The page's bytes (checksum verified), or None if the file has none. Blocks."""
         found = self.index.lookup(asid, vpage)
         if found is None:
             return None
@@ -414,10 +440,11 @@ class PagingFile:
         if len(data) != PAGE_SIZE or page_crc(data) != crc:
             raise PagingFileError(
                 f"paging file {self.directory}: page {vpage:#x} of asid {asid} (slot {slot}) "
-                "fails its checksum")
+                "fails its checksum"
+            )
         return data
 
-    # --- writing: stage data, make it durable, then index it ---------------------------------------
+    # --- writing: stage data, make it durable, then index it -----------------------------------
 
     def _alloc(self, n: int) -> list[int]:
         """n free slots, lowest first (runs of consecutive slots make large writes)."""
@@ -425,8 +452,8 @@ class PagingFile:
             self._free.sort(reverse=True)  # pop() from the end gives the lowest
             self._free_sorted = True
         take = min(n, len(self._free))
-        slots = self._free[len(self._free) - take:][::-1]
-        del self._free[len(self._free) - take:]
+        slots = self._free[len(self._free) - take :][::-1]
+        del self._free[len(self._free) - take :]
         self._free_set.difference_update(slots)
         if take < n:
             slots.extend(range(self._nslots, self._nslots + n - take))
@@ -434,8 +461,9 @@ class PagingFile:
         self._staged.update(slots)
         return slots
 
-    def stage(self, asid: int, vpages: Sequence[int], data: memoryview,
-              crcs: Sequence[int] | None = None) -> StagedPages:
+    def stage(
+        self, asid: int, vpages: Sequence[int], data: memoryview, crcs: Sequence[int] | None = None
+    ) -> StagedPages:
         """Writes len(vpages) pages from `data` into fresh slots (not yet durable nor indexed).
 
         `crcs` may carry precomputed page checksums. Follow with `sync_pages()` and then `put()`
@@ -445,8 +473,9 @@ class PagingFile:
         write()
         return staged
 
-    def prepare(self, asid: int, vpages: Sequence[int], data: memoryview,
-                crcs: Sequence[int] | None = None) -> tuple[StagedPages, Callable[[], None]]:
+    def prepare(
+        self, asid: int, vpages: Sequence[int], data: memoryview, crcs: Sequence[int] | None = None
+    ) -> tuple[StagedPages, Callable[[], None]]:
         """stage() in two halves: allocates slots and checksums now, returns the write as a
         callable that may run on another thread (it only writes the pages file; `data` must stay
         untouched until it has returned). Call sync_pages() after every write has returned."""
@@ -455,12 +484,14 @@ class PagingFile:
             raise ValueError("stage: data is not len(vpages) pages")
         if crcs is None:
             crc32 = zlib.crc32
-            crcs = [crc32(data[i:i + PAGE_SIZE]) for i in range(0, n * PAGE_SIZE, PAGE_SIZE)]
+            crcs = [crc32(data[i : i + PAGE_SIZE]) for i in range(0, n * PAGE_SIZE, PAGE_SIZE)]
         slots = self._alloc(n)
         pages = self._pages
         assert pages is not None
         offsets = [s * PAGE_SIZE for s in slots]
-        return StagedPages(asid, list(vpages), slots, list(crcs)), lambda: pages.write_pages(offsets, data)
+        return StagedPages(asid, list(vpages), slots, list(crcs)), lambda: pages.write_pages(
+            offsets, data
+        )
 
     def sync_pages(self) -> None:
         """fsync of the pages file: everything staged so far is durable (I1). Blocks."""
@@ -563,9 +594,15 @@ class PagingFile:
         for asid, space in sorted(self.index.spaces.items()):
             items = sorted(space.items())
             for i in range(0, len(items), 65536):
-                chunk = items[i:i + 65536]
-                parts.append(_pack_puts(asid, [v for v, _ in chunk], [p >> 32 for _, p in chunk],
-                                        [p & 0xFFFFFFFF for _, p in chunk]))
+                chunk = items[i : i + 65536]
+                parts.append(
+                    _pack_puts(
+                        asid,
+                        [v for v, _ in chunk],
+                        [p >> 32 for _, p in chunk],
+                        [p & 0xFFFFFFFF for _, p in chunk],
+                    )
+                )
             for start, n in _runs(sorted(self.index.released.get(asid, ()))):
                 parts.append(_pack_record(RELEASED, asid, start, n))
         blob = b"".join(parts)
@@ -605,7 +642,8 @@ def _runs(sorted_pages: list[int]) -> Iterator[tuple[int, int]]:
 
 
 def load_index(backing: PagingBacking, directory: str) -> PageIndex:
-    """The index of the paging file in `directory`, read-only (the migration target's view). Blocks."""
+    """The index of the paging file in `directory`, read-only (a migration target's view).
+    Blocks."""
     _gfvm_id, _gen, records, _len = parse_index(backing.read_file(f"{directory}/{INDEX}"))
     index = PageIndex()
     for rec in records:

@@ -32,8 +32,11 @@ class Vma:
             return False
         if self.path in SPECIAL_VMAS:
             return False
-        return self.path == "" or self.path in ("[heap]", "[stack]") or self.path.startswith(
-            ("[anon:", "[stack:"))
+        return (
+            self.path == ""
+            or self.path in ("[heap]", "[stack]")
+            or self.path.startswith(("[anon:", "[stack:"))
+        )
 
     @property
     def pages(self) -> int:
@@ -56,8 +59,16 @@ def parse_maps(text: str) -> list[Vma]:
         if len(fields) < 5:
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
-        vmas.append(Vma(start, end, fields[1], int(fields[2], 16), int(fields[4]),
-                        fields[5].strip() if len(fields) > 5 else ""))
+        vmas.append(
+            Vma(
+                start,
+                end,
+                fields[1],
+                int(fields[2], 16),
+                int(fields[4]),
+                fields[5].strip() if len(fields) > 5 else "",
+            )
+        )
     return vmas
 
 
@@ -96,7 +107,8 @@ def state(pid: int) -> str:
 
 
 def start_time(pid: int) -> int:
-    """Start time in clock ticks since boot: with the pid, identifies one process across pid reuse."""
+    """Start time in clock ticks since boot: with the pid, tells one process from a later one
+    that reuses its pid."""
     text = _open_proc(pid, "stat")
     return int(text.rsplit(")", 1)[1].split()[19])
 

@@ -24,7 +24,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -81,8 +80,13 @@ def settings_from_config(section: dict | None) -> PagerSettings:
 class Pager:
     """The pager component of gfvmd (see the module header)."""
 
-    def __init__(self, daemon: Any, *, backing: PagingBacking | None = None,
-                 settings: PagerSettings | None = None) -> None:
+    def __init__(
+        self,
+        daemon: Any,
+        *,
+        backing: PagingBacking | None = None,
+        settings: PagerSettings | None = None,
+    ) -> None:
         self.daemon = daemon
         self.paths = daemon.paths
         self.node = daemon.node_name
@@ -107,8 +111,13 @@ class Pager:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Registers the control ops, takes back earlier trees, then runs until cancelled."""
-        for op, handler in (("run", self._op_run), ("adopt", self._op_adopt), ("ls", self._op_ls),
-                            ("status", self._op_status), ("flush", self._op_flush)):
+        for op, handler in (
+            ("run", self._op_run),
+            ("adopt", self._op_adopt),
+            ("ls", self._op_ls),
+            ("status", self._op_status),
+            ("flush", self._op_flush),
+        ):
             self.daemon.control.register(op, handler)
         try:
             await self._thread(self.open_blocking)
@@ -188,19 +197,29 @@ class Pager:
         except (FileNotFoundError, ConnectionRefusedError):
             pass
         code_root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")])),
+        }
         with open(self.run_dir / "keeper.log", "ab") as logf:
-            subprocess.Popen([sys.executable, "-P", "-m", "gfvm.pager.keeper", str(self.keeper_path)],
-                             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd="/", env=env,
-                             start_new_session=True)
+            subprocess.Popen(
+                [sys.executable, "-P", "-m", "gfvm.pager.keeper", str(self.keeper_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                cwd="/",
+                env=env,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 10
         while True:
             try:
                 return KeeperClient(self.keeper_path)
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
-                    raise GfvmError(f"the uffd keeper did not start (see {self.run_dir / 'keeper.log'})")
+                    raise GfvmError(
+                        f"the uffd keeper did not start (see {self.run_dir / 'keeper.log'})"
+                    ) from None
                 time.sleep(0.02)
 
     def _keeper_call(self, fn_name: str, *args) -> Any:
@@ -213,7 +232,7 @@ class Pager:
                             self._keeper = self._open_keeper()
                             restarted = attempt == 2
                         return getattr(self._keeper, fn_name)(*args)
-                    except (ConnectionError, BrokenPipeError, socket.timeout) as exc:
+                    except (TimeoutError, ConnectionError, BrokenPipeError) as exc:
                         log.warning("keeper connection lost (%s): reconnecting", exc)
                         if self._keeper is not None:
                             self._keeper.close()
@@ -302,8 +321,16 @@ class Pager:
             log.warning("keeper: %s", exc)
         return tree.rec.paging_dir
 
-    def adopt_restored(self, gfvm_id: str, *, name: str, cmd: list[str], init_pid: int,
-                       host_pids: list[int], mem_limit: int | None = None) -> dict:
+    def adopt_restored(
+        self,
+        gfvm_id: str,
+        *,
+        name: str,
+        cmd: list[str],
+        init_pid: int,
+        host_pids: list[int],
+        mem_limit: int | None = None,
+    ) -> dict:
         """Target side of a migration: manage the restored tree `gfvm_id`, whose paging file is
         already here (local copy). Preconditions: every process in `host_pids` (the tree's
         processes with memory, host pids) is alive, no other uffd is registered on its ranges
@@ -318,10 +345,19 @@ class Pager:
         cgroup = TreeCgroup.for_tree(self.cluster, self.node, gfvm_id)
         cgroup.create()
         rec = TreeRecord(
-            id=gfvm_id, name=name, cmd=list(cmd), node=self.node, created=time.time(),
-            init_pid=init_pid, init_start_time=procfs.start_time(init_pid), adopted=False,
-            paging_dir=paging_dir, cgroup=[str(p) for p in cgroup.paths], log_path="",
-            mem_limit=mem_limit)
+            id=gfvm_id,
+            name=name,
+            cmd=list(cmd),
+            node=self.node,
+            created=time.time(),
+            init_pid=init_pid,
+            init_start_time=procfs.start_time(init_pid),
+            adopted=False,
+            paging_dir=paging_dir,
+            cgroup=[str(p) for p in cgroup.paths],
+            log_path="",
+            mem_limit=mem_limit,
+        )
         for pid in [init_pid, *procfs.descendants(init_pid)]:
             try:
                 cgroup.add(pid)
@@ -332,10 +368,14 @@ class Pager:
         assert self.tracer is not None
         try:
             for pid in host_pids:
-                uffd = inject_while_frozen(self.tracer, pid,
-                                           lambda pid=pid: self.tracer.inject_userfaultfd(pid))
-                tree.call(lambda pid=pid, uffd=uffd: tree.take_back_space(
-                    pid, uffd, procfs.inner_pid(pid), api_done=False))
+                uffd = inject_while_frozen(
+                    self.tracer, pid, lambda pid=pid: self.tracer.inject_userfaultfd(pid)
+                )
+                tree.call(
+                    lambda pid=pid, uffd=uffd: tree.take_back_space(
+                        pid, uffd, procfs.inner_pid(pid), api_done=False
+                    )
+                )
             self.store.save(rec)
         except BaseException:
             tree.request_stop()
@@ -358,8 +398,14 @@ class Pager:
             if gfvm_id not in self.trees and not self.backing.exists(f"procs/{gfvm_id}"):
                 return gfvm_id
 
-    def run_blocking(self, cmd: list[str], name: str | None, mem_limit: int | None,
-                     cwd: str = "/", env: dict | None = None) -> dict:
+    def run_blocking(
+        self,
+        cmd: list[str],
+        name: str | None,
+        mem_limit: int | None,
+        cwd: str = "/",
+        env: dict | None = None,
+    ) -> dict:
         """Starts `cmd` as a managed tree (see gfvm/pager/launch.py); returns its summary."""
         gfvm_id = self._new_id()
         name = name or os.path.basename(cmd[0])
@@ -367,17 +413,29 @@ class Pager:
         cgroup.create()
         log_path = self.paths.run / "procs" / gfvm_id / "output.log"
         paging_dir = f"procs/{gfvm_id}"
-        pf = PagingFile.create(self.backing, paging_dir, {
-            "id": gfvm_id, "name": name, "cmd": cmd, "node": self.node, "created": time.time()})
+        pf = PagingFile.create(
+            self.backing,
+            paging_dir,
+            {"id": gfvm_id, "name": name, "cmd": cmd, "node": self.node, "created": time.time()},
+        )
         launched = None
         tree = None
         try:
             launched = start_tree(cmd, cgroup, log_path, cwd=cwd or "/", env=env)
             rec = TreeRecord(
-                id=gfvm_id, name=name, cmd=list(cmd), node=self.node, created=time.time(),
-                init_pid=launched.init_pid, init_start_time=procfs.start_time(launched.init_pid),
-                adopted=False, paging_dir=paging_dir, cgroup=[str(p) for p in cgroup.paths],
-                log_path=str(log_path), mem_limit=mem_limit)
+                id=gfvm_id,
+                name=name,
+                cmd=list(cmd),
+                node=self.node,
+                created=time.time(),
+                init_pid=launched.init_pid,
+                init_start_time=procfs.start_time(launched.init_pid),
+                adopted=False,
+                paging_dir=paging_dir,
+                cgroup=[str(p) for p in cgroup.paths],
+                log_path=str(log_path),
+                mem_limit=mem_limit,
+            )
             uffd = self._attach_at_exec(launched.shim_pid, log_path)
             tree = ManagedTree(rec, pf, self)
             tree.start()
@@ -420,15 +478,18 @@ class Pager:
         deadline = time.monotonic() + 10
         while _maps_signature(shim_pid) == before:
             if not _pid_alive(shim_pid):
-                raise GfvmError(f"the command exited at once (see {log_path}):\n"
-                                f"{_tail(log_path)}")
+                raise GfvmError(
+                    f"the command exited at once (see {log_path}):\n" f"{_tail(log_path)}"
+                )
             if time.monotonic() > deadline:
                 raise GfvmError("the command did not start within 10 s")
             time.sleep(0.0005)
         try:
             return self.tracer.inject_userfaultfd(shim_pid)
         except ProcessLookupError:
-            raise GfvmError(f"the command exited at once (see {log_path}):\n{_tail(log_path)}") from None
+            raise GfvmError(
+                f"the command exited at once (see {log_path}):\n{_tail(log_path)}"
+            ) from None
 
     def adopt_blocking(self, pid: int, name: str | None, mem_limit: int | None) -> dict:
         """Takes an already running process under management; errors name the cause."""
@@ -460,18 +521,36 @@ class Pager:
         name = name or (os.path.basename(cmd[0]) if cmd else str(pid))
         cgroup = TreeCgroup.for_tree(self.cluster, self.node, gfvm_id)
         paging_dir = f"procs/{gfvm_id}"
-        pf = PagingFile.create(self.backing, paging_dir, {
-            "id": gfvm_id, "name": name, "cmd": cmd, "node": self.node, "created": time.time(),
-            "adopted": True})
+        pf = PagingFile.create(
+            self.backing,
+            paging_dir,
+            {
+                "id": gfvm_id,
+                "name": name,
+                "cmd": cmd,
+                "node": self.node,
+                "created": time.time(),
+                "adopted": True,
+            },
+        )
         tree = None
         try:
             cgroup.create()
             cgroup.add(pid)
             rec = TreeRecord(
-                id=gfvm_id, name=name, cmd=cmd, node=self.node, created=time.time(),
-                init_pid=pid, init_start_time=procfs.start_time(pid), adopted=True,
-                paging_dir=paging_dir, cgroup=[str(p) for p in cgroup.paths], log_path="",
-                mem_limit=mem_limit)
+                id=gfvm_id,
+                name=name,
+                cmd=cmd,
+                node=self.node,
+                created=time.time(),
+                init_pid=pid,
+                init_start_time=procfs.start_time(pid),
+                adopted=True,
+                paging_dir=paging_dir,
+                cgroup=[str(p) for p in cgroup.paths],
+                log_path="",
+                mem_limit=mem_limit,
+            )
             tree = ManagedTree(rec, pf, self)
             tree.start()
             tree.call(lambda: tree.attach_space(pid, uffd))
@@ -505,15 +584,21 @@ class Pager:
         if tgid != pid:
             raise UsageError(f"cannot adopt {pid}: it is a thread of process {tgid}; adopt {tgid}")
         if pid == os.getpid() or pid in _ancestors(os.getpid()):
-            raise UsageError(f"cannot adopt process {pid}: it is gfvmd itself or one of its parents")
+            raise UsageError(
+                f"cannot adopt process {pid}: it is gfvmd itself or one of its parents"
+            )
         try:
             features = native.probe_uffd_features()
         except OSError as exc:
-            raise FeatureMissing(f"cannot adopt process {pid}: userfaultfd is unusable here: {exc}") from None
+            raise FeatureMissing(
+                f"cannot adopt process {pid}: userfaultfd is unusable here: {exc}"
+            ) from None
         lacking = native.PAGER_FEATURES & ~features
         if lacking:
-            raise FeatureMissing(f"cannot adopt process {pid}: this kernel's userfaultfd lacks "
-                                 f"features {lacking:#x} (needs WP_ASYNC, WP_UNPOPULATED, events)")
+            raise FeatureMissing(
+                f"cannot adopt process {pid}: this kernel's userfaultfd lacks "
+                f"features {lacking:#x} (needs WP_ASYNC, WP_UNPOPULATED, events)"
+            )
 
     # ------------------------------------------------------------------ takeover after a restart
 
@@ -543,7 +628,7 @@ class Pager:
 
     def _recover_tree(self, rec: TreeRecord, held: dict) -> str:
         prefix = f"{rec.id}/"
-        mine = {k[len(prefix):]: held.pop(k) for k in list(held) if k.startswith(prefix)}
+        mine = {k[len(prefix) :]: held.pop(k) for k in list(held) if k.startswith(prefix)}
         alive_spaces = [s for s in rec.spaces if _pid_matches(s.host_pid, s.start_time)]
         if not alive_spaces and not _pid_matches(rec.init_pid, rec.init_start_time):
             for _meta, fd in mine.values():
@@ -571,17 +656,22 @@ class Pager:
             tree.call(lambda meta=meta, uffd=uffd, key=key: tree.take_back_orphan(meta, uffd, key))
         for s in lost:
             if tree.pf.index.released.get(s.asid):
-                tree.call(lambda: tree._fail_stop(
+                why = (
                     f"the uffd of pid {s.host_pid} was lost with both gfvmd and the keeper, and "
-                    "some of its pages live only in the paging file"))
+                    "some of its pages live only in the paging file"
+                )
+                tree.call(lambda why=why: tree._fail_stop(why))
                 break
             try:
                 uffd = self.tracer.inject_userfaultfd(s.host_pid)
-                tree.call(lambda s=s, uffd=uffd: tree.take_back_space(s.host_pid, uffd, s.asid,
-                                                                      api_done=False))
+                tree.call(
+                    lambda s=s, uffd=uffd: tree.take_back_space(
+                        s.host_pid, uffd, s.asid, api_done=False
+                    )
+                )
             except OSError as exc:
-                tree.call(lambda exc=exc: tree._fail_stop(f"pid {s.host_pid} could not be "
-                                                          f"re-attached: {exc}"))
+                why = f"pid {s.host_pid} could not be re-attached: {exc}"
+                tree.call(lambda why=why: tree._fail_stop(why))
                 break
         with self._trees_lock:
             self.trees[rec.id] = tree
@@ -631,10 +721,16 @@ class Pager:
 
     def _summary(self, tree: ManagedTree) -> dict:
         main = _main_space(tree)
-        return {"id": tree.rec.id, "name": tree.rec.name, "node": self.node,
-                "pid": main.host_pid if main else tree.rec.init_pid,
-                "inner_pid": main.asid if main else None, "init_pid": tree.rec.init_pid,
-                "log": tree.rec.log_path or None, "paging_dir": tree.rec.paging_dir}
+        return {
+            "id": tree.rec.id,
+            "name": tree.rec.name,
+            "node": self.node,
+            "pid": main.host_pid if main else tree.rec.init_pid,
+            "inner_pid": main.asid if main else None,
+            "init_pid": tree.rec.init_pid,
+            "log": tree.rec.log_path or None,
+            "paging_dir": tree.rec.paging_dir,
+        }
 
     def _status(self, tree: ManagedTree) -> dict:
         snap = tree.snapshot()
@@ -643,19 +739,33 @@ class Pager:
         if main is not None:
             tree.main_pid = main.host_pid
         return {
-            "id": rec.id, "name": rec.name, "node": self.node, "cmd": rec.cmd,
-            "state": snap["state"], "adopted": rec.adopted,
+            "id": rec.id,
+            "name": rec.name,
+            "node": self.node,
+            "cmd": rec.cmd,
+            "state": snap["state"],
+            "adopted": rec.adopted,
             "pid": main.host_pid if main else (tree.main_pid or rec.init_pid),
             "init_pid": rec.init_pid,
-            "spaces": snap["spaces"], "rss": snap["rss"], "managed_bytes": snap["managed_bytes"],
-            "mem_limit": rec.mem_limit, "dirty_pages": snap["dirty_pages"],
-            "pages_paged_out": snap["pages_paged_out"], "bytes_paged_out": snap["bytes_paged_out"],
-            "pages_in_file": snap["pages_in_file"], "pages_evicted": snap["pages_evicted"],
-            "flush_lag_s": snap["flush_lag_s"], "faults_served": snap["faults_served"],
-            "pages_faulted_in": snap["pages_faulted_in"], "pages_zero_filled": snap["pages_zero_filled"],
-            "paging_dir": _backing_path(self.backing, rec.paging_dir), "log_path": rec.log_path,
-            "cgroup": rec.cgroup, "last_error": snap["last_error"],
-            "exit_status": tree.exit_status, "counters": snap["counters"],
+            "spaces": snap["spaces"],
+            "rss": snap["rss"],
+            "managed_bytes": snap["managed_bytes"],
+            "mem_limit": rec.mem_limit,
+            "dirty_pages": snap["dirty_pages"],
+            "pages_paged_out": snap["pages_paged_out"],
+            "bytes_paged_out": snap["bytes_paged_out"],
+            "pages_in_file": snap["pages_in_file"],
+            "pages_evicted": snap["pages_evicted"],
+            "flush_lag_s": snap["flush_lag_s"],
+            "faults_served": snap["faults_served"],
+            "pages_faulted_in": snap["pages_faulted_in"],
+            "pages_zero_filled": snap["pages_zero_filled"],
+            "paging_dir": _backing_path(self.backing, rec.paging_dir),
+            "log_path": rec.log_path,
+            "cgroup": rec.cgroup,
+            "last_error": snap["last_error"],
+            "exit_status": tree.exit_status,
+            "counters": snap["counters"],
         }
 
     # ------------------------------------------------------------------ control ops
@@ -665,11 +775,14 @@ class Pager:
         if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
             raise UsageError("run: `cmd` must be a non-empty list of strings")
         env = args.get("env")
-        if env is not None and not (isinstance(env, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        if env is not None and not (
+            isinstance(env, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        ):
             raise UsageError("run: `env` must map strings to strings")
-        return await self._thread(self.run_blocking, cmd, args.get("name"),
-                                  _limit_arg(args), args.get("cwd") or "/", env)
+        return await self._thread(
+            self.run_blocking, cmd, args.get("name"), _limit_arg(args), args.get("cwd") or "/", env
+        )
 
     async def _op_adopt(self, args: dict, progress) -> dict:
         pid = args.get("pid")
@@ -682,6 +795,7 @@ class Pager:
             out = [self._status(t) for t in list(self.trees.values())]
             out += list(self.finished.values())
             return out
+
         return {"processes": await self._thread(collect)}
 
     async def _op_status(self, args: dict, progress) -> dict:

@@ -58,7 +58,7 @@ class PagingFileSource:
 
     def native_sources(self, inner_pid: int) -> list:
         """A fresh native PageIndex (owned by the caller) over the local copy of `pages`, for the
-        native fault loop. Note: the loop does not verify page checksums (see docs/paging-file.md)."""
+        native fault loop. The loop does not verify page checksums (docs/paging-file.md)."""
         from gfvm import native
 
         entries = self.pf.index.entries(inner_pid)

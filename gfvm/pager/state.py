@@ -48,7 +48,7 @@ class TreeRecord:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "TreeRecord":
+    def from_json(cls, text: str) -> TreeRecord:
         data = json.loads(text)
         data["spaces"] = [SpaceRecord(**s) for s in data.get("spaces", [])]
         return cls(**data)

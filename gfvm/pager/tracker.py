@@ -113,8 +113,14 @@ class Counters:
 class AddressSpace:
     """One process of the tree as the pager tracks it. Touched only by the tree's worker."""
 
-    def __init__(self, asid: int, host_pid: int, uffd: native.Userfaultfd, cindex: native.PageIndex,
-                 loop_id: int) -> None:
+    def __init__(
+        self,
+        asid: int,
+        host_pid: int,
+        uffd: native.Userfaultfd,
+        cindex: native.PageIndex,
+        loop_id: int,
+    ) -> None:
         self.asid = asid
         self.host_pid = host_pid
         self.start_time = procfs.start_time(host_pid)
@@ -235,7 +241,9 @@ class ManagedTree:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_lock = threading.Lock()
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"gfvm-write-{rec.id}")
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"gfvm-write-{rec.id}"
+        )
         self._thread: threading.Thread | None = None
         self._stop = False
         self._tmp_next = 0
@@ -248,7 +256,9 @@ class ManagedTree:
 
     def start(self) -> None:
         """Starts the worker thread (never blocks)."""
-        self._thread = threading.Thread(target=self._run, name=f"gfvm-tree-{self.rec.id}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"gfvm-tree-{self.rec.id}", daemon=True
+        )
         self._thread.start()
 
     def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
@@ -308,7 +318,9 @@ class ManagedTree:
             while not self._stop:
                 timeout = max(0.0, next_tick - time.monotonic())
                 try:
-                    ready, _, _ = select.select([self._wake_r, self.loop.notify_fd], [], [], timeout)
+                    ready, _, _ = select.select(
+                        [self._wake_r, self.loop.notify_fd], [], [], timeout
+                    )
                 except InterruptedError:
                     continue
                 if self._wake_r in ready:
@@ -368,8 +380,10 @@ class ManagedTree:
         self._faults_base = getattr(self, "_faults_base", (0, 0, 0))
         self._published = {
             "state": self.state,
-            "spaces": [{"asid": s.asid, "host_pid": s.host_pid} for s in
-                       sorted(spaces, key=lambda s: s.asid)],
+            "spaces": [
+                {"asid": s.asid, "host_pid": s.host_pid}
+                for s in sorted(spaces, key=lambda s: s.asid)
+            ],
             "pids": [s.host_pid for s in spaces],
             "managed_bytes": sum(e - b for s in spaces for b, e in s.registered),
             "dirty_pages": self.dirty_pages(),
@@ -389,10 +403,22 @@ class ManagedTree:
     def snapshot(self) -> dict:
         """The latest published picture plus the current RSS (any thread; reads /proc)."""
         snap = dict(self._published) or {
-            "state": self.state, "spaces": [], "pids": [], "managed_bytes": 0, "dirty_pages": 0,
-            "pages_paged_out": 0, "bytes_paged_out": 0, "pages_in_file": 0, "pages_evicted": 0,
-            "flush_lag_s": None, "faults_served": 0, "pages_faulted_in": 0,
-            "pages_zero_filled": 0, "last_error": self.last_error, "counters": {}}
+            "state": self.state,
+            "spaces": [],
+            "pids": [],
+            "managed_bytes": 0,
+            "dirty_pages": 0,
+            "pages_paged_out": 0,
+            "bytes_paged_out": 0,
+            "pages_in_file": 0,
+            "pages_evicted": 0,
+            "flush_lag_s": None,
+            "faults_served": 0,
+            "pages_faulted_in": 0,
+            "pages_zero_filled": 0,
+            "last_error": self.last_error,
+            "counters": {},
+        }
         snap["state"] = self.state
         snap["last_error"] = self.last_error
         rss = 0
@@ -406,9 +432,16 @@ class ManagedTree:
 
     # ------------------------------------------------------------------ attach
 
-    def attach_space(self, host_pid: int, uffd: native.Userfaultfd, *, api_done: bool = False,
-                     asid: int | None = None, keeper_key: str | None = None,
-                     wake: bool = False) -> AddressSpace:
+    def attach_space(
+        self,
+        host_pid: int,
+        uffd: native.Userfaultfd,
+        *,
+        api_done: bool = False,
+        asid: int | None = None,
+        keeper_key: str | None = None,
+        wake: bool = False,
+    ) -> AddressSpace:
         """Starts tracking the process `host_pid` through `uffd`, a uffd created inside it.
         Runs on the worker. Order: API -> fault loop serves it -> keeper holds a copy ->
         registrations (a registered range is never without a server and a second holder)."""
@@ -417,8 +450,10 @@ class ManagedTree:
             missing = native.PAGER_FEATURES & ~api.features
             if missing:
                 uffd.close()
-                raise GfvmError(f"this kernel's userfaultfd lacks features {missing:#x} "
-                                "(WP_ASYNC, WP_UNPOPULATED, EVENT_FORK/REMAP/REMOVE/UNMAP are needed)")
+                raise GfvmError(
+                    f"this kernel's userfaultfd lacks features {missing:#x} "
+                    "(WP_ASYNC, WP_UNPOPULATED, EVENT_FORK/REMAP/REMOVE/UNMAP are needed)"
+                )
         if asid is None:
             asid = procfs.inner_pid(host_pid)
         cindex = native.PageIndex()
@@ -427,8 +462,13 @@ class ManagedTree:
             cindex.set_many([v << PAGE_SHIFT for v in entries], [p >> 32 for p in entries.values()])
         space = AddressSpace(asid, host_pid, uffd, cindex, -1)
         space.open_fds()
-        space.loop_id = self.loop.add(uffd, [native.Source(cindex, self.pf.pages_read_fd())], wp=True,
-                                      pid=host_pid, pidfd=space.pidfd)
+        space.loop_id = self.loop.add(
+            uffd,
+            [native.Source(cindex, self.pf.pages_read_fd())],
+            wp=True,
+            pid=host_pid,
+            pidfd=space.pidfd,
+        )
         self._add_space(space)
         self._keep(space, keeper_key)
         self._register_vmas(space)
@@ -436,8 +476,9 @@ class ManagedTree:
             self._wake_all(space)
         return space
 
-    def take_back_space(self, host_pid: int, uffd: native.Userfaultfd, asid: int, *,
-                        api_done: bool = True) -> AddressSpace:
+    def take_back_space(
+        self, host_pid: int, uffd: native.Userfaultfd, asid: int, *, api_done: bool = True
+    ) -> AddressSpace:
         """Takeover after a gfvmd restart: serve `uffd` again (waking every range), treat every
         present page as dirty (the previous gfvmd's dirty set is lost), and drop index entries of
         pages that are neither present nor released by us (the process removed them while the
@@ -480,11 +521,16 @@ class ManagedTree:
     def rekeep(self) -> None:
         """Gives the keeper a copy of every uffd again (after the keeper was restarted)."""
         for space in list(self.spaces.values()):
-            key = self._keeper_key(space) if space.resolved else \
-                f"{self.rec.id}/tmp{space.asid - TMP_ASID_BASE}"
-            self.ctx.keeper_put(key, space.uffd.fileno(), {"host_pid": space.host_pid,
-                                                            "start_time": space.start_time,
-                                                            "asid": space.asid})
+            key = (
+                self._keeper_key(space)
+                if space.resolved
+                else f"{self.rec.id}/tmp{space.asid - TMP_ASID_BASE}"
+            )
+            self.ctx.keeper_put(
+                key,
+                space.uffd.fileno(),
+                {"host_pid": space.host_pid, "start_time": space.start_time, "asid": space.asid},
+            )
 
     def _add_space(self, space: AddressSpace) -> None:
         self.spaces[space.asid] = space
@@ -526,8 +572,14 @@ class ManagedTree:
                 if exc.errno in (errno.ESRCH, errno.ENOMEM) and not _alive(space):
                     raise
                 # EINVAL: the VMA changed under us (it will show up again) or cannot be tracked
-                log.info("tree %s pid %d: cannot register %#x-%#x: %s", self.rec.id,
-                         space.host_pid, start, end, exc)
+                log.info(
+                    "tree %s pid %d: cannot register %#x-%#x: %s",
+                    self.rec.id,
+                    space.host_pid,
+                    start,
+                    end,
+                    exc,
+                )
                 space.unregistrable.add(rng)
                 continue
             space.registered.add(rng)
@@ -559,17 +611,23 @@ class ManagedTree:
             self.pf.drop(space.asid, ev.start >> PAGE_SHIFT, (ev.end - ev.start) >> PAGE_SHIFT)
             space.removed_since_flush = True
             if ev.kind == "unmap":
-                space.registered = {r for r in space.registered if r[1] <= ev.start or r[0] >= ev.end}
+                space.registered = {
+                    r for r in space.registered if r[1] <= ev.start or r[0] >= ev.end
+                }
         elif ev.kind == "remap":
             self._racing.append(("remap", space.asid, ev.start, ev.end))
             npages = (ev.end - ev.start) >> PAGE_SHIFT
             src, dst = ev.start >> PAGE_SHIFT, ev.to >> PAGE_SHIFT
             self.pf.move(space.asid, src, dst, npages)
             # The kernel moves the pages' protection with them; our dirty/probe state follows.
-            moved = {v: space.dirty.pop(v) for v in [v for v in space.dirty if src <= v < src + npages]}
+            moved = {
+                v: space.dirty.pop(v) for v in [v for v in space.dirty if src <= v < src + npages]
+            }
             for v, t in moved.items():
                 space.set_dirty(v - src + dst, t)
-            probed = {v: space.probe.pop(v) for v in [v for v in space.probe if src <= v < src + npages]}
+            probed = {
+                v: space.probe.pop(v) for v in [v for v in space.probe if src <= v < src + npages]
+            }
             for v, t in probed.items():
                 space.probe[v - src + dst] = t
             space.registered = {r for r in space.registered if r[1] <= ev.start or r[0] >= ev.end}
@@ -579,8 +637,10 @@ class ManagedTree:
         elif ev.kind == "exit":
             self._forget_space(space, "exited")
         elif ev.kind == "error":
-            self._fail_stop(f"fault service for pid {space.host_pid} failed: "
-                            f"{os.strerror(ev.error) if ev.error else 'unknown error'}")
+            self._fail_stop(
+                f"fault service for pid {space.host_pid} failed: "
+                f"{os.strerror(ev.error) if ev.error else 'unknown error'}"
+            )
 
     def _on_fork(self, parent: AddressSpace | None, ev: native.LoopEvent) -> None:
         if ev.uffd is None:
@@ -597,8 +657,11 @@ class ManagedTree:
         child = _child_space(tmp, ev.uffd, None, ev.child_id, parent)
         self._add_space(child)
         child.cindex = self._child_index(child)
-        self.ctx.keeper_put(f"{self.rec.id}/tmp{tmp - TMP_ASID_BASE}", child.uffd.fileno(),
-                            {"parent": parent.asid, "host_pid": 0})
+        self.ctx.keeper_put(
+            f"{self.rec.id}/tmp{tmp - TMP_ASID_BASE}",
+            child.uffd.fileno(),
+            {"parent": parent.asid, "host_pid": 0},
+        )
         self.pending_forks.append(_Pending(parent.asid, child))
 
     def _child_index(self, child: AddressSpace) -> native.PageIndex | None:
@@ -629,9 +692,9 @@ class ManagedTree:
                 kids.sort(key=lambda k: (procfs.start_time(k), k))
             except ProcessLookupError:
                 kids = []
-            for p, kid in zip(pendings, kids):
+            for p, kid in zip(pendings, kids, strict=False):
                 self._resolve(p, kid)
-            for p in pendings[len(kids):]:
+            for p in pendings[len(kids) :]:
                 if time.monotonic() - p.since > 5.0:
                     # The child is gone (exited and reaped, or exec'd) before we saw it.
                     self._drop_unresolved(p, "the child vanished before it was identified")
@@ -655,7 +718,9 @@ class ManagedTree:
         del self.spaces[tmp]
         child.asid = asid
         child.resolved = True
-        child.registered = set(self.spaces[p.parent_asid].registered) if p.parent_asid in self.spaces else set()
+        child.registered = (
+            set(self.spaces[p.parent_asid].registered) if p.parent_asid in self.spaces else set()
+        )
         self._add_space(child)
         try:
             self.loop.set_process(child.loop_id, host_pid, child.pidfd)
@@ -727,8 +792,10 @@ class ManagedTree:
         if self.rec.mem_limit:
             self._enforce_limit()
         self._check_tree_alive()
-        first = min((t for sp in self.spaces.values() if (t := sp.oldest_tick()) is not None),
-                    default=self.tick)
+        first = min(
+            (t for sp in self.spaces.values() if (t := sp.oldest_tick()) is not None),
+            default=self.tick,
+        )
         for t in [t for t in self.tick_times if t < first]:
             del self.tick_times[t]
         if self.state == "starting":
@@ -740,7 +807,9 @@ class ManagedTree:
         if procfs.start_time(space.host_pid) != space.start_time:
             raise ProcessLookupError(space.host_pid)
         try:
-            native.scan_written(space.pagemap_fd, 0, PAGE_SIZE, reprotect=False, check_wpasync=False)
+            native.scan_written(
+                space.pagemap_fd, 0, PAGE_SIZE, reprotect=False, check_wpasync=False
+            )
         except OSError as exc:
             # An exiting process drops its mm before it becomes a zombie: not an exec.
             if exc.errno != errno.ESRCH or not _alive(space) or procfs.is_exiting(space.host_pid):
@@ -766,8 +835,13 @@ class ManagedTree:
         written: set[int] = set()
         for start, end in sorted(space.registered):
             for region in native.scan_written(
-                    space.pagemap_fd, start, end, reprotect=False, check_wpasync=False,
-                    return_mask=native.PAGE_IS_WRITTEN | native.PAGE_IS_PRESENT):
+                space.pagemap_fd,
+                start,
+                end,
+                reprotect=False,
+                check_wpasync=False,
+                return_mask=native.PAGE_IS_WRITTEN | native.PAGE_IS_PRESENT,
+            ):
                 # An unpopulated page (never touched, or emptied by MADV_DONTNEED) reads as
                 # WRITTEN until it is protected (measured here): it holds nothing to page out.
                 if region.categories & native.PAGE_IS_PRESENT:
@@ -833,7 +907,7 @@ class ManagedTree:
                 if writes[b] is not None:
                     writes[b].result()
                     writes[b] = None
-                ok, data = self._read_pages(space, vpages[i:i + batch], bufs[b])
+                ok, data = self._read_pages(space, vpages[i : i + batch], bufs[b])
                 if ok:
                     staged, write = self.pf.prepare(space.asid, ok, data)
                     staged_all.append(staged)
@@ -870,15 +944,16 @@ class ManagedTree:
                 space.clean(v)
         return keep
 
-    def _read_pages(self, space: AddressSpace, vpages: list[int], buf: bytearray
-                    ) -> tuple[list[int], memoryview]:
+    def _read_pages(
+        self, space: AddressSpace, vpages: list[int], buf: bytearray
+    ) -> tuple[list[int], memoryview]:
         """process_vm_readv of the pages; unreadable ones (unmapped) are skipped and forgotten."""
         ok: list[int] = []
         view = memoryview(buf)
         pos = 0
         todo = vpages
         while todo:
-            target = view[pos * PAGE_SIZE:]
+            target = view[pos * PAGE_SIZE :]
             try:
                 got = native.read_pages(space.host_pid, [v << PAGE_SHIFT for v in todo], target)
             except OSError as exc:
@@ -892,18 +967,23 @@ class ManagedTree:
             pos += n
             if n < len(todo):  # todo[n] cannot be read: unmapped since the scan
                 space.clean(todo[n])
-                todo = todo[n + 1:]
+                todo = todo[n + 1 :]
             else:
                 todo = []
-        return ok, view[:pos * PAGE_SIZE]
+        return ok, view[: pos * PAGE_SIZE]
 
     def _index_batch(self, space: AddressSpace, staged: StagedPages, seq: int | None) -> list[int]:
         """Indexes a durable staged batch, except pages an event may have raced with (they stay
         dirty). Returns the accepted vpages (no longer dirty unless written again)."""
         if space.cindex is not None:
             try:
-                skipped = set(space.cindex.set_many(
-                    [v << PAGE_SHIFT for v in staged.vpages], staged.slots, unless_changed_since=seq))
+                skipped = set(
+                    space.cindex.set_many(
+                        [v << PAGE_SHIFT for v in staged.vpages],
+                        staged.slots,
+                        unless_changed_since=seq,
+                    )
+                )
             except OSError as exc:
                 if exc.errno != errno.ESTALE:
                     raise
@@ -966,8 +1046,9 @@ class ManagedTree:
 
     def flush_lag(self) -> float | None:
         """Seconds since the oldest page that is dirty now was first written (None: clean)."""
-        first = min((t for sp in self.spaces.values() if (t := sp.oldest_tick()) is not None),
-                    default=None)
+        first = min(
+            (t for sp in self.spaces.values() if (t := sp.oldest_tick()) is not None), default=None
+        )
         if first is None:
             return None
         return time.monotonic() - self.tick_times.get(first, time.monotonic())
@@ -992,15 +1073,22 @@ class ManagedTree:
             return
         want = (rss - int(limit * self.settings.evict_target)) // PAGE_SIZE
         evicted = 0
-        for space in sorted(self.spaces.values(), key=lambda s: -len(self.pf.index.entries(s.asid))):
+        for space in sorted(
+            self.spaces.values(), key=lambda s: -len(self.pf.index.entries(s.asid))
+        ):
             if evicted >= want:
                 break
             if space.resolved and space.alive:
                 evicted += self._evict(space, want - evicted)
         # Pages written recently are not in the paging file yet: they can go once paged out.
-        self.limit_note = None if evicted >= want else (
-            f"over the memory limit: evicted {evicted} of {want} pages (rss {rss >> 20} MiB, "
-            f"limit {limit >> 20} MiB); the rest is dirty or untracked for now")
+        self.limit_note = (
+            None
+            if evicted >= want
+            else (
+                f"over the memory limit: evicted {evicted} of {want} pages (rss {rss >> 20} MiB, "
+                f"limit {limit >> 20} MiB); the rest is dirty or untracked for now"
+            )
+        )
 
     def evict(self, max_pages: int | None = None) -> int:
         """Drops up to `max_pages` (default: all) clean pages that are in the paging file from
@@ -1028,8 +1116,9 @@ class ManagedTree:
             return 0  # a forked child whose C index we cannot update (module header)
         entries = self.pf.index.entries(space.asid)
         present = self._present_pages(space, sorted(space.registered))
-        candidates = sorted(v for v in present
-                            if v in entries and v not in space.dirty and v not in space.hot)
+        candidates = sorted(
+            v for v in present if v in entries and v not in space.dirty and v not in space.hot
+        )
         if not candidates:
             return 0
         # Round-robin over the address space: start where the last eviction stopped.
@@ -1039,8 +1128,15 @@ class ManagedTree:
         ranges = _runs_to_ranges(sorted(picked))[: self.settings.evict_max_ranges]
         # With every thread stopped: keeps pages written since the scan, announces the eviction
         # (the loop keeps the entries on our REMOVE events), injects DONTNEED, re-arms tracking.
-        ranges = native.evict_pages(self.ctx.tracer, space.host_pid, ranges, loop=self.loop,
-                                    uffd_id=space.loop_id, uffd=space.uffd, index=space.cindex)
+        ranges = native.evict_pages(
+            self.ctx.tracer,
+            space.host_pid,
+            ranges,
+            loop=self.loop,
+            uffd_id=space.loop_id,
+            uffd=space.uffd,
+            index=space.cindex,
+        )
         if not ranges:
             return 0
         n = 0
@@ -1064,8 +1160,10 @@ class ManagedTree:
         self._drain_events()
         dirty = self.dirty_pages()
         if dirty:
-            raise GfvmError(f"{dirty} dirty pages are not in the paging file yet: flush_all first "
-                            "(with the tree frozen)")
+            raise GfvmError(
+                f"{dirty} dirty pages are not in the paging file yet: flush_all first "
+                "(with the tree frozen)"
+            )
         dropped = 0
         for space in list(self.spaces.values()):
             if not space.resolved or not space.alive:
@@ -1075,13 +1173,19 @@ class ManagedTree:
             entries = self.pf.index.entries(space.asid)
             missing = [v for v in present if v not in entries and not _zero_page(space, v)]
             if missing:
-                raise GfvmError(f"pid {space.host_pid}: {len(missing)} written pages are not in the "
-                                "paging file (the tree is not frozen?)")
+                raise GfvmError(
+                    f"pid {space.host_pid}: {len(missing)} written pages are not in the "
+                    "paging file (the tree is not frozen?)"
+                )
             for start, end in ranges:
                 space.uffd.unregister(start, end - start)
-            inject_while_frozen(self.ctx.tracer, space.host_pid,
-                                lambda space=space, ranges=ranges: self.ctx.tracer.inject_madvise(
-                                    space.host_pid, ranges))
+            inject_while_frozen(
+                self.ctx.tracer,
+                space.host_pid,
+                lambda space=space, ranges=ranges: self.ctx.tracer.inject_madvise(
+                    space.host_pid, ranges
+                ),
+            )
             for start, end in ranges:
                 self.pf.mark_released(space.asid, start >> PAGE_SHIFT, (end - start) >> PAGE_SHIFT)
             dropped += len(present)
@@ -1140,8 +1244,9 @@ class ManagedTree:
             log.exception("final commit")
 
 
-def _child_space(tmp: int, uffd: native.Userfaultfd, cindex: Any, loop_id: int,
-                 parent: AddressSpace) -> AddressSpace:
+def _child_space(
+    tmp: int, uffd: native.Userfaultfd, cindex: Any, loop_id: int, parent: AddressSpace
+) -> AddressSpace:
     space = AddressSpace.__new__(AddressSpace)
     space.asid = tmp
     space.host_pid = 0
@@ -1170,8 +1275,10 @@ def inject_while_frozen(tracer: native.Tracer, pid: int, fn: Callable[[], Any]) 
     injector cannot run a syscall in a frozen task). Blocks."""
     frozen = native.frozen_cgroup(pid)
     if frozen and not frozen.endswith("cgroup.freeze"):
-        raise GfvmError(f"process {pid} is frozen by the cgroup v1 freezer ({frozen}): thaw it "
-                        "before injecting")
+        raise GfvmError(
+            f"process {pid} is frozen by the cgroup v1 freezer ({frozen}): thaw it "
+            "before injecting"
+        )
     with tracer.stopped(pid):
         if frozen:
             Path(frozen).write_text("0\n")

@@ -21,6 +21,9 @@ def build(directory: Path) -> Path:
     if cc is None:
         raise FeatureMissing("a C compiler (gcc) is needed to build the pager workload")
     out = Path(directory) / "pager_workload"
-    subprocess.run([cc, "-O2", "-Wall", "-pthread", "-o", str(out), str(SOURCE)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [cc, "-O2", "-Wall", "-pthread", "-o", str(out), str(SOURCE)],
+        check=True,
+        capture_output=True,
+    )
     return out
