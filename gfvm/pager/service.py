@@ -35,7 +35,7 @@ from typing import Any
 import trio
 
 from gfvm import native
-from gfvm.errors import FeatureMissing, GfvmError, NotFound, UsageError
+from gfvm.errors import ConfigError, FeatureMissing, GfvmError, NotFound, UsageError
 from gfvm.pager import procfs
 from gfvm.pager.backing import LocalBacking, PagingBacking
 from gfvm.pager.cgroup import TreeCgroup
@@ -62,7 +62,7 @@ def settings_from_config(section: dict | None) -> PagerSettings:
     known = {"interval_ms", "hot_bound_ms", "batch_pages", "window_pages", "evict_target"}
     unknown = set(section) - known
     if unknown:
-        raise UsageError(f"[pager]: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        raise ConfigError(f"[pager]: unknown keys {sorted(unknown)} (known: {sorted(known)})")
     if "interval_ms" in section:
         s.interval = float(section["interval_ms"]) / 1000
     if "hot_bound_ms" in section:
@@ -73,7 +73,7 @@ def settings_from_config(section: dict | None) -> PagerSettings:
     if "evict_target" in section:
         s.evict_target = float(section["evict_target"])
     if not 0.01 <= s.interval <= 10 or s.hot_bound < s.interval:
-        raise UsageError("[pager]: interval_ms must be 10..10000 and hot_bound_ms >= interval_ms")
+        raise ConfigError("[pager]: interval_ms must be 10..10000 and hot_bound_ms >= interval_ms")
     return s
 
 
