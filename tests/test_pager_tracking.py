@@ -194,3 +194,14 @@ def test_exec_is_tracked_again(pager, workload_bin, tmp_path):
         assert conn2.cmd("verify") == "ok 128"
     finally:
         wl.close()
+
+
+def test_run_of_a_missing_command_says_why(pager):
+    from gfvm.errors import GfvmError
+
+    with pytest.raises(GfvmError, match="exited at once") as info:
+        pager.run_blocking(["/nonexistent/program"], None, None)
+    assert "not found" in str(info.value)
+    assert not pager.trees
+    procs = pager.backing.path("procs")
+    assert not procs.exists() or not list(procs.iterdir())  # nothing left behind
