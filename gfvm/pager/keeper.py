@@ -115,16 +115,19 @@ class Keeper:
     def serve(self, path: Path) -> None:
         """Accepts connections on `path` until told to exit (blocking, single-threaded)."""
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Bind under a temporary name and rename once listening: whoever sees the path can connect.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
         try:
-            path.unlink()
+            tmp.unlink()
         except FileNotFoundError:
             pass
         old = os.umask(0o177)
         try:
-            listener.bind(str(path))
+            listener.bind(str(tmp))
         finally:
             os.umask(old)
         listener.listen(16)
+        os.replace(tmp, path)
         conns: list[socket.socket] = []
         running = True
         while running:
