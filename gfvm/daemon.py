@@ -60,11 +60,13 @@ class Daemon:
             for component in self.components():
                 await nursery.start(component.serve)
             await nursery.start(self.control.serve, self.paths.control_socket)
-            self.paths.pid_file.write_text(f"{os.getpid()}\n")
-            log.info("gfvmd %s ready on node %s", __version__, self.node_name)
-            sd_notify("READY=1")
-            task_status.started()
+            # Catch SIGTERM before telling anyone we are ready: a stop request that arrives right
+            # after READY must shut down cleanly, not kill us with the default action.
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                self.paths.pid_file.write_text(f"{os.getpid()}\n")
+                log.info("gfvmd %s ready on node %s", __version__, self.node_name)
+                sd_notify("READY=1")
+                task_status.started()
                 async for signum in signals:
                     log.info("signal %s: shutting down", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
