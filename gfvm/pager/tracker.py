@@ -135,6 +135,7 @@ class AddressSpace:
         self.buckets: dict[int, set[int]] = {}  # tick -> vpages first seen dirty then (lazy:
         #                                         a member may have been cleaned or re-dirtied)
         self.probe: dict[int, int] = {}  # dirty vpage -> tick it was protected, or -1: found hot
+        self.was_hot: set[int] = set()  # paged out at the hot bound: presumed hot when re-dirtied
         self.hot: set[int] = set()  # W: present pages written (unprotected) at the latest scan
         self.removed_since_flush = False  # a REMOVE/UNMAP happened: check presence at flush
         self.resolved = asid < TMP_ASID_BASE
@@ -872,11 +873,20 @@ class ManagedTree:
         unprobed = space.dirty.keys() - probe.keys()
         to_probe = unprobed & written
         leftover = unprobed - written  # protected by us and not written since (flush failed)
+        # A page that was still hot when the bound forced it out is presumed hot again: no probe
+        # (each probe costs the process a write fault), it goes out at the next bound.
+        if self.tick % bound_ticks == 0:
+            space.was_hot &= space.dirty.keys()  # forget pages that went quiet
+        presumed_hot = to_probe & space.was_hot
+        probe.update(dict.fromkeys(presumed_hot, -1))
+        to_probe -= presumed_hot
         forced = space.due(self.tick - bound_ticks) & written
         to_probe -= forced
         if to_probe or forced:
             self._protect(space, list(to_probe | forced))
         probe.update(dict.fromkeys(to_probe, self.tick))
+        space.was_hot -= cold
+        space.was_hot |= forced
         return sorted(cold | leftover | forced)
 
     # ------------------------------------------------------------------ paging out
@@ -1261,6 +1271,7 @@ def _child_space(
     space.dirty = dict(parent.dirty)  # the child's memory is the parent's: same pages unflushed
     space.buckets = {t: set(b) for t, b in parent.buckets.items()}
     space.probe = dict(parent.probe)
+    space.was_hot = set(parent.was_hot)
     space.hot = set(parent.hot)
     space.removed_since_flush = parent.removed_since_flush
     space.resolved = False
