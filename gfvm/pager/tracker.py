@@ -1083,6 +1083,8 @@ class ManagedTree:
             return
         want = (rss - int(limit * self.settings.evict_target)) // PAGE_SIZE
         evicted = 0
+        if any(native.frozen_cgroup(s.host_pid) for s in self.spaces.values() if s.resolved):
+            return  # frozen (a migration is under way): nothing runs, nothing to inject into
         for space in sorted(
             self.spaces.values(), key=lambda s: -len(self.pf.index.entries(s.asid))
         ):
