@@ -1083,7 +1083,7 @@ class ManagedTree:
             return
         want = (rss - int(limit * self.settings.evict_target)) // PAGE_SIZE
         evicted = 0
-        if any(native.frozen_cgroup(s.host_pid) for s in self.spaces.values() if s.resolved):
+        if any(_frozen(s.host_pid) for s in self.spaces.values() if s.resolved):
             return  # frozen (a migration is under way): nothing runs, nothing to inject into
         for space in sorted(
             self.spaces.values(), key=lambda s: -len(self.pf.index.entries(s.asid))
@@ -1300,6 +1300,13 @@ def inject_while_frozen(tracer: native.Tracer, pid: int, fn: Callable[[], Any]) 
         finally:
             if frozen:
                 Path(frozen).write_text("1\n")
+
+
+def _frozen(pid: int) -> bool:
+    try:
+        return native.frozen_cgroup(pid) is not None
+    except ProcessLookupError:
+        return False
 
 
 def _zero_page(space: AddressSpace, vpage: int) -> bool:
