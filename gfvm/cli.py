@@ -41,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gfvm import demo, doctor
     from gfvm.cluster import cli as cluster_cli
+    from gfvm.pager import cli as pager_cli
 
     demo.add_commands(sub)
     doctor.add_commands(sub)
     cluster_cli.add_commands(sub)
+    pager_cli.add_commands(sub)
     _add_daemon_command(sub)
     return parser
 

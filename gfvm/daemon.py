@@ -50,7 +50,9 @@ class Daemon:
 
     def components(self) -> list:
         """The services this daemon runs, in start order."""
-        return []
+        from gfvm.pager.service import Pager
+
+        return [Pager(self)]
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.paths.run.mkdir(parents=True, exist_ok=True)
