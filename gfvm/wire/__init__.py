@@ -41,6 +41,14 @@ Optional(item), a @wire.record class, and the ready-made Name, RelPath, NodeName
 Invalid values raise LocalProtocolError at construction. Decoded Bytes are read-only memoryviews.
 """
 
+from gfvm.wire.connection import (
+    NEED_DATA,
+    Connection,
+    ConnectionClosed,
+    Handshake,
+    LocalNode,
+    PeerInfo,
+)
 from gfvm.wire.errors import (
     ChannelClosed,
     ConnectFailed,
@@ -75,6 +83,8 @@ from gfvm.wire.fields import (
     check_relpath,
     check_text,
 )
+from gfvm.wire.frames import DEFAULT_MAX_FRAME, PROTOCOL_MAX, PROTOCOL_MIN
+from gfvm.wire.state import Role, State
 from gfvm.wire.messages import (
     ErrorReply,
     Kind,
@@ -94,4 +104,6 @@ __all__ = [
     "RemoteProtocolError", "Str", "Text", "U16", "U32", "U64", "U8", "check_name",
     "check_node_name", "check_page_span", "check_relpath", "check_text", "lookup", "oneway",
     "record", "registered_codes", "request", "response", "spec_of",
+    "NEED_DATA", "Connection", "ConnectionClosed", "Handshake", "LocalNode", "PeerInfo", "Role",
+    "State", "DEFAULT_MAX_FRAME", "PROTOCOL_MAX", "PROTOCOL_MIN",
 ]

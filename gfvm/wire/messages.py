@@ -33,7 +33,7 @@ hand us a message we could not have built ourselves.
 `List(Extent, 1024)`.
 
 Type codes: 0x0001-0x00FF belong to gfvm.wire itself; applications use 0x0100-0xFFFF
-(convention: the File Manager 0x1000-0x1FFF, migration 0x2000-0x2FFF). A code is registered once
+(convention: the File Manager 0x1000-0x1FFF, migration 0x2000-0x2FFF, tests 0xF000-0xFFFF). A code is registered once
 per process; define messages at module level (annotations are resolved in the module's globals).
 The repr of a message never shows Bytes contents (they are process memory): `<N bytes>`.
 """
