@@ -49,7 +49,9 @@ class Daemon:
 
     def components(self) -> list:
         """The services this daemon runs, in start order."""
-        return []
+        from gfvm.fm.component import FmService
+
+        return [FmService(self)]
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.paths.run.mkdir(parents=True, exist_ok=True)

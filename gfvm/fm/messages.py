@@ -21,6 +21,8 @@ MAX_OP = 1 << 20  # one metadata op (JSON)
 MAX_SNAPSHOT = 3 << 20  # a compressed metadata snapshot (below the 4 MiB frame cap)
 MAX_CHUNK_PAGES = MAX_DATA // 4096
 Gen = Str(64)
+#: rid of a response built before it is known; the peer layer sets the real one when sending
+PENDING = (1 << 64) - 1
 NodeOrEmpty = Str(31)
 
 
@@ -29,6 +31,15 @@ def _check_span(offset: int, length: int) -> None:
 
     if offset + length > MAX_FILE_SIZE:
         raise ValueError(f"range {offset}+{length} ends past the file size limit")
+
+
+def _check_pages(offsets: tuple[int, ...], data) -> None:
+    if len(data) != 4096 * len(offsets):
+        raise ValueError(f"{len(offsets)} pages need {4096 * len(offsets)} bytes of data")
+    for off in offsets:
+        if off % 4096:
+            raise ValueError(f"page offset {off} is not a multiple of 4096")
+        _check_span(off, 4096)
 
 
 # --- metadata consensus --------------------------------------------------------------------------
@@ -128,13 +139,16 @@ class HeartbeatReply:
 
 
 # --- file data: master -> members (one ordered stream per peer) ---------------------------------
+# One-way frames, applied by the member in the order sent; each is answered by a one-way ReplAck
+# carrying its `token` (0 errno: applied). See gfvm.fm.peers.
 
 
-@wire.request(0x1101)
+@wire.oneway(0x1101)
 class ReplWrite:
     fid: U64
     epoch: U64
     seq: U64
+    token: U64
     offset: U64
     data: Bytes(MAX_DATA)
 
@@ -142,33 +156,54 @@ class ReplWrite:
         _check_span(self.offset, len(self.data))
 
 
-@wire.request(0x1102)
+@wire.oneway(0x1106)
+class ReplPages:
+    """Whole pages at scattered offsets: page i of `data` goes to offsets[i] (the pager's batches)."""
+
+    fid: U64
+    epoch: U64
+    seq: U64
+    token: U64
+    offsets: List(U64, MAX_CHUNK_PAGES)
+    data: Bytes(MAX_DATA)
+
+    def validate(self) -> None:
+        _check_pages(self.offsets, self.data)
+
+
+@wire.oneway(0x1102)
 class ReplTruncate:
     fid: U64
     epoch: U64
     seq: U64
+    token: U64
     size: U64
 
     def validate(self) -> None:
         _check_span(self.size, 0)
 
 
-@wire.request(0x1103)
+@wire.oneway(0x1103)
 class ReplFlush:
-    """Make everything up to `seq` durable; record generation `gen` (FLUSH, DRBD protocol C)."""
+    """Make everything before this frame durable and record generation `gen` (DRBD's FLUSH).
+    Also confirms the member as an up-to-date copy for `epoch` (it may then serve reads)."""
 
     fid: U64
     epoch: U64
     seq: U64
+    token: U64
     gen: Gen
+    flush_id: U64  # numbers this flush (master incarnation << 32 | counter)
+    clear_id: U64  # the latest flush every in-sync copy completed: hot extents before it may go
 
 
-@wire.request(0x1104)
+@wire.oneway(0x1104)
 class ReplChunk:
     """One resync chunk with the source's page sums; `size`: file size at the source."""
 
     fid: U64
     epoch: U64
+    token: U64
     chunk: U64
     size: U64
     data: Bytes(MAX_DATA)
@@ -182,19 +217,26 @@ class ReplChunk:
             raise ValueError("one sum per page of data expected")
 
 
-@wire.request(0x1105)
+@wire.oneway(0x1105)
 class ResyncStart:
-    """Master -> member: a resync begins; `full`: drop your data and take the file's size."""
+    """A resync begins: `full`: drop your data first. Sets the member's size to `size`."""
 
     fid: U64
     epoch: U64
+    token: U64
     size: U64
     full: Bool
 
 
-@wire.response(0x1110)
+@wire.oneway(0x1110)
 class ReplAck:
-    seq: U64
+    """Member -> master on the master's channel: frame `token` of file `fid` applied (errno 0)
+    or refused (errno, reason)."""
+
+    fid: U64
+    token: U64
+    errno: U32
+    reason: Text
 
 
 # --- file data: requests to a master or a member -------------------------------------------------
@@ -226,6 +268,16 @@ class ClientWrite:
 
     def validate(self) -> None:
         _check_span(self.offset, len(self.data))
+
+
+@wire.request(0x112F)
+class ClientPages:
+    fid: U64
+    offsets: List(U64, MAX_CHUNK_PAGES)
+    data: Bytes(MAX_DATA)
+
+    def validate(self) -> None:
+        _check_pages(self.offsets, self.data)
 
 
 @wire.request(0x1123)
@@ -303,6 +355,14 @@ class Done:
     """A request that returns nothing but success."""
 
     value: U64
+
+
+@wire.request(0x1130)
+class CopyLost:
+    """Member -> master: my copy of this file is missing or damaged; resync me."""
+
+    fid: U64
+    reason: Text
 
 
 @wire.request(0x112D)

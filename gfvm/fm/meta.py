@@ -87,7 +87,7 @@ class Entry:
     mode: int  # permission bits only
     mtime_ns: int
     ctime_ns: int
-    replicas: int | None = None  # directories: R for files created below (None: inherit)
+    replicas: int | None = None  # dirs: R for files created below (None: inherit); files: R
     epoch: int = 0
     master: str = ""
     members: dict[str, str] = field(default_factory=dict)
@@ -282,6 +282,7 @@ class MetaState:
                 e.epoch = 1
                 e.gen = op["gen"]
                 e.gens = [op["gen"]]
+                e.replicas = op.get("replicas", len(e.members))
             self.entries[e.ino] = e
             self.children[e.parent][e.name] = e.ino
             if e.is_dir:

@@ -139,6 +139,8 @@ class IntentLog:
         self.counter = 0
         self.all = False
         self.extents: set[int] = set()
+        #: extent -> write number that last touched it (in memory: what `clear_upto` may drop)
+        self.touched: dict[int, int] = {}
         self._load()
 
     def _load(self) -> None:
@@ -159,10 +161,15 @@ class IntentLog:
                 best = (counter, bool(flags & _HOT_ALL), ext)
         if best is not None:
             self.counter, self.all, self.extents = best
+            # loaded extents were touched before this run: any flush of this run may drop them
+            self.touched = dict.fromkeys(self.extents, 0)
+            if self.all:
+                self.touched_all_at = 0
         elif os.fstat(self.fd).st_size > 0:
             # Both slots unreadable: we cannot know what changed, so assume everything did.
             log.warning("%s: intent log unreadable, treating the whole copy as hot", self.path)
             self.all = True
+            self.touched_all_at = 0
 
     @property
     def empty(self) -> bool:
@@ -180,14 +187,31 @@ class IntentLog:
         os.pwrite(self.fd, body.ljust(_HOT_SLOT, b"\0"), (self.counter % 2) * _HOT_SLOT)
         os.fdatasync(self.fd)
 
-    def mark(self, extents: set[int]) -> None:
-        """Records `extents` as hot, durably, before the caller modifies them."""
+    def mark(self, extents: set[int], wnum: int = 0) -> None:
+        """Records `extents` as hot, durably, before the caller modifies them (write `wnum`)."""
+        for e in extents:
+            self.touched[e] = wnum
         new = extents - self.extents
         if new and not self.all:
             self.extents |= new
             self._persist()
 
-    def mark_all(self) -> None:
+    def clear_upto(self, wnum: int) -> None:
+        """Forgets the extents last touched by writes numbered <= `wnum` (they are durable
+        everywhere that matters); keeps those touched later, and 'all' if it was set before."""
+        keep = {e for e in self.extents if self.touched.get(e, wnum + 1) > wnum}
+        if self.all and self.touched_all_at > wnum:
+            return
+        if keep != self.extents or self.all:
+            self.extents = keep
+            self.all = False
+            self.touched = {e: w for e, w in self.touched.items() if e in keep}
+            self._persist()
+
+    touched_all_at = 1 << 62  # the write number that set 'all' (loaded 'all': never cleared early)
+
+    def mark_all(self, wnum: int = 0) -> None:
+        self.touched_all_at = wnum
         if not self.all:
             self.all = True
             self._persist()
@@ -255,9 +279,14 @@ class LocalFile:
         self.size = os.fstat(self.fd).st_size
         #: set when the copy is known damaged (externally truncated...): never read from it
         self.damaged: str | None = None
+        #: the copy was deleted (moved to trash) while open: handles still read and write it
+        self.deleted = False
         if self.size < self.info.size:
             self.damaged = f"data is {self.size} bytes, {self.info.size} expected"
         self.refs = 0  # open handles (LocalStore.open/close)
+        self.wnum = 0  # numbers every change; a flush returns the number it covers
+        #: the intent log was not empty when the copy was opened: a crash left it unclean
+        self.unclean_at_open = not self.hot.empty
 
     # -- reading --
 
@@ -335,7 +364,8 @@ class LocalFile:
         if offset < 0 or offset + n > MAX_FILE_SIZE:
             raise OSError(errno.EFBIG, f"write past the {MAX_FILE_SIZE}-byte limit")
         with self.lock:
-            self.hot.mark(set(range(hot_extent(offset), hot_extent(offset + n - 1) + 1)))
+            self.wnum += 1
+            self.hot.mark(set(range(hot_extent(offset), hot_extent(offset + n - 1) + 1)), self.wnum)
             written = os.pwrite(self.fd, data, offset)
             if written != n:
                 raise OSError(errno.EIO, f"short write ({written} of {n} bytes)")
@@ -343,6 +373,46 @@ class LocalFile:
             if end > self.size:
                 self.size = end
             self._update_sums(offset, end, data)
+
+    def write_pages(self, offsets: list[int] | tuple[int, ...], data: bytes | memoryview) -> None:
+        """Writes len(offsets) whole pages: page i of `data` at byte offset offsets[i] (blocks).
+
+        Offsets must be page-aligned; adjacent pages are written with one pwrite."""
+        mv = memoryview(data)
+        if len(mv) != len(offsets) * PAGE:
+            raise OSError(errno.EINVAL, f"{len(offsets)} pages need {len(offsets) * PAGE} bytes")
+        for off in offsets:
+            if off % PAGE or off < 0 or off + PAGE > MAX_FILE_SIZE:
+                raise OSError(errno.EINVAL, f"page offset {off} is not page-aligned or too large")
+        if not offsets:
+            return
+        with self.lock:
+            self.wnum += 1
+            self.hot.mark({hot_extent(off) for off in offsets}, self.wnum)
+            i, n = 0, len(offsets)
+            while i < n:  # one pwrite per run of adjacent pages
+                j = i + 1
+                while j < n and offsets[j] == offsets[j - 1] + PAGE:
+                    j += 1
+                run = mv[i * PAGE : j * PAGE]
+                if os.pwrite(self.fd, run, offsets[i]) != len(run):
+                    raise OSError(errno.EIO, "short write")
+                i = j
+            end = max(offsets) + PAGE
+            if end > self.size:
+                self.size = end
+            self._ensure_sums(end >> PAGE_SHIFT)
+            sums = self.sums
+            for k, off in enumerate(offsets):
+                sums[off >> PAGE_SHIFT] = page_sum(mv[k * PAGE : (k + 1) * PAGE])
+            lo = min(offsets) >> PAGE_SHIFT
+            hi = (max(offsets) >> PAGE_SHIFT) + 1
+            if hi - lo <= 4 * n:  # one write of the covering span of sums
+                os.pwrite(self.sums_fd, sums[lo:hi].tobytes(), lo * 4)
+            else:
+                for off in offsets:
+                    p = off >> PAGE_SHIFT
+                    os.pwrite(self.sums_fd, sums[p : p + 1].tobytes(), p * 4)
 
     def _update_sums(self, start: int, end: int, data: bytes | memoryview | None) -> None:
         """Recomputes the sums of the pages in [start, end) (data: the bytes written there)."""
@@ -379,7 +449,8 @@ class LocalFile:
             if not ok:
                 raise CorruptData(self.fid, [(offset >> PAGE_SHIFT) + i])
         with self.lock:
-            self.hot.mark({hot_extent(offset)})
+            self.wnum += 1
+            self.hot.mark({hot_extent(offset)}, self.wnum)
             if len(data):
                 os.pwrite(self.fd, data, offset)
             chunk_end = offset + len(data)
@@ -396,7 +467,8 @@ class LocalFile:
         if size < 0 or size > MAX_FILE_SIZE:
             raise OSError(errno.EFBIG if size > 0 else errno.EINVAL, f"bad size {size}")
         with self.lock:
-            self.hot.mark({hot_extent(min(size, self.size))})
+            self.wnum += 1
+            self.hot.mark({hot_extent(min(size, self.size))}, self.wnum)
             self._set_size(size)
             os.fsync(self.fd)
             os.fsync(self.sums_fd)
@@ -420,13 +492,20 @@ class LocalFile:
             os.pwrite(self.sums_fd, self.sums[npages - 1 :].tobytes(), (npages - 1) * 4)
         self.size = size
 
-    def flush(self, *, gen: str | None = None, epoch: int | None = None, seq: int | None = None) -> None:
-        """Makes data, sums and info durable, then empties the intent log (blocks: fsyncs)."""
+    def flush(self, *, gen: str | None = None, epoch: int | None = None, seq: int | None = None,
+              clear: bool = True) -> int:
+        """Makes data, sums and info durable (blocks: fsyncs). Returns the number of the last
+        write it covers. With `clear`, also forgets the intent log up to there (a copy whose
+        peers do not matter); replication calls `clear_hot` once the other copies flushed too."""
         with self.lock:
-            os.fsync(self.fd)
-            os.fsync(self.sums_fd)
-            changed = self.info.size != self.size
-            self.info.size = self.size
+            covered = self.wnum
+        os.fsync(self.fd)
+        os.fsync(self.sums_fd)
+        with self.lock:
+            changed = False
+            if covered == self.wnum and self.info.size != self.size:
+                self.info.size = self.size
+                changed = True
             if gen is not None and gen != self.info.gen:
                 self.set_gen(gen, save=False)
                 changed = True
@@ -438,7 +517,31 @@ class LocalFile:
                 changed = True
             if changed:
                 self.save_info()
-            self.hot.clear()
+            if clear:
+                self.hot.clear_upto(covered)
+        return covered
+
+    def clear_hot(self, covered: int) -> None:
+        """Forgets the intent log up to write number `covered` (from `flush`). Blocks."""
+        with self.lock:
+            self.hot.clear_upto(covered)
+
+    def reset(self, size: int) -> None:
+        """Drops all data and sums (a full resync follows); the copy becomes `size` bytes of
+        holes. Blocks."""
+        with self.lock:
+            self.wnum += 1
+            self.hot.mark_all(self.wnum)
+            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.sums_fd, 0)
+            self.sums = array.array("I")
+            self.size = 0
+            self._set_size(size)
+            os.fsync(self.fd)
+            os.fsync(self.sums_fd)
+            self.info.size = size
+            self.damaged = None
+            self.save_info()
 
     def set_gen(self, gen: str, *, save: bool = True) -> None:
         """Records that this copy now belongs to data generation `gen` (blocks if save)."""
@@ -465,7 +568,7 @@ class LocalFile:
             for start, end in ranges:
                 if end > start:
                     self._update_sums(start, end, None)
-            self.flush()
+        self.flush()
 
     def hot_chunks(self) -> set[int]:
         """The resync chunks covered by the intent log (every chunk when it says 'all')."""
@@ -579,8 +682,9 @@ class LocalStore:
         """Drops one reference taken by `open`; the last one closes the copy."""
         with self._lock:
             lf.refs -= 1
-            if lf.refs <= 0 and self._open.get(lf.fid) is lf:
-                del self._open[lf.fid]
+            if lf.refs <= 0:
+                if self._open.get(lf.fid) is lf:
+                    del self._open[lf.fid]
                 lf.close()
 
     def delete(self, fid: int, *, keep_as: str | None = None) -> None:
@@ -592,7 +696,7 @@ class LocalStore:
                 return
             lf = self._open.pop(fid, None)
             if lf is not None:
-                lf.damaged = "deleted"
+                lf.deleted = True
             dest_dir = self.root / "kept" if keep_as else self.trash_dir
             dest_dir.mkdir(mode=0o700, exist_ok=True)
             dest = dest_dir / (keep_as or f"{fid}.{time.monotonic_ns()}")
