@@ -394,16 +394,24 @@ class Consensus:
         while self.last[1] < version[1] or (self.last[1] == version[1] and self.last[0] < version[0]):
             await self.wait_changed()
 
+    async def wait_idle(self) -> None:
+        """Returns once no op is being applied (its listeners included)."""
+        async with self._apply_lock:
+            pass
+
     async def _apply(self, op: dict, version: Version) -> dict:
         async with self._apply_lock:
-            result = self.state.apply(op)
-            await trio.to_thread.run_sync(self.metalog.append, version[0], version[1], op)
-            self.last = version
-            if self.metalog.needs_compaction():
-                await trio.to_thread.run_sync(self.metalog.save_snapshot, self.state.copy(), version)
-            await self.on_applied(version[1], op, result)
-            self._notify()
-            return result
+            return await self._apply_locked(op, version)
+
+    async def _apply_locked(self, op: dict, version: Version) -> dict:
+        result = self.state.apply(op)
+        await trio.to_thread.run_sync(self.metalog.append, version[0], version[1], op)
+        if self.metalog.needs_compaction():
+            await trio.to_thread.run_sync(self.metalog.save_snapshot, self.state.copy(), version)
+        await self.on_applied(version[1], op, result)
+        self.last = version  # only now: whoever waits for this version sees its effects done
+        self._notify()
+        return result
 
     # -- incoming messages --
 
@@ -416,21 +424,22 @@ class Consensus:
             self._become_follower()
         self.leader = msg.leader
         self.leader_contact = self._now()
-        ok = False
-        if len(msg.op) == 0:
-            ok = self.last == (msg.prev_term, msg.prev_version)
-        elif self.last == (msg.op_term, msg.op_version):
-            ok = True
-        elif self.last == (msg.prev_term, msg.prev_version):
-            try:
-                op = json.loads(bytes(msg.op))
-                self.state.check(op)
-            except (ValueError, MetaError, KeyError, TypeError) as exc:
-                # our state is not the leader's: ask for the whole of it
-                log.warning("metadata: op %d from %s does not apply here (%s)", msg.op_version, peer, exc)
-                return m.MetaAck(self.term, False, self.last[0], self.last[1], rid=msg.rid)
-            await self._apply(op, (msg.op_term, msg.op_version))
-            ok = True
+        async with self._apply_lock:  # one append at a time, checked against what is applied
+            ok = False
+            if len(msg.op) == 0:
+                ok = self.last == (msg.prev_term, msg.prev_version)
+            elif self.last == (msg.op_term, msg.op_version):
+                ok = True
+            elif self.last == (msg.prev_term, msg.prev_version):
+                try:
+                    op = json.loads(bytes(msg.op))
+                    self.state.check(op)
+                except (ValueError, MetaError, KeyError, TypeError) as exc:
+                    # our state is not the leader's: ask for the whole of it
+                    log.warning("metadata: op %d from %s does not apply here (%s)", msg.op_version, peer, exc)
+                    return m.MetaAck(self.term, False, self.last[0], self.last[1], rid=msg.rid)
+                await self._apply_locked(op, (msg.op_term, msg.op_version))
+                ok = True
         if ok:
             c = (msg.commit_term, msg.commit_version)
             if c > self.commit and c <= self.last:

@@ -217,8 +217,6 @@ class Master:
         for src in sources:
             try:
                 for chunk in sorted(hot):
-                    if (chunk << CHUNK_SHIFT) >= max(lf.size, 1) and chunk:
-                        continue
                     r = await self.fm.net.request(src, m.FetchChunk(fs.fid, chunk))
                     await self.fm.io(lf.write_chunk, chunk, bytes(r.data), list(r.sums), r.size)
                 log.info("file %d: restarted master took %d hot chunk(s) from %s", fs.fid, len(hot), src)
@@ -662,7 +660,10 @@ class Master:
                             fs.resyncing.add(node)
                             fm._nursery.start_soon(self._guarded, fs, node, self.retire(e.ino, node))
             elif e.members.get(me) == IN_SYNC and fm.membership is not None:
-                if check_copies and not fm.store.exists(e.ino):
+                fs = fm.files.get(e.ino)
+                # only a copy the master confirmed can be "lost" (one being created is not)
+                if check_copies and fs is not None and fs.confirmed_epoch == e.epoch and \
+                        not fs.broken and not fm.store.exists(e.ino):
                     fm._nursery.start_soon(self._report_lost, e.ino, "local copy missing")
                 silent = fm.membership.silent_for(e.master)
                 if not auto_failover or silent <= fm.timing.failover_after or not fm.lease_valid():
@@ -710,6 +711,7 @@ class Master:
                 if e is not None and e.epoch >= epoch:
                     break
                 await fm.consensus.wait_changed()
+        await fm.consensus.wait_idle()  # an op being applied finishes (local copy created...)
         e = fm.state.entries.get(fid)
         if e is None or e.kind != "file":
             raise MetaError(errno.ENOENT, f"file {fid} unknown here")
@@ -810,6 +812,7 @@ class Master:
             lf = await fm.local(fs)
             return m.FileStatReply(lf.size, e.mtime_ns, fs.last_seq, rid=m.PENDING)
         if isinstance(msg, m.Probe):
+            await self._entry_at(msg.fid, msg.epoch)  # our metadata (and copy) caught up first
             fs = fm.runtime(msg.fid)
             try:
                 lf = await fm.local(fs)

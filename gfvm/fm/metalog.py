@@ -5,7 +5,7 @@
     vote.json      {"term": n, "voted_for": name or null}                    (atomic replace)
 
 Crash discipline: an op is acknowledged to the leader only after its line is fdatasync'd; a torn
-last line (crash mid-append) is ignored at load, which is safe because it was never acknowledged.
+last line (crash mid-append) is cut off at load, which is safe because it was never acknowledged.
 Compaction writes a new snapshot first and only then empties the log; lines whose version the
 snapshot already covers are skipped at load, so a crash between the two steps loses nothing.
 Every method blocks (file I/O); call from a worker thread. Not thread-safe: one caller at a time.
@@ -44,26 +44,30 @@ class MetaLog:
             state = MetaState.from_dict(snap["state"])
             last = (int(snap["last"][0]), int(snap["last"][1]))
         lines = 0
+        good_end = 0  # byte offset just past the last line we applied or skipped
         if self.log_path.exists():
             with open(self.log_path, "rb") as f:
                 for raw in f:
                     if not raw.endswith(b"\n"):
-                        log.warning("metadata log: ignoring a torn last line (crash during append)")
+                        log.warning("metadata log: dropping a torn last line (crash during append)")
                         break
                     try:
                         rec = json.loads(raw)
                         t, v, op = int(rec["t"]), int(rec["v"]), rec["op"]
                     except (ValueError, KeyError, TypeError):
-                        log.warning("metadata log: ignoring an unreadable line and what follows")
+                        log.warning("metadata log: dropping an unreadable line and what follows")
                         break
+                    if v > last[1]:
+                        if v != last[1] + 1:
+                            log.warning("metadata log: gap after version %d; dropping the rest", last[1])
+                            break
+                        state.apply(op)
+                        last = (t, v)
                     lines += 1
-                    if v <= last[1]:
-                        continue  # already in the snapshot
-                    if v != last[1] + 1:
-                        log.warning("metadata log: gap after version %d; stopping there", last[1])
-                        break
-                    state.apply(op)
-                    last = (t, v)
+                    good_end += len(raw)
+            if good_end != self.log_path.stat().st_size:
+                # never acknowledged (an op is acknowledged only once its line is complete)
+                os.truncate(self.log_path, good_end)
         self._lines = lines
         term, voted = 0, None
         if self.vote_path.exists():
@@ -74,13 +78,6 @@ class MetaLog:
     def _log_fd(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            # a torn tail from a crash must not glue onto the next line
-            size = os.fstat(self._fd).st_size
-            if size:
-                with open(self.log_path, "rb") as f:
-                    f.seek(size - 1)
-                    if f.read(1) != b"\n":
-                        os.write(self._fd, b"\n")
         return self._fd
 
     def append(self, term: int, version: int, op: dict) -> None:

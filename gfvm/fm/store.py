@@ -574,9 +574,9 @@ class LocalFile:
         """The resync chunks covered by the intent log (every chunk when it says 'all')."""
         if self.hot.all:
             return set(range((self.size + CHUNK - 1) >> CHUNK_SHIFT))
+        # not bounded by our size: after a power loss our copy may be shorter than the others
         per = 1 << (HOT_SHIFT - CHUNK_SHIFT)
-        return {c for e in self.hot.extents for c in range(e * per, (e + 1) * per)
-                if (c << CHUNK_SHIFT) < max(self.size, 1)}
+        return {c for e in self.hot.extents for c in range(e * per, (e + 1) * per)}
 
     def used_bytes(self) -> int:
         st = os.fstat(self.fd)
