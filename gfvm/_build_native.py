@@ -11,7 +11,8 @@ from pathlib import Path
 
 from cffi import FFI
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
 
 # kernel_abi.h first: it sets _GNU_SOURCE and the constants every module relies on.
 HEADERS = [CSRC / "kernel_abi.h"] + [p for p in sorted(CSRC.glob("*.h")) if p.name != "kernel_abi.h"]
@@ -21,8 +22,9 @@ ffibuilder.cdef("\n".join(p.read_text() for p in sorted(CSRC.glob("*.cdef"))))
 ffibuilder.set_source(
     "gfvm._native",
     "\n".join(f'#include "{p.name}"' for p in HEADERS),
-    sources=[str(p) for p in sorted(CSRC.glob("*.c"))],
-    include_dirs=[str(CSRC)],
+    # setuptools insists on paths relative to setup.py (builds run from the project root)
+    sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.c"))],
+    include_dirs=["csrc"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
     libraries=["pthread"],
 )
@@ -30,5 +32,5 @@ ffibuilder.set_source(
 if __name__ == "__main__":
     import os
 
-    os.chdir(Path(__file__).resolve().parent.parent)
+    os.chdir(ROOT)
     ffibuilder.compile(tmpdir=".", verbose=False)

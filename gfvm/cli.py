@@ -16,6 +16,7 @@ from gfvm.errors import GfvmError, UsageError
 
 EPILOG = """\
 typical use:
+  gfvm demo                        the whole story on a local 3-node cluster
   gfvm doctor                      check this machine has what gfvm needs
   gfvm cluster up --nodes 3        a local 3-node test cluster in network namespaces
   gfvm cluster exec n1 -- CMD      run CMD on node n1 (same /gfvm, same daemon)
@@ -38,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from gfvm import doctor
+    from gfvm import demo, doctor
     from gfvm.cluster import cli as cluster_cli
 
+    demo.add_commands(sub)
     doctor.add_commands(sub)
     cluster_cli.add_commands(sub)
     _add_daemon_command(sub)

@@ -213,3 +213,23 @@ def find_criu() -> str | None:
 def find_tini() -> str | None:
     """tini, the minimal init each managed process tree runs under (Debian package `tini`)."""
     return os.environ.get("GFVM_TINI") or shutil.which("tini") or shutil.which("tini-static")
+
+
+# --- cgroups ----------------------------------------------------------------------------------
+
+
+def cgroup_roots() -> list[Path]:
+    """Mount points of the cgroup hierarchies gfvm can freeze with: the cgroup v2 hierarchy
+    (`cgroup.freeze`; on hybrid systems often /sys/fs/cgroup/unified) and the v1 `freezer`."""
+    roots = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _dev, mount_point, fstype, options, *_ = line.split()
+        if fstype == "cgroup2" or (fstype == "cgroup" and "freezer" in options.split(",")):
+            roots.append(Path(mount_point))
+    return roots
+
+
+def cgroup_node_group(cluster_name: str, node_name: str) -> str:
+    """Name of the cgroup (under <root>/gfvm/) holding a node's managed processes. Includes the
+    cluster name so namespace nodes on one machine never share one."""
+    return f"{cluster_name}-{node_name}"

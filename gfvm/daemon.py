@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from contextlib import suppress
 
@@ -61,6 +62,7 @@ class Daemon:
             await nursery.start(self.control.serve, self.paths.control_socket)
             self.paths.pid_file.write_text(f"{os.getpid()}\n")
             log.info("gfvmd %s ready on node %s", __version__, self.node_name)
+            sd_notify("READY=1")
             task_status.started()
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
@@ -69,6 +71,20 @@ class Daemon:
                     break
         with suppress(FileNotFoundError):
             self.paths.pid_file.unlink()
+
+
+def sd_notify(state: str) -> None:
+    """Tells systemd (Type=notify) about our state; does nothing when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError as exc:
+            log.warning("could not notify systemd: %s", exc)
 
 
 def setup_logging(level: str) -> None:

@@ -58,7 +58,7 @@ class IdentityError(GfvmError):
     kind = "identity"
 
 
-# --- files ----------------------------------------------------------------------------------------
+# --- files --------------------------------------------------------------------------------------
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
@@ -98,11 +98,11 @@ def _check_private(path: Path) -> None:
         raise ConfigError(f"{path} is readable by others (mode {mode:04o}): run chmod 600 {path}")
 
 
-# --- certificates ---------------------------------------------------------------------------------
+# --- certificates -------------------------------------------------------------------------------
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -140,7 +140,7 @@ class NodeCredentials:
         write_atomic(tls_dir / CA_CERT, self.ca_pem, 0o644)
 
     @classmethod
-    def load(cls, tls_dir: Path) -> "NodeCredentials":
+    def load(cls, tls_dir: Path) -> NodeCredentials:
         """Reads and checks a node's TLS directory (blocking); ConfigError when inconsistent."""
         tls_dir = Path(tls_dir)
         key_pem = _read(tls_dir / NODE_KEY, "node key")
@@ -153,7 +153,7 @@ class NodeCredentials:
         )
         return creds._checked(str(tls_dir))
 
-    def _checked(self, source: str) -> "NodeCredentials":
+    def _checked(self, source: str) -> NodeCredentials:
         """Verifies cert <- CA, key <-> cert, and the identity; returns a copy with `node` set."""
         try:
             ca = x509.load_pem_x509_certificate(self.ca_pem)
@@ -164,7 +164,9 @@ class NodeCredentials:
         try:
             cert.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature):
-            raise ConfigError(f"{source}: node certificate is not signed by the CA certificate") from None
+            raise ConfigError(
+                f"{source}: node certificate is not signed by the CA certificate"
+            ) from None
         if key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ) != cert.public_key().public_bytes(
@@ -215,17 +217,27 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
                 critical=False,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
@@ -238,11 +250,13 @@ class CertificateAuthority:
 
 
 def create_ca(ca_dir: Path, cluster: str, *, days: int = DEFAULT_DAYS) -> CertificateAuthority:
-    """Creates the cluster CA in `ca_dir` (ca.key 0600, ca.crt). Refuses to replace one. Blocking."""
+    """Creates the cluster CA in `ca_dir` (ca.key 0600, ca.crt); refuses to replace one. Blocks."""
     _check_node_name(cluster, "cluster name")
     ca_dir = Path(ca_dir)
     if (ca_dir / CA_KEY).exists() or (ca_dir / CA_CERT).exists():
-        raise UsageError(f"a CA already exists in {ca_dir}; remove it first to start a new cluster CA")
+        raise UsageError(
+            f"a CA already exists in {ca_dir}; remove it first to start a new cluster CA"
+        )
     ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = _new_key()
     now = _now()
@@ -263,9 +277,15 @@ def create_ca(ca_dir: Path, cluster: str, *, days: int = DEFAULT_DAYS) -> Certif
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -292,7 +312,7 @@ def load_ca(ca_dir: Path) -> CertificateAuthority:
     return CertificateAuthority(cluster, cert, key)
 
 
-# --- identity -------------------------------------------------------------------------------------
+# --- identity -----------------------------------------------------------------------------------
 
 
 def certificate_identity(cert: x509.Certificate | bytes) -> str:
@@ -334,7 +354,7 @@ def peer_identity(ssl_obj: Any) -> str:
     return certificate_identity(der)
 
 
-# --- TLS contexts ---------------------------------------------------------------------------------
+# --- TLS contexts -------------------------------------------------------------------------------
 
 
 def _context(tls_dir: Path, purpose: int) -> ssl.SSLContext:
@@ -363,7 +383,7 @@ def client_context(tls_dir: Path) -> ssl.SSLContext:
     return _context(tls_dir, ssl.PROTOCOL_TLS_CLIENT)
 
 
-# --- bundles --------------------------------------------------------------------------------------
+# --- bundles ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -427,7 +447,9 @@ def read_bundle(data: bytes) -> Bundle:
     missing = [n for n in _BUNDLE_MEMBERS if n not in files]
     if missing:
         raise ConfigError(f"bundle lacks {', '.join(missing)}")
-    creds = NodeCredentials("", files[CA_CERT], files[NODE_CERT], files[NODE_KEY])._checked("bundle")
+    creds = NodeCredentials("", files[CA_CERT], files[NODE_CERT], files[NODE_KEY])._checked(
+        "bundle"
+    )
     try:
         text = files[CLUSTER_TOML].decode()
     except UnicodeDecodeError:

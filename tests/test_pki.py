@@ -123,7 +123,7 @@ def test_load_of_a_missing_directory_says_what_is_missing(tmp_path):
 
 def _forge(ca, *, cn, sans, is_ca=False):
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
@@ -280,7 +280,9 @@ def test_read_bundle_refuses_duplicates_and_missing_members(ca):
 
 def test_read_bundle_refuses_another_nodes_key(ca):
     other = ca.issue("n2").key_pem
-    entries = [e if e[0].name != "node.key" else _file("node.key", other) for e in _valid_entries(ca)]
+    entries = [
+        e if e[0].name != "node.key" else _file("node.key", other) for e in _valid_entries(ca)
+    ]
     with pytest.raises(ConfigError, match="does not belong"):
         pki.read_bundle(_tar(entries))
 

@@ -8,6 +8,18 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_wire_samples import (
+    AllTypes,
+    Empty,
+    Note,
+    Ping,
+    Pong,
+    PutDone,
+    PutPages,
+    all_types,
+    lp,
+    raw_frame,
+)
 
 from gfvm.wire import (
     NEED_DATA,
@@ -22,20 +34,8 @@ from gfvm.wire import (
     State,
 )
 from gfvm.wire.frames import HANDSHAKE_MAX_FRAME, HEADER_SIZE
-from gfvm.wire.messages import ErrorReply, Hello, HelloAck, HelloReject, spec_of
+from gfvm.wire.messages import ErrorReply, Hello, HelloAck, spec_of
 from gfvm.wire.testing import ConnectionPair, drain
-from test_wire_samples import (
-    AllTypes,
-    Empty,
-    Note,
-    Ping,
-    Pong,
-    PutDone,
-    PutPages,
-    all_types,
-    lp,
-    raw_frame,
-)
 
 HELLO = spec_of(Hello).code
 HELLO_ACK = spec_of(HelloAck).code
@@ -229,7 +229,7 @@ def test_local_rid_misuse_is_refused_without_sending():
     pair = open_pair()
     with pytest.raises(LocalProtocolError, match="new_rid"):
         pair.client.send(Ping())
-    with pytest.raises(LocalProtocolError, match="did not ask"):
+    with pytest.raises(LocalProtocolError, match="not asked by the peer"):
         pair.client.send(Pong(rid=5))
     pair.client.send(Ping(rid=3))
     with pytest.raises(LocalProtocolError, match="already outstanding"):
@@ -428,18 +428,51 @@ def test_list_count_above_its_maximum():
 @pytest.mark.parametrize(
     "frame,match",
     [
-        (lambda: raw_frame(NOTE, lp(b"data before hello")), r"Note \(application frame\) in state server-await-hello"),
+        (
+            lambda: raw_frame(NOTE, lp(b"data before hello")),
+            r"Note \(application frame\) in state server-await-hello",
+        ),
         (lambda: raw_frame(HELLO_ACK, b""), "HELLO_ACK"),
         (lambda: raw_frame(HELLO, length=HANDSHAKE_MAX_FRAME + 1), "exceeds the cap of 1024"),
         (lambda: raw_frame(HELLO, length=2000), "exceeds the cap of 1024"),
         (lambda: raw_frame(HELLO, b"\x00" * 10), "malformed Hello"),
-        (lambda: raw_frame(HELLO, struct.pack("<HH", 3, 2) + lp(b"test") + lp(b"n1") + struct.pack("<Q", 1)), "bad version range"),
-        (lambda: raw_frame(HELLO, struct.pack("<HH", 1, 1) + lp(b"test") + lp(b"n1/../n2") + struct.pack("<Q", 1)), "node name"),
-        (lambda: raw_frame(HELLO, struct.pack("<HH", 1, 1) + lp(b"test") + lp(b"n1\x00") + struct.pack("<Q", 1)), "node name"),
-        (lambda: raw_frame(HELLO, struct.pack("<HH", 1, 1) + lp(b"test") + lp(b"n" * 40) + struct.pack("<Q", 1)), "maximum 31"),
+        (
+            lambda: raw_frame(
+                HELLO, struct.pack("<HH", 3, 2) + lp(b"test") + lp(b"n1") + struct.pack("<Q", 1)
+            ),
+            "bad version range",
+        ),
+        (
+            lambda: raw_frame(
+                HELLO,
+                struct.pack("<HH", 1, 1) + lp(b"test") + lp(b"n1/../n2") + struct.pack("<Q", 1),
+            ),
+            "node name",
+        ),
+        (
+            lambda: raw_frame(
+                HELLO, struct.pack("<HH", 1, 1) + lp(b"test") + lp(b"n1\x00") + struct.pack("<Q", 1)
+            ),
+            "node name",
+        ),
+        (
+            lambda: raw_frame(
+                HELLO, struct.pack("<HH", 1, 1) + lp(b"test") + lp(b"n" * 40) + struct.pack("<Q", 1)
+            ),
+            "maximum 31",
+        ),
     ],
-    ids=["data-before-hello", "ack-to-server", "hello-over-cap", "hello-2000", "hello-garbage",
-         "hello-version-range", "hello-name-path", "hello-name-nul", "hello-name-too-long"],
+    ids=[
+        "data-before-hello",
+        "ack-to-server",
+        "hello-over-cap",
+        "hello-2000",
+        "hello-garbage",
+        "hello-version-range",
+        "hello-name-path",
+        "hello-name-nul",
+        "hello-name-too-long",
+    ],
 )
 def test_hostile_input_before_the_handshake(frame, match):
     feed_error(server(), frame(), match)

@@ -95,9 +95,22 @@ class Pong:
 
 def all_types(**overrides) -> AllTypes:
     values = dict(
-        a=255, b=65535, c=1 << 31, d=(1 << 64) - 1, e=-(1 << 63), f=True, g=b"\x00\xff" * 10,
-        h="héllo", i="file.img", j=(1, 2, 3), k=(Extent(4096, 7),), m=None, n="x", o="n3",
-        p=("a", "b"), q="procs/12/pages",
+        a=255,
+        b=65535,
+        c=1 << 31,
+        d=(1 << 64) - 1,
+        e=-(1 << 63),
+        f=True,
+        g=b"\x00\xff" * 10,
+        h="héllo",
+        i="file.img",
+        j=(1, 2, 3),
+        k=(Extent(4096, 7),),
+        m=None,
+        n="x",
+        o="n3",
+        p=("a", "b"),
+        q="procs/12/pages",
     )
     values.update(overrides)
     return AllTypes(**values)
@@ -116,8 +129,14 @@ def sample_messages() -> list:
 
 
 def raw_frame(
-    code: int, body: bytes = b"", *, rid: int = 0, magic: bytes = MAGIC,
-    version: int = FRAME_VERSION, flags: int = 0, length: int | None = None,
+    code: int,
+    body: bytes = b"",
+    *,
+    rid: int = 0,
+    magic: bytes = MAGIC,
+    version: int = FRAME_VERSION,
+    flags: int = 0,
+    length: int | None = None,
 ) -> bytes:
     """A frame built by hand (nothing validated), for hostile-input tests."""
     n = len(body) if length is None else length
@@ -129,7 +148,12 @@ def lp(data: bytes) -> bytes:
     return struct.pack("<I", len(data)) + data
 
 
+@wire.oneway(0xF008)
+class Blob:
+    data: Bytes(1 << 20)
+
+
 def test_sample_codes_are_registered():
     codes = registered_codes()
-    for cls in (Note, PutPages, PutDone, AllTypes, Empty, Ping, Pong):
+    for cls in (Note, PutPages, PutDone, AllTypes, Empty, Ping, Pong, Blob):
         assert codes[wire.spec_of(cls).code] is cls

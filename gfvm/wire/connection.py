@@ -133,7 +133,9 @@ class Connection:
         if not 0 < versions[0] <= versions[1] < (1 << 16):
             raise LocalProtocolError(f"bad version range {versions}")
         if not HANDSHAKE_MAX_FRAME <= max_frame_size <= MAX_FRAME_LIMIT:
-            raise LocalProtocolError(f"max_frame_size {max_frame_size} outside {HANDSHAKE_MAX_FRAME}..{MAX_FRAME_LIMIT}")
+            raise LocalProtocolError(
+                f"max_frame_size {max_frame_size} outside {HANDSHAKE_MAX_FRAME}..{MAX_FRAME_LIMIT}"
+            )
         if role is Role.SERVER and expected_peer is not None:
             raise LocalProtocolError("expected_peer is for clients")
         self.role = role
@@ -158,7 +160,7 @@ class Connection:
         #: body size of the frame behind the last event (for the glue's buffer accounting)
         self.last_frame_size = 0
 
-    # --- introspection ----------------------------------------------------------------------------
+    # --- introspection ---------------------------------------------------------------------------
 
     @property
     def version(self) -> int | None:
@@ -180,12 +182,14 @@ class Connection:
         self._next_rid += 1
         return rid
 
-    # --- sending ------------------------------------------------------------------------------------
+    # --- sending ---------------------------------------------------------------------------------
 
     def initiate(self) -> bytes:
         """Client: the HELLO frame that opens the handshake."""
         lo, hi = self.versions
-        return self._send_handshake(Hello(lo, hi, self.me.cluster, self.me.node, self.me.incarnation))
+        return self._send_handshake(
+            Hello(lo, hi, self.me.cluster, self.me.node, self.me.incarnation)
+        )
 
     def accept(self) -> bytes:
         """Server, after the `Handshake` event: the HELLO_ACK frame; the connection is then OPEN.
@@ -200,7 +204,7 @@ class Connection:
         )
 
     def reject(self, reason: str) -> bytes:
-        """Server, after the `Handshake` event: a HELLO_REJECT frame; the connection is then CLOSED."""
+        """Server, after the `Handshake` event: a HELLO_REJECT frame; the connection then CLOSED."""
         return self._send_handshake(HelloReject(reason))
 
     def send(self, msg: Any) -> bytes:
@@ -221,13 +225,17 @@ class Connection:
         rid = msg.rid
         if spec.kind is Kind.REQUEST:
             if rid == 0:
-                raise LocalProtocolError(f"{spec.cls.__name__} is a request: give it rid=conn.new_rid()")
+                raise LocalProtocolError(
+                    f"{spec.cls.__name__} is a request: give it rid=conn.new_rid()"
+                )
             if rid in self._own_requests:
                 raise LocalProtocolError(f"request id {rid} is already outstanding")
             if len(self._own_requests) >= self.max_requests:
                 raise LocalProtocolError(f"{self.max_requests} requests already outstanding")
         elif spec.kind is Kind.RESPONSE and rid not in self._peer_requests:
-            raise LocalProtocolError(f"{spec.cls.__name__} answers rid {rid}, which the peer did not ask (or was answered)")
+            raise LocalProtocolError(
+                f"{spec.cls.__name__} answers rid {rid}: not asked by the peer, or answered"
+            )
         chunks = self._encode(spec, msg)
         if spec.kind is Kind.REQUEST:
             self._own_requests.add(rid)
@@ -246,7 +254,9 @@ class Connection:
         try:
             return st.SEND[(self.state, frame)]
         except KeyError:
-            raise LocalProtocolError(f"cannot send {frame.value} in state {self.state.value}") from None
+            raise LocalProtocolError(
+                f"cannot send {frame.value} in state {self.state.value}"
+            ) from None
 
     def _encode(self, spec: MessageSpec, msg: Any) -> list[bytes | memoryview]:
         _, out = encode_body(msg)
@@ -257,7 +267,7 @@ class Connection:
         self._stats["bytes_sent"] += HEADER_SIZE + out.size
         return chunks
 
-    # --- receiving ----------------------------------------------------------------------------------
+    # --- receiving -------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Adds bytes received from the peer; b"" means the peer closed (EOF). Never blocks.
@@ -303,7 +313,9 @@ class Connection:
                 raise RemoteProtocolError(f"unknown message type {code:#06x}")
             frame = _HANDSHAKE_FRAMES.get(spec.cls, Frame.APP)
             if (self.state, frame) not in st.RECEIVE:
-                raise RemoteProtocolError(f"{spec.cls.__name__} ({frame.value}) in state {self.state.value}")
+                raise RemoteProtocolError(
+                    f"{spec.cls.__name__} ({frame.value}) in state {self.state.value}"
+                )
             self._pending_header = (spec, frame, rid, length)
         spec, frame, rid, length = self._pending_header
         if self._buffered < length:
@@ -335,11 +347,15 @@ class Connection:
             if rid in self._peer_requests:
                 raise RemoteProtocolError(f"{name}: request id {rid} is already outstanding")
             if len(self._peer_requests) >= self.max_requests:
-                raise RemoteProtocolError(f"peer has more than {self.max_requests} requests outstanding")
+                raise RemoteProtocolError(
+                    f"peer has more than {self.max_requests} requests outstanding"
+                )
             self._peer_requests.add(rid)
         elif spec.kind is Kind.RESPONSE:
             if rid not in self._own_requests:
-                raise RemoteProtocolError(f"{name} answers request id {rid}, which we did not send (or was answered)")
+                raise RemoteProtocolError(
+                    f"{name} answers request id {rid}, which we did not send (or was answered)"
+                )
             self._own_requests.discard(rid)
 
     def _receive_handshake(self, frame: Frame, msg: Any) -> Any:
@@ -366,12 +382,14 @@ class Connection:
     def _check_hello(self, hello: Hello) -> int:
         def refuse(reason: str) -> RemoteProtocolError:
             reply = b"".join(self._encode(spec_of(HelloReject), HelloReject(reason)))
-            return RemoteProtocolError(f"refused HELLO: {reason}", reply=reply)
+            return RemoteProtocolError(f"HELLO refused: {reason}", reply=reply)
 
         if hello.cluster != self.me.cluster:
             raise refuse(f"wrong cluster: {hello.cluster!r} is not {self.me.cluster!r}")
         if hello.node != self.peer_identity:
-            raise refuse(f"claims node {hello.node!r} but its certificate is {self.peer_identity!r}")
+            raise refuse(
+                f"claims node {hello.node!r} but its certificate is {self.peer_identity!r}"
+            )
         if hello.node == self.me.node:
             raise refuse(f"connection from our own name {hello.node!r}")
         version = min(hello.max_version, self.versions[1])
@@ -384,11 +402,17 @@ class Connection:
 
     def _check_hello_ack(self, ack: HelloAck) -> None:
         if not self.versions[0] <= ack.version <= self.versions[1]:
-            raise RemoteProtocolError(f"peer chose protocol version {ack.version}, we offered {self.versions}")
+            raise RemoteProtocolError(
+                f"peer chose protocol version {ack.version}, we offered {self.versions}"
+            )
         if ack.cluster != self.me.cluster:
-            raise RemoteProtocolError(f"peer is in cluster {ack.cluster!r}, not {self.me.cluster!r}")
+            raise RemoteProtocolError(
+                f"peer is in cluster {ack.cluster!r}, not {self.me.cluster!r}"
+            )
         if ack.node != self.peer_identity:
-            raise RemoteProtocolError(f"peer claims node {ack.node!r} but its certificate is {self.peer_identity!r}")
+            raise RemoteProtocolError(
+                f"peer claims node {ack.node!r} but its certificate is {self.peer_identity!r}"
+            )
         if self.expected_peer is not None and ack.node != self.expected_peer:
             raise RemoteProtocolError(f"reached node {ack.node!r}, expected {self.expected_peer!r}")
         if ack.node == self.me.node:

@@ -61,7 +61,9 @@ class Reader:
     def take(self, n: int) -> memoryview:
         end = self.pos + n
         if end > len(self.buf):
-            raise DecodeError(f"field needs {n} bytes at offset {self.pos}, body has {len(self.buf)}")
+            raise DecodeError(
+                f"field needs {n} bytes at offset {self.pos}, body has {len(self.buf)}"
+            )
         view = self.buf[self.pos : end]
         self.pos = end
         return view
@@ -69,7 +71,9 @@ class Reader:
     def unpack(self, st: struct.Struct) -> tuple:
         end = self.pos + st.size
         if end > len(self.buf):
-            raise DecodeError(f"field needs {st.size} bytes at offset {self.pos}, body has {len(self.buf)}")
+            raise DecodeError(
+                f"field needs {st.size} bytes at offset {self.pos}, body has {len(self.buf)}"
+            )
         values = st.unpack_from(self.buf, self.pos)
         self.pos = end
         return values

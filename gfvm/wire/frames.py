@@ -47,9 +47,13 @@ def parse_header(raw: bytes | bytearray | memoryview, max_length: int) -> tuple[
     """(type, rid, length) of a 20-byte header; RemoteProtocolError if it is not valid here."""
     magic, version, flags, code, rid, length = HEADER.unpack(raw)
     if magic != MAGIC:
-        raise RemoteProtocolError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r}): not a gfvm peer")
+        raise RemoteProtocolError(
+            f"bad magic {bytes(magic)!r} (expected {MAGIC!r}): not a gfvm peer"
+        )
     if version != FRAME_VERSION:
-        raise RemoteProtocolError(f"unsupported frame version {version} (this node speaks {FRAME_VERSION})")
+        raise RemoteProtocolError(
+            f"unsupported frame version {version} (this node speaks {FRAME_VERSION})"
+        )
     if flags != 0:
         raise RemoteProtocolError(f"reserved flags {flags:#04x} set")
     if length > max_length:

@@ -32,8 +32,9 @@ hand us a message we could not have built ourselves.
 `@record` defines a nested structure (no code, no rid) usable as a field type, e.g.
 `List(Extent, 1024)`.
 
-Type codes: 0x0001-0x00FF belong to gfvm.wire itself; applications use 0x0100-0xFFFF
-(convention: the File Manager 0x1000-0x1FFF, migration 0x2000-0x2FFF, tests 0xF000-0xFFFF). A code is registered once
+Type codes: 0x0001-0x00FF belong to gfvm.wire itself; applications use 0x0100-0xEFFF
+(convention: the File Manager 0x1000-0x1FFF, migration 0x2000-0x2FFF); 0xF000-0xFFFF are for
+tests and benchmarks. A code is registered once
 per process; define messages at module level (annotations are resolved in the module's globals).
 The repr of a message never shows Bytes contents (they are process memory): `<N bytes>`.
 """
@@ -146,9 +147,14 @@ def _define(cls: type, code: int, kind: Kind) -> type:
     _check_class(cls)
     allowed = RESERVED_CODES if kind is Kind.HANDSHAKE or cls.__module__ == __name__ else USER_CODES
     if code not in allowed:
-        raise TypeError(f"{cls.__name__}: type code {code:#06x} is outside {allowed.start:#06x}-{allowed.stop - 1:#06x}")
+        raise TypeError(
+            f"{cls.__name__}: type code {code:#06x} is outside "
+            f"{allowed.start:#06x}-{allowed.stop - 1:#06x}"
+        )
     if code in _REGISTRY:
-        raise TypeError(f"{cls.__name__}: type code {code:#06x} is already {_REGISTRY[code].cls.__name__}")
+        raise TypeError(
+            f"{cls.__name__}: type code {code:#06x} is already {_REGISTRY[code].cls.__name__}"
+        )
     new = _dataclass(cls, with_rid=True)
     names, types = _field_types(new, cls)
     spec = MessageSpec(new, code, kind, names, types)
@@ -171,8 +177,10 @@ def _field_types(new: type, original: type) -> tuple[tuple[str, ...], tuple[Wire
     try:
         hints = typing.get_type_hints(original, include_extras=True)
     except NameError as exc:
-        raise TypeError(f"{original.__name__}: cannot resolve a field annotation ({exc}); "
-                        "define messages at module level") from None
+        raise TypeError(
+            f"{original.__name__}: cannot resolve a field annotation ({exc}); "
+            "define messages at module level"
+        ) from None
     names, types = [], []
     for f in dataclasses.fields(new):
         if f.name == "rid":
@@ -195,7 +203,7 @@ def _fields_of(obj: Any) -> tuple[str, tuple[str, ...], tuple[WireType, ...]]:
 
 def _post_init(self) -> None:
     cls_name, names, types = _fields_of(self)
-    for name, wt in zip(names, types):
+    for name, wt in zip(names, types, strict=True):
         try:
             value = wt.check(getattr(self, name))
         except ValueError as exc:
@@ -265,11 +273,11 @@ class _RecordType(WireType):
         return value  # already checked when it was constructed
 
     def encode(self, value: Any, out: Writer) -> None:
-        for name, wt in zip(self.names, self.types):
+        for name, wt in zip(self.names, self.types, strict=True):
             wt.encode(getattr(value, name), out)
 
     def decode(self, inp: Reader) -> Any:
-        values = {name: wt.decode(inp) for name, wt in zip(self.names, self.types)}
+        values = {name: wt.decode(inp) for name, wt in zip(self.names, self.types, strict=True)}
         return self.cls(**values)
 
     def describe(self) -> str:
@@ -283,7 +291,7 @@ def encode_body(msg: Any) -> tuple[MessageSpec, Writer]:
     """The spec of `msg` and its encoded body. Never blocks."""
     spec = spec_of(msg)
     out = Writer()
-    for name, wt in zip(spec.names, spec.types):
+    for name, wt in zip(spec.names, spec.types, strict=True):
         wt.encode(getattr(msg, name), out)
     return spec, out
 
@@ -296,7 +304,7 @@ def decode_body(spec: MessageSpec, rid: int, body: memoryview) -> Any:
     name = spec.cls.__name__
     inp = Reader(body)
     try:
-        values = {n: wt.decode(inp) for n, wt in zip(spec.names, spec.types)}
+        values = {n: wt.decode(inp) for n, wt in zip(spec.names, spec.types, strict=True)}
     except DecodeError as exc:
         raise RemoteProtocolError(f"malformed {name}: {exc}") from None
     except LocalProtocolError as exc:  # a nested record failed its own checks

@@ -2,7 +2,7 @@
 
     client:  async with open_peer(addr, port, "n2", client_ctx, me=me) as chan:
                  resp = await chan.request(WritePages(...))     # pipelined: many tasks at once
-    server:  await nursery.start(serve_peers, port, server_ctx, handler, me=me)
+    server:  await nursery.start(partial(serve_peers, port, server_ctx, handler, me=me))
              async def handler(chan):                             # one call per connection
                  async for msg in chan:                           # requests and one-way messages
                      await chan.send(WriteDone(..., rid=msg.rid)) # a response echoes the rid
@@ -121,6 +121,13 @@ class _ByteQueue:
         self.size += size
         self._data.unpark()
 
+    def get_nowait(self) -> Any:
+        """The oldest item (the queue must not be empty)."""
+        item, size = self.items.popleft()
+        self.size -= size
+        self._room.unpark_all()
+        return item
+
     async def get(self) -> Any:
         """The oldest item; blocks while empty; raises _Closed once closed and empty."""
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -176,11 +183,13 @@ class PeerChannel:
         self._writer_done = trio.Event()
         self._tasks_done = trio.Event()
         self._tasks: trio.CancelScope | None = None
+        self._aclose_started = False
+        self._aclose_done = trio.Event()
 
     def __repr__(self) -> str:
         return f"<PeerChannel {self.peer.node} at {self.address}>"
 
-    # --- public API --------------------------------------------------------------------------------
+    # --- public API ------------------------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
@@ -233,7 +242,7 @@ class PeerChannel:
         except _Closed:
             raise ChannelClosed(f"{self.peer.node}: {self._close_reason}") from None
 
-    def __aiter__(self) -> "PeerChannel":
+    def __aiter__(self) -> PeerChannel:
         return self
 
     async def __anext__(self) -> Any:
@@ -246,7 +255,13 @@ class PeerChannel:
 
     async def aclose(self) -> None:
         """Flushes queued frames (at most close_timeout), sends TLS close_notify and closes.
-        Idempotent. Blocks; if cancelled, closes at once without flushing."""
+
+        Idempotent: a second caller waits for the first to finish. Blocks; if cancelled, closes
+        at once without flushing."""
+        if self._aclose_started:
+            await self._aclose_done.wait()
+            return
+        self._aclose_started = True
         try:
             if self._close_reason is None:
                 self._close_reason = "closed by this node"
@@ -265,6 +280,7 @@ class PeerChannel:
                         await self._stream.aclose()  # sends close_notify
         finally:
             await trio.aclose_forcefully(self._stream)
+            self._aclose_done.set()
 
     def statistics(self) -> dict[str, int]:
         """Counters of the connection plus queue sizes. Never blocks."""
@@ -276,18 +292,28 @@ class PeerChannel:
             "waiting_requests": len(self._waiters),
         }
 
-    # --- internals ---------------------------------------------------------------------------------
+    # --- internals -------------------------------------------------------------------------------
 
     async def _enqueue(self, msg: Any) -> None:
-        async with self._send_lock:
-            try:
-                await self._out.wait_room()
-            except _Closed:
-                raise ChannelClosed(f"{self.peer.node}: {self._close_reason}") from None
-            # From here to put_nowait nothing awaits: the frame is encoded (and the connection's
-            # request bookkeeping updated) only if it is also queued.
-            chunks = self._conn.send_chunks(msg)
-            self._out.put_nowait(chunks, sum(len(c) for c in chunks))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._send_lock.locked() or self._out.full() or self._out.closed:
+            # Slow path: wait for our turn (trio.Lock is FIFO, so call order is kept) and room.
+            async with self._send_lock:
+                try:
+                    await self._out.wait_room()
+                except _Closed:
+                    raise ChannelClosed(f"{self.peer.node}: {self._close_reason}") from None
+                self._put(msg)
+        else:
+            # Fast path: nobody is queued before us and there is room.
+            self._put(msg)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _put(self, msg: Any) -> None:
+        # Nothing awaits here: the frame is encoded (and the connection's request bookkeeping
+        # updated) only if it is also queued.
+        chunks = self._conn.send_chunks(msg)
+        self._out.put_nowait(chunks, sum(len(c) for c in chunks))
 
     def _fail(self, reason: str, *, level: int = logging.WARNING) -> None:
         """Closes the channel at once because of `reason` (logged once)."""
@@ -339,9 +365,9 @@ class PeerChannel:
                             waiter.value = event
                             waiter.event.set()
                         continue
-                    size = conn.last_frame_size
-                    await self._in.wait_room()
-                    self._in.put_nowait(event, size)
+                    if self._in.full():  # backpressure: stop reading until receive() makes room
+                        await self._in.wait_room()
+                    self._in.put_nowait(event, conn.last_frame_size)
                 data = await self._stream.receive_some(self._options.receive_size)
                 conn.receive_data(data)
         except RemoteProtocolError as exc:
@@ -354,14 +380,39 @@ class PeerChannel:
     async def _writer(self) -> None:
         try:
             while True:
-                for chunk in await self._out.get():
-                    await self._stream.send_all(chunk)
+                chunks = await self._out.get()
+                # Frames queued meanwhile go out in the same write: one TLS record and one
+                # syscall for many small frames (acks) instead of one each.
+                while self._out.items and len(chunks) < 64:
+                    chunks = chunks + self._out.get_nowait()
+                for data in _coalesce(chunks):
+                    await self._stream.send_all(data)
         except _Closed:
             pass  # closed and flushed
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail(f"connection lost while sending: {_cause(exc)}")
         finally:
             self._writer_done.set()
+
+
+_COALESCE_BELOW = 64 * 1024
+
+
+def _coalesce(chunks: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """Joins runs of small buffers; large ones (page data) are passed through uncopied."""
+    out: list[bytes | memoryview] = []
+    run: list[bytes | memoryview] = []
+    for chunk in chunks:
+        if len(chunk) >= _COALESCE_BELOW:
+            if run:
+                out.append(b"".join(run))
+                run = []
+            out.append(chunk)
+        else:
+            run.append(chunk)
+    if run:
+        out.append(b"".join(run) if len(run) > 1 else run[0])
+    return out
 
 
 def _cause(exc: BaseException) -> str:
@@ -383,7 +434,7 @@ async def _channel_scope(
             await chan.aclose()
 
 
-# --- handshakes -------------------------------------------------------------------------------------
+# --- handshakes ---------------------------------------------------------------------------------
 
 
 class _HandshakeFailed(Exception):
@@ -441,7 +492,7 @@ async def _wire_handshake(stream: trio.abc.Stream, conn: Connection, receive_siz
         if exc.reply is not None:
             with trio.move_on_after(1), _suppress_transport_errors():
                 await stream.send_all(exc.reply)
-        raise _HandshakeFailed(f"handshake refused: {exc}") from None
+        raise _HandshakeFailed(f"handshake: {exc}") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise _HandshakeFailed(f"connection lost during the handshake: {_cause(exc)}") from None
 
@@ -451,7 +502,9 @@ class _suppress_transport_errors:
         return None
 
     def __exit__(self, kind, exc, tb) -> bool:
-        return kind is not None and issubclass(kind, (trio.BrokenResourceError, trio.ClosedResourceError))
+        return kind is not None and issubclass(
+            kind, (trio.BrokenResourceError, trio.ClosedResourceError)
+        )
 
 
 async def _tls_handshake(stream: trio.SSLStream) -> str:
@@ -482,15 +535,21 @@ async def open_channel(
     `open_peer` / `serve_peers`, which authenticate with TLS first. Raises ConnectFailed."""
     options = options or ChannelOptions()
     conn = Connection(
-        role, me, peer_identity=peer_identity, expected_peer=expected_peer,
-        max_frame_size=options.max_frame_size, max_requests=options.max_requests,
+        role,
+        me,
+        peer_identity=peer_identity,
+        expected_peer=expected_peer,
+        max_frame_size=options.max_frame_size,
+        max_requests=options.max_requests,
     )
     try:
         with trio.fail_after(options.handshake_timeout):
             await _wire_handshake(stream, conn, options.receive_size)
     except (_HandshakeFailed, trio.TooSlowError) as exc:
         await trio.aclose_forcefully(stream)
-        raise ConnectFailed(f"{expected_peer or peer_identity} at {address}: {exc or 'handshake timed out'}") from None
+        raise ConnectFailed(
+            f"{expected_peer or peer_identity} at {address}: {exc or 'handshake timed out'}"
+        ) from None
     async with _channel_scope(stream, conn, address, options) as chan:
         yield chan
 
@@ -521,10 +580,16 @@ async def open_peer(
             stream = trio.SSLStream(capped, ssl_ctx, server_side=False)
             identity = await _tls_handshake(stream)
             if identity != expected_node:
-                raise _HandshakeFailed(f"its certificate is for {identity!r}, not {expected_node!r}")
+                raise _HandshakeFailed(
+                    f"its certificate is for {identity!r}, not {expected_node!r}"
+                )
             conn = Connection(
-                Role.CLIENT, me, peer_identity=identity, expected_peer=expected_node,
-                max_frame_size=options.max_frame_size, max_requests=options.max_requests,
+                Role.CLIENT,
+                me,
+                peer_identity=identity,
+                expected_peer=expected_node,
+                max_frame_size=options.max_frame_size,
+                max_requests=options.max_requests,
             )
             await _wire_handshake(stream, conn, options.receive_size)
             capped.lift()
@@ -570,7 +635,9 @@ async def serve_peers(
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     preauth = trio.CapacityLimiter(options.max_preauth_connections)
-    serve_one = partial(_serve_one, ssl_ctx=ssl_ctx, handler=handler, me=me, options=options, preauth=preauth)
+    serve_one = partial(
+        _serve_one, ssl_ctx=ssl_ctx, handler=handler, me=me, options=options, preauth=preauth
+    )
     log.info("serving peers on port %d as %s/%s", bound, me.cluster, me.node)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, serve_one, listeners)
@@ -594,8 +661,11 @@ async def _serve_one(
     try:
         preauth.acquire_on_behalf_of_nowait(tcp)
     except trio.WouldBlock:
-        log.warning("peer %s: %d connections already authenticating; refused",
-                    address, options.max_preauth_connections)
+        log.warning(
+            "peer %s: %d connections already authenticating; refused",
+            address,
+            options.max_preauth_connections,
+        )
         await trio.aclose_forcefully(tcp)
         return
     try:
@@ -621,13 +691,18 @@ async def _serve_authenticated(
             stream = trio.SSLStream(capped, ssl_ctx, server_side=True)
             identity = await _tls_handshake(stream)
             conn = Connection(
-                Role.SERVER, me, peer_identity=identity,
-                max_frame_size=options.max_frame_size, max_requests=options.max_requests,
+                Role.SERVER,
+                me,
+                peer_identity=identity,
+                max_frame_size=options.max_frame_size,
+                max_requests=options.max_requests,
             )
             await _wire_handshake(stream, conn, options.receive_size)
             capped.lift()
         if conn is None or conn.state is not State.OPEN:
-            log.warning("peer %s: no handshake within %s s; dropped", address, options.handshake_timeout)
+            log.warning(
+                "peer %s: no handshake within %s s; dropped", address, options.handshake_timeout
+            )
             await trio.aclose_forcefully(tcp)
             return
     except _HandshakeFailed as exc:
@@ -636,9 +711,13 @@ async def _serve_authenticated(
         return
     finally:
         preauth.release_on_behalf_of(tcp)
-    log.info("peer %s (%s) connected, incarnation %d", conn.peer.node, address, conn.peer.incarnation)
+    log.info(
+        "peer %s (%s) connected, incarnation %d", conn.peer.node, address, conn.peer.incarnation
+    )
     async with _channel_scope(stream, conn, address, options) as chan:
         try:
             await handler(chan)
         except Exception:
-            log.exception("peer %s (%s): handler failed; connection closed", chan.peer.node, address)
+            log.exception(
+                "peer %s (%s): handler failed; connection closed", chan.peer.node, address
+            )

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from gfvm.config import NODE_NAME_RE
-from gfvm.wire.connection import NEED_DATA, Connection, Handshake, LocalNode
+from gfvm.wire.connection import NEED_DATA, Connection, ConnectionClosed, Handshake, LocalNode
 from gfvm.wire.errors import LocalProtocolError
 from gfvm.wire.fields import (
     BoolType,
@@ -86,7 +86,7 @@ def drain(conn: Connection) -> list[Any]:
         if ev is NEED_DATA:
             return events
         events.append(ev)
-        if type(ev).__name__ == "ConnectionClosed":
+        if isinstance(ev, ConnectionClosed):
             return events
 
 
@@ -164,7 +164,7 @@ def _build(cls, names, types, overrides, max_bytes, max_items) -> Any:
     @st.composite
     def build(draw):
         kwargs = {}
-        for name, wt in zip(names, types):
+        for name, wt in zip(names, types, strict=True):
             strategy = overrides.get(name)
             if strategy is None:
                 strategy = value_strategy(wt, max_bytes=max_bytes, max_items=max_items)
