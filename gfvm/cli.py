@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(sub)
     doctor.add_commands(sub)
     cluster_cli.add_commands(sub)
+    __import__("gfvm.fm.cli").fm.cli.add_commands(sub)
     _add_daemon_command(sub)
     return parser
 

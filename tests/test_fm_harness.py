@@ -12,7 +12,10 @@ This file holds no test itself; other tests/test_fm_*.py import it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
+import struct
+import threading
 import json
 import os
 import shutil
@@ -267,3 +270,85 @@ def write_file(path: Path, data: bytes, *, fsync: bool = True) -> None:
 
 def dump(obj) -> str:
     return json.dumps(obj, indent=1, sort_keys=True)
+
+
+def page(i: int, salt: int = 0) -> bytes:
+    """Record i of a workload: one 4 KiB page saying who it is."""
+    head = struct.pack("<QQ", i, salt)
+    return (head + hashlib.sha256(head).digest() * 128)[:4096]
+
+
+class Writer(threading.Thread):
+    """Writes page records 0, 1, 2... through a FUSE mount, fsyncing every `every` records.
+
+    `acked` is the number of records covered by a successful fsync: the ones that must survive
+    (RELIABILITY.md #1). Stops at the first error (kept in `error`) or when `stop()` is called.
+    """
+
+    def __init__(self, path: Path, *, salt: int = 0, every: int = 8, limit: int = 1 << 30,
+                 pause: float = 0.0) -> None:
+        super().__init__(daemon=True)
+        self.path, self.salt, self.every, self.limit, self.pause = path, salt, every, limit, pause
+        self.acked = 0
+        self.written = 0
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            self.error = exc
+            return
+        try:
+            i = 0
+            while not self._halt.is_set() and i < self.limit:
+                os.pwrite(fd, page(i, self.salt), i * 4096)
+                i += 1
+                self.written = i
+                if i % self.every == 0:
+                    os.fsync(fd)
+                    self.acked = i
+                if self.pause:
+                    time.sleep(self.pause)
+        except OSError as exc:
+            self.error = exc
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(30)
+
+
+def check_records(data: bytes, acked: int, salt: int = 0) -> list[int]:
+    """Indices of acknowledged records missing or wrong in `data` (empty: nothing lost)."""
+    bad = []
+    for i in range(acked):
+        if data[i * 4096 : (i + 1) * 4096] != page(i, salt):
+            bad.append(i)
+    return bad
+
+
+def masters_per_epoch(cluster: "Cluster", rel_fid: int) -> dict[int, set[str]]:
+    """epoch -> nodes that served file `rel_fid` as master in it, from every daemon's log
+    (Jepsen-style check: at most one master per epoch)."""
+    import re
+
+    pat = re.compile(rf"file {rel_fid}: master on (\S+) at epoch (\d+)")
+    out: dict[int, set[str]] = {}
+    for n in cluster.nodes:
+        try:
+            text = n.log.read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        for node, epoch in pat.findall(text):
+            out.setdefault(int(epoch), set()).add(node)
+    return out
+
+
+def arm(node: Node, name: str, action: str) -> None:
+    node.call("fm.fault", {"name": name, "action": action}, timeout=5)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import trio
 
-from gfvm.errors import Unavailable
+from gfvm.errors import GfvmError, Unavailable
 from gfvm.fm import messages as m
 from gfvm.fm.meta import MetaError, MetaState
 from gfvm.fm.metalog import MetaLog
@@ -217,18 +217,26 @@ class Consensus:
         results: dict[str, bool] = {}
 
         async def ask(peer: str) -> None:
+            granted = False
             try:
                 with trio.move_on_after(self.timing.rpc_timeout):
                     r = await self.net.request(peer, req)
                     if r.term > self.term:
                         await self._set_term(r.term)
-                    results[peer] = bool(r.granted) and r.term == term
+                    granted = bool(r.granted) and r.term == term
             except Exception as exc:  # noqa: BLE001 - an unreachable voter is simply no vote
                 log.debug("vote request to %s failed: %s", peer, exc)
+            finally:
+                results[peer] = granted
 
         async with trio.open_nursery() as n:
             for peer in self.others:
                 n.start_soon(ask, peer)
+            # done as soon as a majority granted (a dead voter must not delay the election)
+            while len(results) < len(self.others) and 1 + sum(results.values()) < self.majority:
+                with trio.move_on_after(0.01):
+                    await trio.sleep_forever()
+            n.cancel_scope.cancel()
         votes += sum(results.values())
         if self.role == CANDIDATE and self.term == term and votes >= self.majority:
             await self._become_leader()
@@ -335,6 +343,9 @@ class Consensus:
             wait_ready = self.leader_since + self.timing.lease - self._now()
             if wait_ready > 0 and request.get("op") != "noop":
                 await trio.sleep(wait_ready)  # leases of the previous leader run out first
+            with trio.move_on_after(self.timing.rpc_timeout * 2):
+                while self._now() >= self.authority_until() and self.role == LEADER:
+                    await self.wait_changed()  # a new leader: wait for its first acks
             if self._now() >= self.authority_until():
                 raise Unavailable("the metadata leader cannot reach a majority of the nodes")
             op = self.prepare(dict(request))
@@ -370,15 +381,36 @@ class Consensus:
                 if leader is None or leader == self.node:
                     await self._wait_for_leader()
                     continue
-                try:
-                    reply = await self.net.request(
-                        leader, m.MetaSubmit(json.dumps(request, separators=(",", ":")).encode()),
-                        timeout=self.timing.io_timeout)
-                except Unavailable:
-                    await trio.sleep(self.timing.heartbeat)
+                reply = None
+                with trio.move_on_after(self.timing.io_timeout):
+                    async with trio.open_nursery() as n:
+                        async def watch():  # a new leader: ask it instead
+                            while self.leader == leader:
+                                await self.wait_changed()
+                            n.cancel_scope.cancel()
+
+                        async def call():
+                            nonlocal reply
+                            try:
+                                reply = await self.net.request(leader, m.MetaSubmit(
+                                    json.dumps(request, separators=(",", ":")).encode()),
+                                    timeout=self.timing.io_timeout)
+                            except Unavailable as exc:
+                                log.debug("metadata request to %s: %s", leader, exc)
+                            except GfvmError as exc:
+                                reply = exc
+                            n.cancel_scope.cancel()
+
+                        n.start_soon(watch)
+                        n.start_soon(call)
+                if reply is None:
+                    await trio.sleep(self.timing.heartbeat / 2)
                     continue
-                except MetaError:
-                    raise
+                if isinstance(reply, GfvmError):
+                    if getattr(reply, "errno", 0) in (errno.EAGAIN, errno.EIO) or isinstance(reply, NotLeader):
+                        await trio.sleep(self.timing.heartbeat / 2)
+                        continue
+                    raise MetaError(getattr(reply, "errno", errno.EIO), str(reply))
                 result = json.loads(bytes(reply.result))
                 await self.wait_applied((reply.term, reply.version))
                 return reply.version, result

@@ -241,6 +241,40 @@ class FileManager:
             with trio.move_on_after(min(0.2, self.timing.heartbeat)):
                 await self.consensus.wait_changed()
 
+    async def _to_master(self, ino: int, master: str, msg):
+        """Sends request `msg` about file `ino` to its master `master` and returns the answer;
+        gives up (StaleView, so the caller retries) as soon as our metadata names another
+        master, instead of waiting for a node that was paused or cut off."""
+        if self.net is None:
+            raise Unavailable(f"file {ino}: this node is not its master and has no peers")
+        result = error = None
+
+        async with trio.open_nursery() as n:
+            async def watch():
+                nonlocal error
+                try:
+                    while self.file_entry(ino).master == master:
+                        await self.consensus.wait_changed()
+                except MetaError as exc:
+                    error = exc
+                n.cancel_scope.cancel()
+
+            async def call():
+                nonlocal result, error
+                try:
+                    result = await self.net.request(master, msg, timeout=self.timing.io_timeout)
+                except (GfvmError, OSError) as exc:
+                    error = exc
+                n.cancel_scope.cancel()
+
+            n.start_soon(watch)
+            n.start_soon(call)
+        if error is not None:
+            raise error
+        if result is None:
+            raise StaleView(f"file {ino}: its master moved away from {master}")
+        return result
+
     # -- namespace --
 
     async def lookup(self, parent: int, name: str) -> Entry:
@@ -452,7 +486,7 @@ class FileManager:
             if e2.master == self.node:
                 lf = await self.local(self.runtime(e.ino))
                 return lf.size, e2.mtime_ns
-            r = await self.net.request(e2.master, m.FileStat(e.ino))
+            r = await self._to_master(e.ino, e2.master, m.FileStat(e.ino))
             return r.size, e2.mtime_ns
 
         if self.net is None:
@@ -480,9 +514,7 @@ class FileManager:
                     return await self.io(lf.read, offset, length)
                 except MissingCopy as exc:
                     log.warning("file %d: %s; reading from the master", ino, exc)
-            if self.net is None:
-                raise Unavailable(f"file {ino}: no usable copy")
-            r = await self.net.request(e.master, m.ClientRead(ino, offset, length))
+            r = await self._to_master(ino, e.master, m.ClientRead(ino, offset, length))
             return bytes(r.data)
 
         return await self._deadline_retry(f"read of {self.state.path_of(ino)}", attempt)
@@ -507,10 +539,7 @@ class FileManager:
             e = self.file_entry(ino)
             if e.master == self.node:
                 return await self.master.write(self.runtime(ino), e, offset, piece, from_kernel=from_kernel)
-            if self.net is None:
-                raise Unavailable(f"file {ino}: this node is not its master")
-            await self.net.request(e.master, m.ClientWrite(ino, offset, piece.toreadonly()),
-                                   timeout=self.timing.io_timeout)
+            await self._to_master(ino, e.master, m.ClientWrite(ino, offset, piece.toreadonly()))
 
         await self._deadline_retry(f"write to {self.state.path_of(ino)}", attempt)
 
@@ -530,10 +559,7 @@ class FileManager:
                 e = self.file_entry(ino)
                 if e.master == self.node:
                     return await self.master.write_pages(self.runtime(ino), e, offs, blob)
-                if self.net is None:
-                    raise Unavailable(f"file {ino}: this node is not its master")
-                await self.net.request(e.master, m.ClientPages(ino, offs, blob.toreadonly()),
-                                       timeout=self.timing.io_timeout)
+                await self._to_master(ino, e.master, m.ClientPages(ino, offs, blob.toreadonly()))
 
             await self._deadline_retry(f"write to {self.state.path_of(ino)}", attempt)
 
@@ -548,9 +574,7 @@ class FileManager:
             e = self.file_entry(ino)
             if e.master == self.node:
                 return await self.master.truncate(self.runtime(ino), e, size, from_kernel=from_kernel)
-            if self.net is None:
-                raise Unavailable(f"file {ino}: this node is not its master")
-            await self.net.request(e.master, m.ClientTruncate(ino, size), timeout=self.timing.io_timeout)
+            await self._to_master(ino, e.master, m.ClientTruncate(ino, size))
 
         await self._deadline_retry(f"truncate of {self.state.path_of(ino)}", attempt)
 
@@ -562,9 +586,7 @@ class FileManager:
             e = self.file_entry(ino)
             if e.master == self.node:
                 return await self.master.fsync(self.runtime(ino), e)
-            if self.net is None:
-                raise Unavailable(f"file {ino}: this node is not its master")
-            await self.net.request(e.master, m.ClientFsync(ino), timeout=self.timing.io_timeout)
+            await self._to_master(ino, e.master, m.ClientFsync(ino))
 
         await self._deadline_retry(f"fsync of {self.state.path_of(ino)}", attempt)
 
@@ -606,7 +628,7 @@ class FileManager:
             raise UsageError(f"{node} holds no copy of {self.state.path_of(ino)} "
                              f"(members: {', '.join(sorted(e.members))})")
         if e.members.get(node) != IN_SYNC and not force:
-            raise UsageError(f"{node}'s copy of {self.state.path_of(ino)} is {e.members.get(node)}: "
+            raise UsageError(f"{node}'s copy of {self.state.path_of(ino)} is stale ({e.members.get(node)}): "
                              "promoting it would lose acknowledged writes (use --force to accept that)")
 
         async def attempt():

@@ -12,7 +12,8 @@ disarms). Actions:
     delay:S     the step sleeps S seconds first
     hang        the step never completes
     stop        the daemon SIGSTOPs itself (a paused node; SIGCONT resumes it)
-An optional `@N` suffix arms the fault for the Nth hit only (`crash@3`).
+An optional `@N` suffix arms the fault for the Nth hit only (`crash@3`); a `*` suffix keeps it
+armed for every hit (`delay:0.5*`).
 `POINTS` lists every point the File Manager has; arming an unknown name is refused.
 """
 
@@ -61,6 +62,8 @@ class Faults:
             self.armed.pop(name, None)
             return
         nth = 1
+        if action.endswith("*"):
+            action, nth = action[:-1], 0  # 0: every hit
         if "@" in action:
             action, _, n = action.partition("@")
             nth = int(n)
@@ -88,7 +91,8 @@ class Faults:
         if nth > 1:
             self.armed[name] = (action, nth - 1)
             return
-        del self.armed[name]
+        if nth == 1:
+            del self.armed[name]
         log.warning("fault point %s: %s", name, action)
         kind = action.split(":", 1)[0]
         if kind == "crash":

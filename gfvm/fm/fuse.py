@@ -76,7 +76,7 @@ class _Handle:
 
 
 class FmOperations(pyfuse3.Operations):
-    enable_writeback_cache = True
+    enable_writeback_cache = False
     supports_dot_lookup = True
 
     def __init__(self, fm: FileManager) -> None:

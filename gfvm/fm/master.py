@@ -201,7 +201,8 @@ class Master:
         # reconcile every in-sync member (they may differ within hot chunks)
         for node in others:
             try:
-                await self._reconcile(fs, e, lf, node, my_hot)
+                await self._reconcile(fs, e, lf, node, my_hot,
+                                      identical=fs.handoff and fs.promoted_at is not None)
             except (Unavailable, PeerError, GfvmError, OSError) as exc:
                 log.warning("file %d: member %s could not be reconciled: %s", fs.fid, node, exc)
                 fs.ready_epoch = e.epoch  # drop() needs to act as master
@@ -227,14 +228,20 @@ class Master:
         raise Unavailable(f"file {fs.fid}: restarted master cannot get its hot extents from any "
                           f"in-sync member ({last})")
 
-    async def _reconcile(self, fs, e: Entry, lf: LocalFile, node: str, my_hot: set[int]) -> None:
+    async def _reconcile(self, fs, e: Entry, lf: LocalFile, node: str, my_hot: set[int], *,
+                         identical: bool = False) -> None:
         """Brings in-sync member `node` to exactly our content and confirms it for this epoch."""
         fm = self.fm
         r = await fm.net.request(node, m.Probe(fs.fid, e.epoch))
         if not r.exists or not r.usable or (r.gen and r.gen not in e.gens):
             raise Unavailable(f"its copy is {'missing' if not r.exists else 'unusable'}"
                               f"{' (generation ' + r.gen + ' unknown)' if r.gen and r.gen not in e.gens else ''}")
-        chunks = set(my_hot) | set(r.hot_chunks) if r.hot_known else None
+        if identical:
+            # a handoff flushed every in-sync copy under the old master's lock: they are
+            # identical, so confirming them is enough (this keeps a migration cheap)
+            chunks: set[int] | None = set()
+        else:
+            chunks = set(my_hot) | set(r.hot_chunks) if r.hot_known else None
         fs.targets[node] = IN_SYNC
         await self._push(fs, e, lf, node, chunks, full=chunks is None, final_flush=True)
 
@@ -362,8 +369,9 @@ class Master:
         fm = self.fm
         await self.ensure_ready(fs, e)
         lf = await fm.local(fs)
+        epoch = e.epoch  # Entry objects are live: keep the epoch this write belongs to
         async with fs.lock:
-            e = self._still_master(fs, e.epoch)
+            self._still_master(fs, epoch)
             await fm.faults.hit("master.before_local_write")
             seq = self._seq(fs)
             await fm.io(apply_local, lf)
@@ -374,27 +382,34 @@ class Master:
             await fm.invalidate_kernel(fs)
         await fm.faults.hit("master.after_send")
         await self._await_acks(fs, e, waits)
-        self._check_copies(fs, e.epoch)
+        self._check_copies(fs, epoch)
 
     async def fsync(self, fs, e: Entry) -> None:
         fm = self.fm
         await self.ensure_ready(fs, e)
         lf = await fm.local(fs)
+        epoch = e.epoch
         async with fs.lock:
-            e = self._still_master(fs, e.epoch)
+            self._still_master(fs, epoch)
+            gen = e.gen
             seq = fs.last_seq
-            cut = getattr(fs, "wcount", 0)
+            cut = fs.wcount
             flush_id = self._flush_id(fs)
-            waits = self._send(fs, lambda token: m.ReplFlush(fs.fid, e.epoch, seq, token, e.gen, flush_id,
+            waits = self._send(fs, lambda token: m.ReplFlush(fs.fid, epoch, seq, token, gen, flush_id,
                                                               fs.flushed_everywhere), only_in_sync=True)
+        local_cut: list = []
+
+        async def local():
+            try:
+                local_cut.append(await fm.io(lambda: lf.flush(gen=gen, epoch=epoch, seq=seq, clear=False)))
+            except OSError as exc:
+                local_cut.append(exc)
+
         async with trio.open_nursery() as n:
-            local_cut = []
-
-            async def local():
-                local_cut.append(await fm.io(lambda: lf.flush(gen=e.gen, epoch=e.epoch, seq=seq, clear=False)))
-
             n.start_soon(local)
             failed = await self._await_acks(fs, e, waits)
+        if isinstance(local_cut[0], OSError):
+            raise local_cut[0]  # our own fsync failed: nothing is acknowledged
         if not failed:
             fs.flushed_everywhere = flush_id
             fs.since_flush = {c: w for c, w in fs.since_flush.items() if w > cut}
@@ -402,7 +417,7 @@ class Master:
         if fs.bitmaps:
             await self._save_bitmaps(fs)
         await fm.faults.hit("master.before_flush_ack")
-        self._check_copies(fs, e.epoch)
+        self._check_copies(fs, epoch)
 
     # -- losing and regaining members --
 
@@ -529,8 +544,8 @@ class Master:
         finally:
             fs.resyncing.discard(node)
 
-    async def replace(self, fid: int, dead: str) -> None:
-        """A member stayed down: put a copy on another node (it joins as outdated, then resyncs)."""
+    async def replace(self, fid: int, reason: str) -> None:
+        """Puts a copy on one more node (it joins as outdated, then resyncs in full)."""
         fm = self.fm
         e = fm.file_entry(fid)
         cands = [n for n in fm.nodes if n not in e.members and fm.alive(n)]
@@ -540,7 +555,7 @@ class Master:
         new = cands[0]
         members = dict(e.members)
         members[new] = OUTDATED
-        log.info("file %d: %s down for long; adding %s as a new member", fid, dead, new)
+        log.info("file %d: adding %s as a new member (%s)", fid, new, reason)
         fs = fm.runtime(fid)
         fs.bitmaps[new] = None
         await fm._submit({"op": "config", "ino": fid, "epoch": e.epoch, "master": self.node,
@@ -591,11 +606,12 @@ class Master:
             elif members.get(target) != IN_SYNC:
                 raise Unavailable(f"{target} fell out of sync during the handoff")
             await fm.faults.hit("promote.before_commit")
-            await fm._submit({"op": "config", "ino": fs.fid, "epoch": e.epoch + 1, "master": target,
+            old_epoch = e.epoch
+            await fm._submit({"op": "config", "ino": fs.fid, "epoch": old_epoch + 1, "master": target,
                               "members": members, "handoff": not stale, "force": stale,
-                              "new_gen": stale, "expect_epoch": e.epoch, "expect_members": e.members})
+                              "new_gen": stale, "expect_epoch": old_epoch, "expect_members": dict(e.members)})
             await fm.faults.hit("promote.after_commit")
-        log.info("file %d: handed over to %s (epoch %d)", fs.fid, target, e.epoch + 1)
+        log.info("file %d: handed over to %s (epoch %d)", fs.fid, target, old_epoch + 1)
 
     async def take_over(self, fs, e: Entry, force: bool) -> None:
         """The master is gone: this node becomes master if its copy is in sync and usable."""
@@ -610,17 +626,19 @@ class Master:
             raise Unavailable(f"{me} has no usable copy of file {fs.fid}: it cannot become its master") from None
         if lf.damaged or (lf.info.gen and lf.info.gen not in e.gens) or (not lf.info.gen and state == IN_SYNC):
             raise Unavailable(f"{me}'s copy of file {fs.fid} is not a copy of this file's data")
+        old_master, old_epoch = e.master, e.epoch
         members = dict(e.members)
-        members[e.master] = OUTDATED if members.get(e.master) == IN_SYNC else members.get(e.master, OUTDATED)
+        members[old_master] = OUTDATED if members.get(old_master) == IN_SYNC else members.get(old_master, OUTDATED)
         if state != IN_SYNC:
             for n, s in list(members.items()):
                 if s == IN_SYNC and n != me:
                     members[n] = SPLIT
         members[me] = IN_SYNC
-        await fm._submit({"op": "config", "ino": fs.fid, "epoch": e.epoch + 1, "master": me,
-                          "members": members, "new_gen": True, "failover_from": e.master,
-                          "force": state != IN_SYNC, "expect_epoch": e.epoch, "expect_members": e.members})
-        log.warning("file %d: %s took over from %s (epoch %d)", fs.fid, me, e.master, e.epoch + 1)
+        await fm._submit({"op": "config", "ino": fs.fid, "epoch": old_epoch + 1, "master": me,
+                          "members": members, "new_gen": True, "failover_from": old_master,
+                          "force": state != IN_SYNC, "expect_epoch": old_epoch,
+                          "expect_members": dict(e.members)})
+        log.warning("file %d: %s took over from %s (epoch %d)", fs.fid, me, old_master, old_epoch + 1)
 
     # -- maintenance --
 
@@ -647,18 +665,29 @@ class Master:
                         fm._nursery.start_soon(self.ensure_ready_quietly, e.ino)
                     continue
                 in_sync = e.in_sync()
-                for node, state in e.members.items():
-                    if node == me or state != OUTDATED or node in fs.resyncing:
-                        continue
-                    if fm.alive(node):
+                outdated = [n for n, st in e.members.items() if st == OUTDATED]
+                alive_outdated = [n for n in outdated if fm.alive(n)]
+                for node in alive_outdated:
+                    if node not in fs.resyncing:
                         fm._nursery.start_soon(self.resync, e.ino, node)
-                    elif fm.membership and fm.membership.silent_for(node) > fm.timing.rereplicate_after:
-                        if len(in_sync) + sum(1 for s in e.members.values() if s == OUTDATED) - 1 < (e.replicas or 1):
-                            fs.resyncing.add(node)
-                            fm._nursery.start_soon(self._guarded, fs, node, self.replace(e.ino, node))
-                        elif len(in_sync) >= (e.replicas or 1):
-                            fs.resyncing.add(node)
-                            fm._nursery.start_soon(self._guarded, fs, node, self.retire(e.ino, node))
+                if fm.membership is None or "+replace" in fs.resyncing:
+                    continue
+                want = e.replicas or 1
+                long_dead = [n for n in outdated if not fm.alive(n)
+                             and fm.membership.silent_for(n) > fm.timing.rereplicate_after]
+                if len(in_sync) < self._need(e) and not alive_outdated:
+                    # writes are blocked (too few copies to acknowledge): add a copy now
+                    reason = "too few in-sync copies to acknowledge writes"
+                elif long_dead and len(in_sync) + len(alive_outdated) < want:
+                    reason = f"{', '.join(long_dead)} down for more than {fm.timing.rereplicate_after:g} s"
+                elif long_dead and len(in_sync) >= want:
+                    fs.resyncing.add("+replace")
+                    fm._nursery.start_soon(self._guarded, fs, "+replace", self.retire(e.ino, long_dead[0]))
+                    continue
+                else:
+                    continue
+                fs.resyncing.add("+replace")
+                fm._nursery.start_soon(self._guarded, fs, "+replace", self.replace(e.ino, reason))
             elif e.members.get(me) == IN_SYNC and fm.membership is not None:
                 fs = fm.files.get(e.ino)
                 # only a copy the master confirmed can be "lost" (one being created is not)

@@ -628,7 +628,9 @@ class LocalStore:
         return self.files_dir / str(fid)
 
     def exists(self, fid: int) -> bool:
-        return (self.path_of(fid) / "info.json").exists()
+        """A copy of `fid` is here (all its files present; their content is checked on use)."""
+        p = self.path_of(fid)
+        return all((p / name).exists() for name in ("info.json", "data", "sums"))
 
     def fids(self) -> list[int]:
         """Every file id with a local copy."""

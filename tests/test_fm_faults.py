@@ -1,0 +1,180 @@
+"""RELIABILITY.md fault matrix, rows that need no link cuts (gfvmd processes on loopback):
+each row is its own test, driven by SIGKILL/SIGSTOP and the daemons' named fault points."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from test_fm_harness import (
+    Cluster,
+    Writer,
+    arm,
+    check_records,
+    masters_per_epoch,
+    page,
+    wait_for,
+    write_file,
+)
+
+
+def fsync_write(path, offset, data):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_bytes(node, fid):
+    """The bytes of `node`'s copy as stored (data file), read directly."""
+    return (node.copy_dir(fid) / "data").read_bytes()
+
+
+def one_master_per_epoch(cluster, fid):
+    per = masters_per_epoch(cluster, fid)
+    assert all(len(v) == 1 for v in per.values()), per
+
+
+def test_row1_replica_killed_during_writes_resyncs_by_bitmap(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120})
+    try:
+        n1, n2, n3 = c.nodes
+        w = Writer(n1.mount / "f", every=4)
+        w.start()
+        wait_for(lambda: w.acked >= 32, 30, what="first records")
+        n3.kill(signal.SIGKILL)
+        before = w.acked
+        wait_for(lambda: w.acked >= before + 64, 30, what="writes to continue on n1+n2")
+        assert n1.where("f")["members"]["n3"]["state"] == "outdated"
+        n3.start()
+        assert not n3.where("f")["local"]["readable"]  # not read from until in sync
+        wait_for(lambda: "n3" in n1.where("f")["in_sync"], 30, what="n3 back in sync")
+        w.stop()
+        assert w.error is None
+        fid = n1.where("f")["fid"]
+        assert "incremental resync of n3" in n1.log.read_text()
+        data = (n3.mount / "f").read_bytes()
+        assert check_records(data, w.acked) == []
+        n1.call("fm.status")
+        assert copy_bytes(n3, fid)[: len(data)] == copy_bytes(n1, fid)[: len(data)]
+    finally:
+        c.close()
+
+
+def test_row2_master_crashes_after_local_write_receives_hot_extents(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2, fm={"auto_failover": False})
+    try:
+        n1 = c["n1"]
+        for i in range(16):
+            fsync_write(n1.mount / "f", i * 4096, page(i))
+        w = n1.where("f")
+        replica = next(c[n] for n in w["members"] if n != "n1")
+        arm(n1, "master.after_local_write", "crash")
+        with pytest.raises(OSError):
+            fsync_write(n1.mount / "f", 16 * 4096, page(16))  # applied on n1 only, never acked
+        n1.proc.wait(10)
+        n1.unmount()
+        n1.start()
+        wait_for(lambda: n1.where("f")["local"]["readable"], 30, what="n1 to serve again")
+        data = (n1.mount / "f").read_bytes()
+        assert check_records(data, 16) == []
+        assert "restarted master took" in n1.log.read_text()
+        fsync_write(n1.mount / "f", 17 * 4096, page(17))
+        a, b = copy_bytes(n1, w["fid"]), copy_bytes(replica, w["fid"])
+        assert a == b  # the copies are identical again
+        one_master_per_epoch(c, w["fid"])
+    finally:
+        c.close()
+
+
+def test_row3_master_node_dies_replica_promoted_and_writable(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2, fm={"rereplicate_after": 120})
+    try:
+        n1 = c["n1"]
+        w = Writer(n1.mount / "f", every=4)
+        w.start()
+        wait_for(lambda: w.acked >= 40, 30, what="records")
+        info = n1.where("f")
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        n1.kill(signal.SIGKILL)
+        w.stop()
+        wait_for(lambda: replica.where("f")["master"] == replica.name, 30, what="automatic failover")
+        after = replica.where("f")
+        assert after["epoch"] == info["epoch"] + 1
+        assert check_records((replica.mount / "f").read_bytes(), w.acked) == []
+        # the process could be restarted there: its file takes writes (a third copy is made)
+        fsync_write(replica.mount / "f", 0, page(0, salt=5))
+        assert (replica.mount / "f").read_bytes()[:4096] == page(0, salt=5)
+        one_master_per_epoch(c, info["fid"])
+    finally:
+        c.close()
+
+
+def test_row6_paused_master_is_fenced_and_demotes_itself(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2, fm={"rereplicate_after": 120})
+    try:
+        n1 = c["n1"]
+        write_file(n1.mount / "f", b"")
+        info = n1.where("f")
+        outsider = next(n for n in c.nodes if n.name not in info["members"])
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        w = Writer(outsider.mount / "f", every=2, pause=0.01)
+        w.start()
+        wait_for(lambda: w.acked >= 16, 30, what="records")
+        n1.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: replica.where("f")["master"] == replica.name, 30, what="failover")
+            acked_at_failover = w.acked
+            wait_for(lambda: w.acked >= acked_at_failover + 16, 30, what="writes on the new master")
+        finally:
+            n1.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: n1.where("f")["master"] == replica.name, 30, what="n1 to learn it was demoted")
+        time.sleep(1.0)
+        w.stop()
+        assert w.error is None
+        assert check_records((replica.mount / "f").read_bytes(), w.acked) == []
+        got = (n1.mount / "f").read_bytes()
+        assert check_records(got, w.acked) == [], (len(got), got[:64], n1.where("f"))
+        one_master_per_epoch(c, info["fid"])
+    finally:
+        c.close()
+
+
+def test_row7_rolling_failures_never_promote_a_stale_copy(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, fm={"min_copies": 1, "rereplicate_after": 120,
+                                             "io_timeout": 4.0})
+    try:
+        n1, n2, n3 = c.nodes
+        write_file(n1.mount / "f", os.urandom(24 << 20))
+        n3.kill(signal.SIGKILL)
+        fsync_write(n1.mount / "f", 0, page(1))  # n3 misses this
+        arm(n1, "resync.chunk", "delay:0.5*")  # every resync crawls: nodes die in the middle
+        n3.start()
+        wait_for(lambda: "resync of n3" in n1.log.read_text(), 30, what="n3's resync to start")
+        n2.kill(signal.SIGKILL)
+        fsync_write(n1.mount / "f", 4096, page(2))  # acknowledged by n1 alone (min_copies=1)
+        n2.start()
+        wait_for(lambda: "resync of n2" in n1.log.read_text(), 30, what="n2's resync to start")
+        info = n1.where("f")
+        assert info["in_sync"] == ["n1"], info
+        n1.kill(signal.SIGKILL)
+        # n2 and n3 both miss acknowledged writes: neither may become master
+        time.sleep(c.config.sections["fm"]["failover_after"] * 3)
+        after = n2.where("f")
+        assert after["master"] == "n1" and after["epoch"] == info["epoch"], after
+        with pytest.raises(OSError) as exc:
+            (n2.mount / "f").read_bytes()
+        assert exc.value.errno == 5  # EIO: unavailable, never stale data, never ENOENT
+        r = subprocess.run([os.sys.executable, "-m", "gfvm", "fm", "promote", "f", "n2"],
+                           env=n2.env, capture_output=True, text=True)
+        assert r.returncode != 0 and "stale" in r.stderr, r.stderr
+    finally:
+        c.close()
