@@ -178,3 +178,172 @@ def test_row7_rolling_failures_never_promote_a_stale_copy(tmp_path):
         assert r.returncode != 0 and "stale" in r.stderr, r.stderr
     finally:
         c.close()
+
+
+def flip_bit(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x04]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def test_row12_bit_flip_on_a_replica_is_caught_and_refetched(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2)
+    try:
+        n1 = c["n1"]
+        data = os.urandom(3 << 20)
+        write_file(n1.mount / "f", data)
+        info = n1.where("f")
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        flip_bit(replica.copy_dir(info["fid"]) / "data", (1 << 20) + 12345)
+        assert (replica.mount / "f").read_bytes() == data  # never the rotten byte
+        assert "checksum mismatch" in replica.log.read_text()
+        assert copy_bytes(replica, info["fid"]) == data  # repaired in place from the master
+    finally:
+        c.close()
+
+
+def test_row12_corrupt_resync_source_is_repaired_not_copied_on(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120})
+    try:
+        n1, n2, n3 = c.nodes
+        data = bytearray(os.urandom(2 << 20))
+        write_file(n1.mount / "f", bytes(data))
+        fid = n1.where("f")["fid"]
+        n3.kill(signal.SIGKILL)
+        fsync_write(n1.mount / "f", 0, page(7))  # chunk 0 now needs a resync to n3
+        data[:4096] = page(7)
+        flip_bit(n1.copy_dir(fid) / "data", 3 * 4096 + 99)  # rot in the source's chunk 0
+        n3.start()
+        wait_for(lambda: "n3" in n1.where("f")["in_sync"], 30, what="n3 resynced")
+        assert copy_bytes(n3, fid) == bytes(data)  # the rot never reached n3
+        assert copy_bytes(n1, fid) == bytes(data)  # and the source was repaired from n2
+        assert "resync source" in n1.log.read_text()
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("victim", ["data", "info.json"])
+def test_row13_deleted_replica_file_is_resynced_never_read_as_deleted(tmp_path, victim):
+    c = Cluster(tmp_path, 3, replicas=2)
+    try:
+        n1 = c["n1"]
+        data = os.urandom(1 << 20)
+        write_file(n1.mount / "f", data)
+        info = n1.where("f")
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        os.unlink(replica.copy_dir(info["fid"]) / victim)
+        assert (replica.mount / "f").read_bytes() == data  # not ENOENT, not zeros
+        wait_for(lambda: "lost copy" in n1.log.read_text() or "reports" in n1.log.read_text(), 30,
+                 what="the master to hear about the lost copy")
+        wait_for(lambda: replica.name in n1.where("f")["in_sync"] and replica.store_has(info["fid"])
+                 and (replica.copy_dir(info["fid"]) / "data").exists(), 30, what="full resync")
+        assert copy_bytes(replica, info["fid"]) == data
+        assert (replica.mount / "f").read_bytes() == data
+    finally:
+        c.close()
+
+
+def test_row15_kill_all_daemons_restart_in_random_order(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2)
+    try:
+        n1 = c["n1"]
+        w = Writer(n1.mount / "f", every=4)
+        w.start()
+        wait_for(lambda: w.acked >= 48, 30, what="records")
+        for node in c.nodes:
+            node.kill(signal.SIGKILL)
+        w.stop()
+        order = list(c.nodes)
+        random.Random(os.getpid()).shuffle(order)
+        for node in order:
+            node.start(wait=False)
+        for node in order:
+            node.wait_ready()
+        c.wait_stable()
+        wait_for(lambda: len(order[0].where("f")["in_sync"]) >= 2, 30, what="copies confirmed")
+        info = order[0].where("f")
+        assert info["split_brain"] == []
+        for node in c.nodes:
+            assert check_records((node.mount / "f").read_bytes(), w.acked) == [], node.name
+        fsync_write(order[-1].mount / "f", 0, page(0, salt=3))  # writable again
+        one_master_per_epoch(c, info["fid"])
+    finally:
+        c.close()
+
+
+def test_row15_empty_replacement_node_is_never_a_source(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2, fm={"rereplicate_after": 120})
+    try:
+        n1 = c["n1"]
+        data = os.urandom(8 << 20)
+        write_file(n1.mount / "f", data)
+        info = n1.where("f")
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        replica.kill(signal.SIGKILL)
+        shutil.rmtree(replica.state)  # a new, empty disk
+        replica.state.mkdir()
+        arm(n1, "resync.chunk", "delay:1*")
+        replica.start()
+        wait_for(lambda: "resync of " + replica.name in n1.log.read_text(), 30, what="resync start")
+        n1.kill(signal.SIGKILL)
+        time.sleep(c.config.sections["fm"]["failover_after"] * 3)
+        after = replica.where("f")
+        assert after["master"] == "n1", after  # the empty node did not take over
+        with pytest.raises(OSError) as exc:
+            (replica.mount / "f").read_bytes()
+        assert exc.value.errno == 5
+    finally:
+        c.close()
+
+
+def test_row15_resync_source_dies_an_in_sync_copy_takes_over(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120})
+    try:
+        n1, n2, n3 = c.nodes
+        data = bytearray(os.urandom(16 << 20))
+        write_file(n1.mount / "f", bytes(data))
+        n3.kill(signal.SIGKILL)
+        fsync_write(n1.mount / "f", 0, page(9))
+        data[:4096] = page(9)
+        arm(n1, "resync.chunk", "delay:0.5*")
+        n3.start()
+        wait_for(lambda: "resync of n3" in n1.log.read_text(), 30, what="resync start")
+        n1.kill(signal.SIGKILL)
+        wait_for(lambda: n2.where("f")["master"] == "n2", 30, what="n2 (in sync) to take over")
+        wait_for(lambda: "n3" in n2.where("f")["in_sync"], 30, what="n3 resynced from n2")
+        fid = n2.where("f")["fid"]
+        assert copy_bytes(n3, fid) == bytes(data)
+    finally:
+        c.close()
+
+
+def test_row16_stale_promotion_refused_forced_one_splits_not_merges(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120, "auto_failover": False})
+    try:
+        n1, n2, n3 = c.nodes
+        write_file(n1.mount / "f", page(0) * 8)
+        fid = n1.where("f")["fid"]
+        n3.kill(signal.SIGKILL)
+        fsync_write(n1.mount / "f", 0, page(1))  # n3 misses it
+        arm(n1, "resync.chunk", "delay:5*")
+        n3.start()
+        r = subprocess.run([os.sys.executable, "-m", "gfvm", "fm", "promote", "f", "n3"],
+                           env=n3.env, capture_output=True, text=True)
+        assert r.returncode == 2 and "stale" in r.stderr
+        assert n1.where("f")["master"] == "n1"
+        r = subprocess.run([os.sys.executable, "-m", "gfvm", "fm", "promote", "--force", "--json", "f", "n3"],
+                           env=n3.env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        info = n3.where("f")
+        assert info["master"] == "n3" and sorted(info["split_brain"]) == ["n1", "n2"]
+        # not merged: n3 serves what it had; the newer copies are kept aside on n1 and n2
+        assert (n3.mount / "f").read_bytes()[:4096] == page(0)
+        for node in (n1, n2):
+            kept = list((node.state / "fm" / "kept").iterdir())
+            assert len(kept) == 1 and (kept[0] / "data").read_bytes()[:4096] == page(1)
+    finally:
+        c.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gfvm import control
 from gfvm.config import NodePaths
+from gfvm.errors import NotFound, UsageError
 
 
 def add_commands(sub) -> None:
@@ -42,7 +43,12 @@ def add_commands(sub) -> None:
 
 
 def _call(op: str, args: dict | None = None, on_progress=None) -> dict:
-    return control.call(NodePaths.from_env().control_socket, op, args or {}, on_progress=on_progress)
+    try:
+        return control.call(NodePaths.from_env().control_socket, op, args or {}, on_progress=on_progress)
+    except control.RemoteError as exc:
+        if exc.kind in ("usage", "not-found"):  # the request itself was wrong: exit code 2
+            raise (UsageError if exc.kind == "usage" else NotFound)(str(exc)) from None
+        raise
 
 
 def _size(n: int) -> str:

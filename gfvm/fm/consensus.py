@@ -204,16 +204,10 @@ class Consensus:
                 continue
             await self._run_election()
 
-    async def _run_election(self) -> None:
-        self.term += 1
-        self.voted_for = self.node
-        self.role = CANDIDATE
-        self.leader = None
-        await self._persist_vote()
-        term = self.term
-        log.info("metadata: %s stands for election in term %d", self.node, term)
-        votes = 1
-        req = m.VoteRequest(term, self.node, self.last[0], self.last[1])
+    async def _poll(self, term: int, pre: bool) -> int:
+        """Asks every peer for its vote in `term`; returns the votes (ours included) as soon as
+        a majority granted or everyone answered."""
+        req = m.VoteRequest(term, self.node, self.last[0], self.last[1], pre)
         results: dict[str, bool] = {}
 
         async def ask(peer: str) -> None:
@@ -221,7 +215,7 @@ class Consensus:
             try:
                 with trio.move_on_after(self.timing.rpc_timeout):
                     r = await self.net.request(peer, req)
-                    if r.term > self.term:
+                    if r.term > self.term and not (pre and r.term == term):
                         await self._set_term(r.term)
                     granted = bool(r.granted) and r.term == term
             except Exception as exc:  # noqa: BLE001 - an unreachable voter is simply no vote
@@ -232,12 +226,26 @@ class Consensus:
         async with trio.open_nursery() as n:
             for peer in self.others:
                 n.start_soon(ask, peer)
-            # done as soon as a majority granted (a dead voter must not delay the election)
             while len(results) < len(self.others) and 1 + sum(results.values()) < self.majority:
                 with trio.move_on_after(0.01):
                     await trio.sleep_forever()
             n.cancel_scope.cancel()
-        votes += sum(results.values())
+        return 1 + sum(results.values())
+
+    async def _run_election(self) -> None:
+        # pre-vote first: only a node that would win bumps the term (no disruption)
+        if await self._poll(self.term + 1, True) < self.majority or self.role == LEADER:
+            return
+        if self._now() - self.leader_contact < self.timing.lease:
+            return  # a leader showed up meanwhile
+        self.term += 1
+        self.voted_for = self.node
+        self.role = CANDIDATE
+        self.leader = None
+        await self._persist_vote()
+        term = self.term
+        log.info("metadata: %s stands for election in term %d", self.node, term)
+        votes = await self._poll(term, False)
         if self.role == CANDIDATE and self.term == term and votes >= self.majority:
             await self._become_leader()
         elif self.role == CANDIDATE:
@@ -440,7 +448,10 @@ class Consensus:
         await trio.to_thread.run_sync(self.metalog.append, version[0], version[1], op)
         if self.metalog.needs_compaction():
             await trio.to_thread.run_sync(self.metalog.save_snapshot, self.state.copy(), version)
-        await self.on_applied(version[1], op, result)
+        try:
+            await self.on_applied(version[1], op, result)
+        except Exception:  # noqa: BLE001 - the op is applied and durable; its local effects
+            log.exception("metadata: local effects of op %d failed", version[1])  # are retried by maintenance
         self.last = version  # only now: whoever waits for this version sees its effects done
         self._notify()
         return result
@@ -496,7 +507,10 @@ class Consensus:
             self.last = version
             self.commit = min((msg.commit_term, msg.commit_version), version)
             log.info("metadata: installed the leader's state at version %d", version[1])
-            await self.on_installed()
+            try:
+                await self.on_installed()
+            except Exception:  # noqa: BLE001
+                log.exception("metadata: local effects of the installed state failed")
             self._notify()
         return m.MetaAck(self.term, True, self.last[0], self.last[1], rid=msg.rid)
 
@@ -506,6 +520,10 @@ class Consensus:
             self.leader is not None and now - self.leader_contact < self.timing.lease)
         if msg.term < self.term or (heard_leader and self.leader != msg.candidate):
             return m.VoteReply(self.term, False, rid=msg.rid)
+        if msg.pre:  # would we vote? (nothing changes here)
+            ok = (msg.last_term, msg.last_version) >= self.last and (
+                msg.term > self.term or self.voted_for in (None, msg.candidate))
+            return m.VoteReply(msg.term if ok else self.term, ok, rid=msg.rid)
         if msg.term > self.term:
             await self._set_term(msg.term)
         granted = False
@@ -550,9 +568,14 @@ class Consensus:
             if not self.lease_valid():
                 raise Unavailable("this node leads the metadata but cannot reach a majority")
             return
+        with trio.move_on_after(self.timing.io_timeout):
+            while self.leader is None or (self.leader == self.node and self.role != LEADER):
+                await self.wait_changed()  # just started, or an election is running
         leader = self.leader
         if leader is None:
             raise Unavailable("no metadata leader known")
+        if leader == self.node:
+            return await self.sync()
         reply = await self.net.request(leader, m.Heartbeat(self.node, 0, self.term, self.last[0],
                                                            self.last[1], 0, 0))
         with trio.move_on_after(self.timing.io_timeout) as cs:

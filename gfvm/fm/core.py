@@ -119,10 +119,13 @@ class FileManager:
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Opens the store and the metadata, connects to the peers, runs until cancelled."""
         self.store = await self.io(LocalStore, self.paths.state)
+        # Peers tell our restarts by this id: random, so that a node whose disk was replaced
+        # (its incarnation counter starting again) is still seen as restarted.
+        self.boot_id = secrets.randbits(62) | 1
         metalog = MetaLog(self.paths.state)
         net = None
         if len(self.nodes) > 1:
-            net = PeerNet(self.node, self.config, self.paths.tls_dir, self.store.incarnation,
+            net = PeerNet(self.node, self.config, self.paths.tls_dir, self.boot_id,
                           dispatch=self._dispatch, stream=self._stream, rpc_timeout=self.timing.rpc_timeout,
                           on_link=self._on_link, reconnect_delay=min(0.5, self.timing.heartbeat))
         self.net = net
@@ -131,7 +134,7 @@ class FileManager:
                                    on_installed=self._on_installed)
         self._usage_cache = {"used": 0, "free": 0, "total": 0}
         self.membership = Membership(self.node, self.nodes, self.consensus, net, self.timing,
-                                     self.store.incarnation, lambda: self._usage_cache,
+                                     self.boot_id, lambda: self._usage_cache,
                                      self._on_peer_restart)
         await self.io(self._gc_copies)
         async with trio.open_nursery() as n:
@@ -145,6 +148,19 @@ class FileManager:
             n.start_soon(self.master.maintenance_loop)
             self.ready.set()
             task_status.started()
+
+    def spawn(self, fn: Callable, *args) -> None:
+        """Runs `fn(*args)` in the background; a failure is logged, never fatal to the daemon."""
+
+        async def guarded():
+            try:
+                await fn(*args)
+            except (GfvmError, OSError) as exc:
+                log.warning("%s: %s", getattr(fn, "__name__", fn), exc)
+            except Exception:  # noqa: BLE001 - background work must not take the daemon down
+                log.exception("%s failed", getattr(fn, "__name__", fn))
+
+        self._nursery.start_soon(guarded)
 
     async def io(self, fn: Callable, *args):
         """Runs blocking `fn(*args)` in a worker thread (bounded by the limiter)."""
@@ -398,9 +414,9 @@ class FileManager:
         if kind == "config":
             await self._config_applied(op, result)
         if self.kernel is not None and kind in ("unlink", "rmdir", "rename"):
-            self._nursery.start_soon(self.kernel.invalidate_entry, op["parent"], op["name"])
+            self.spawn(self.kernel.invalidate_entry, op["parent"], op["name"])
             if kind == "rename":
-                self._nursery.start_soon(self.kernel.invalidate_entry, op["newparent"], op["newname"])
+                self.spawn(self.kernel.invalidate_entry, op["newparent"], op["newname"])
 
     async def _forget_file(self, fid: int) -> None:
         fs = self.files.pop(fid, None)
@@ -429,7 +445,8 @@ class FileManager:
                 self.files.pop(fid, None)
                 fs.deleted = True
                 self.master.fail_waiters(fs, "copy split off")
-            await self.io(self.store.delete, fid, f"{fid}.split.{before['epoch']}.{secrets.token_hex(3)}")
+            keep_as = f"{fid}.split.{before['epoch']}.{secrets.token_hex(3)}"
+            await self.io(lambda: self.store.delete(fid, keep_as=keep_as))
             if fs is not None and fs.lf is not None:
                 self.store.release(fs.lf)
                 fs.lf = None
@@ -446,7 +463,7 @@ class FileManager:
             fs.promoted_at = trio.current_time()
             fs.handoff = bool(op.get("handoff"))
             fs.ready_epoch = 0
-            self._nursery.start_soon(self.master.ensure_ready_quietly, fid)
+            self.spawn(self.master.ensure_ready_quietly, fid)
 
     async def _on_installed(self) -> None:
         for fid, fs in list(self.files.items()):
@@ -621,6 +638,7 @@ class FileManager:
         copies are kept aside as split-brain copies, never merged)."""
         if node not in self.nodes:
             raise NotFound(f"unknown node {node!r} (nodes: {', '.join(self.nodes)})")
+        await self._sync()  # decide on the current configuration, not a stale local view
         e = self.file_entry(ino)
         if e.master == node:
             return e
@@ -649,7 +667,12 @@ class FileManager:
                 return await self.master.take_over(self.runtime(ino), e, force)
             await self.net.request(node, m.Promote(ino, node, force), timeout=self.timing.io_timeout)
 
-        await self._deadline_retry(f"promotion of {self.state.path_of(ino)}", attempt)
+        try:
+            await self._deadline_retry(f"promotion of {self.state.path_of(ino)}", attempt)
+        except PeerError as exc:
+            if exc.errno == errno.EINVAL:  # the master refused for a reason the user must fix
+                raise UsageError(str(exc)) from None
+            raise
         await self._sync()
         return self.entry(ino)
 

@@ -477,7 +477,7 @@ class Master:
             fs = self.fm.files.get(e.ino)
             if e.master == self.node and fs is not None and fs.ready_epoch == e.epoch and \
                     e.members.get(peer) == IN_SYNC:
-                self.fm._nursery.start_soon(self._reconfirm, fs.fid, peer)
+                self.fm.spawn(self._reconfirm, fs.fid, peer)
 
     def peer_link_down(self, peer: str) -> None:
         pass  # frames in flight fail and drop the member; nothing to do otherwise
@@ -662,14 +662,14 @@ class Master:
                 fs = fm.runtime(e.ino)
                 if fs.ready_epoch != e.epoch:
                     if fm.lease_valid():
-                        fm._nursery.start_soon(self.ensure_ready_quietly, e.ino)
+                        fm.spawn(self.ensure_ready_quietly, e.ino)
                     continue
                 in_sync = e.in_sync()
                 outdated = [n for n, st in e.members.items() if st == OUTDATED]
                 alive_outdated = [n for n in outdated if fm.alive(n)]
                 for node in alive_outdated:
                     if node not in fs.resyncing:
-                        fm._nursery.start_soon(self.resync, e.ino, node)
+                        fm.spawn(self.resync, e.ino, node)
                 if fm.membership is None or "+replace" in fs.resyncing:
                     continue
                 want = e.replicas or 1
@@ -682,28 +682,29 @@ class Master:
                     reason = f"{', '.join(long_dead)} down for more than {fm.timing.rereplicate_after:g} s"
                 elif long_dead and len(in_sync) >= want:
                     fs.resyncing.add("+replace")
-                    fm._nursery.start_soon(self._guarded, fs, "+replace", self.retire(e.ino, long_dead[0]))
+                    fm.spawn(self._guarded, fs, "+replace", self.retire(e.ino, long_dead[0]))
                     continue
                 else:
                     continue
                 fs.resyncing.add("+replace")
-                fm._nursery.start_soon(self._guarded, fs, "+replace", self.replace(e.ino, reason))
+                fm.spawn(self._guarded, fs, "+replace", self.replace(e.ino, reason))
             elif e.members.get(me) == IN_SYNC and fm.membership is not None:
                 fs = fm.files.get(e.ino)
                 # only a copy the master confirmed can be "lost" (one being created is not)
                 if check_copies and fs is not None and fs.confirmed_epoch == e.epoch and \
                         not fs.broken and not fm.store.exists(e.ino):
-                    fm._nursery.start_soon(self._report_lost, e.ino, "local copy missing")
+                    fm.spawn(self._report_lost, e.ino, "local copy missing")
                 silent = fm.membership.silent_for(e.master)
                 if not auto_failover or silent <= fm.timing.failover_after or not fm.lease_valid():
                     continue
                 cands = [n for n in e.in_sync() if n != e.master and fm.alive(n)]
                 if me in cands and silent > fm.timing.failover_after * (1 + cands.index(me)):
                     fs = fm.runtime(e.ino)
-                    if e.master in fs.resyncing:
+                    if e.master in fs.resyncing or trio.current_time() < getattr(fs, "takeover_backoff", 0):
                         continue
+                    fs.takeover_backoff = trio.current_time() + fm.timing.failover_after
                     fs.resyncing.add(e.master)
-                    fm._nursery.start_soon(self._guarded, fs, e.master, self._auto_take_over(e.ino))
+                    fm.spawn(self._guarded, fs, e.master, self._auto_take_over(e.ino))
 
     async def _guarded(self, fs, key: str, coro) -> None:
         try:
@@ -763,7 +764,10 @@ class Master:
         if isinstance(msg, m.ResyncStart):
             fs.broken = False
             fs.confirmed_epoch = 0
-            if not fm.store.exists(msg.fid):
+            if not fm.store.exists(msg.fid):  # missing or damaged: start from a new empty copy
+                if fs.lf is not None:
+                    fm.store.release(fs.lf)
+                    fs.lf = None
                 await fm.io(fm.store.create, msg.fid, "")
         elif fs.broken:
             raise GfvmError(f"file {msg.fid}: an earlier frame failed here; waiting for a resync")

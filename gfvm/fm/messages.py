@@ -83,10 +83,14 @@ class MetaInstall:
 
 @wire.request(0x1004)
 class VoteRequest:
+    """`pre`: a pre-vote (Raft's PreVote): would you vote for me in `term`? Changes nothing at
+    the voter, so a node that cannot win (cut off, or with old metadata) never disturbs a term."""
+
     term: U64
     candidate: NodeName
     last_term: U64
     last_version: U64
+    pre: Bool
 
 
 @wire.response(0x1005)

@@ -641,7 +641,11 @@ class LocalStore:
         return sorted(out)
 
     def create(self, fid: int, gen: str, *, size: int = 0, epoch: int = 0) -> None:
-        """Creates an empty copy of `fid` atomically (blocks). An existing copy is kept as is."""
+        """Creates an empty copy of `fid` atomically (blocks). An existing complete copy is kept
+        as is; an incomplete one (a file of it deleted behind our back) is moved to trash/."""
+        if self.path_of(fid).exists() and not self.exists(fid):
+            log.warning("file %d: local copy incomplete; replacing it", fid)
+            self.delete(fid)
         with self._lock:
             final = self.path_of(fid)
             if final.exists():
