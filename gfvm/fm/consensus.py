@@ -193,12 +193,38 @@ class Consensus:
             task_status.started()
             await trio.sleep_forever()
 
+    #: set by the File Manager: the Membership (who hears whom), for leader placement
+    membership = None
+    _no_stand_until = 0.0
+
+    def _better_connected(self) -> str | None:
+        """A live follower that hears more nodes than we do (after a partial partition), or None."""
+        ms = self.membership
+        if ms is None:
+            return None
+        mine = len(ms.hears())
+        for peer in self.others:
+            if len(ms.hears_of(peer)) > mine:
+                return peer
+        return None
+
     async def _election_loop(self) -> None:
         base = self.timing.lease * 1.5
         while True:
             timeout = random.uniform(base, 2 * base)
             await trio.sleep(timeout / 4)
             if self.role == LEADER:
+                better = self._better_connected()
+                if better is not None:
+                    # a leader that cannot reach everybody the others reach makes healthy
+                    # nodes look dead to it: hand over to a better connected node
+                    log.warning("metadata: %s hears fewer nodes than %s; standing down", self.node, better)
+                    self._no_stand_until = self._now() + 4 * self.timing.lease
+                    self.leader = None
+                    self.leader_contact = -1e9
+                    self._become_follower()
+                continue
+            if self._now() < self._no_stand_until or self._better_connected() is not None:
                 continue
             if self._now() - self.leader_contact < timeout:
                 continue
@@ -385,6 +411,8 @@ class Consensus:
     async def _submit_remote(self, request: dict) -> tuple[int, dict]:
         with trio.move_on_after(self.timing.io_timeout) as cs:
             while True:
+                if self.role == LEADER:  # we were elected meanwhile
+                    return await self.submit(request)
                 leader = self.leader
                 if leader is None or leader == self.node:
                     await self._wait_for_leader()
@@ -577,7 +605,7 @@ class Consensus:
         if leader == self.node:
             return await self.sync()
         reply = await self.net.request(leader, m.Heartbeat(self.node, 0, self.term, self.last[0],
-                                                           self.last[1], 0, 0))
+                                                           self.last[1], 0, 0, ()))
         with trio.move_on_after(self.timing.io_timeout) as cs:
             await self.wait_applied((reply.commit_term, reply.commit_version))
         if cs.cancelled_caught:

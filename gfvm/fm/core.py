@@ -136,6 +136,7 @@ class FileManager:
         self.membership = Membership(self.node, self.nodes, self.consensus, net, self.timing,
                                      self.boot_id, lambda: self._usage_cache,
                                      self._on_peer_restart)
+        self.consensus.membership = self.membership
         await self.io(self._gc_copies)
         async with trio.open_nursery() as n:
             self._nursery = n
@@ -386,6 +387,9 @@ class FileManager:
                                     f"(heard {silent:.1f} s ago): no failover")
                 if old == self.node:
                     raise MetaError(errno.EBUSY, "the old master leads the metadata: no failover")
+                hearer = self.membership.someone_hears(old) if self.membership else None
+                if hearer is not None:
+                    raise MetaError(errno.EBUSY, f"{hearer} still hears {old}: no failover")
         return op
 
     def _place(self, parent: int, creator: str, count: int) -> list[str]:

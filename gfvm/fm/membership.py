@@ -30,6 +30,7 @@ class PeerState:
     free: int = 0
     term: int = 0
     last_version: int = 0
+    hears: tuple[str, ...] = ()
 
 
 class Membership:
@@ -59,11 +60,29 @@ class Membership:
         # a node we never heard from has been silent for as long as we have been running
         return trio.current_time() - max(p.heard, self.started)
 
-    def _heard(self, name: str, incarnation: int, used: int, free: int, term: int, version: int) -> None:
+    def hears(self) -> list[str]:
+        """The nodes we heard from lately, ourselves included (never blocks)."""
+        return sorted([self.node] + [n for n in self.peers if self.alive(n)])
+
+    def hears_of(self, node: str) -> tuple[str, ...]:
+        """What `node` said it hears, if we heard from it lately; () otherwise."""
+        p = self.peers.get(node)
+        return p.hears if p is not None and self.alive(node) else ()
+
+    def someone_hears(self, node: str) -> str | None:
+        """A live node (other than `node`) that reports hearing `node` lately, or None."""
+        for name, p in self.peers.items():
+            if name != node and self.alive(name) and node in p.hears:
+                return name
+        return None
+
+    def _heard(self, name: str, incarnation: int, used: int, free: int, term: int, version: int,
+               hears: tuple[str, ...] = ()) -> None:
         p = self.peers.get(name)
         if p is None:
             return
         p.heard = trio.current_time()
+        p.hears = tuple(hears)
         if incarnation and p.incarnation and incarnation != p.incarnation:
             log.info("%s restarted (incarnation %d -> %d)", name, p.incarnation, incarnation)
             self.on_restart(name, incarnation)
@@ -75,17 +94,18 @@ class Membership:
         u = self.usage()
         c = self.consensus
         return m.Heartbeat(self.node, self.incarnation, c.term, c.last[0], c.last[1],
-                           u.get("used", 0), u.get("free", 0))
+                           u.get("used", 0), u.get("free", 0), self.hears())
 
     async def handle(self, peer: str, hb: m.Heartbeat) -> m.HeartbeatReply:
         """Answers a peer's heartbeat (never blocks)."""
         if hb.incarnation:
-            self._heard(peer, hb.incarnation, hb.used, hb.free, hb.term, hb.last_version)
+            self._heard(peer, hb.incarnation, hb.used, hb.free, hb.term, hb.last_version, hb.hears)
         c = self.consensus
         u = self.usage()
         return m.HeartbeatReply(
             self.node, self.incarnation, c.term, c.leader or "", c.last[0], c.last[1],
-            c.commit[0], c.commit[1], u.get("used", 0), u.get("free", 0), c.grant_lease(hb), rid=m.PENDING)
+            c.commit[0], c.commit[1], u.get("used", 0), u.get("free", 0), c.grant_lease(hb),
+            self.hears(), rid=m.PENDING)
 
     async def run(self) -> None:
         """Sends heartbeats forever."""
@@ -100,7 +120,7 @@ class Membership:
                 with trio.move_on_after(self.timing.heartbeat * 2):
                     reply = await self.net.request(name, self._mine(), timeout=self.timing.heartbeat * 2)
                     self._heard(name, reply.incarnation, reply.used, reply.free, reply.term,
-                                reply.last_version)
+                                reply.last_version, reply.hears)
                     self.consensus.note_heartbeat_reply(sent, reply)
             except Exception as exc:  # noqa: BLE001 - a silent peer is what we measure
                 log.debug("heartbeat to %s: %s", name, exc)

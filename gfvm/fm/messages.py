@@ -125,6 +125,7 @@ class Heartbeat:
     last_version: U64
     used: U64
     free: U64
+    hears: List(NodeName, 64)  # the nodes the sender heard from lately (itself included)
 
 
 @wire.response(0x1009)
@@ -140,6 +141,7 @@ class HeartbeatReply:
     used: U64
     free: U64
     lease: Bool
+    hears: List(NodeName, 64)
 
 
 # --- file data: master -> members (one ordered stream per peer) ---------------------------------
