@@ -347,3 +347,143 @@ def test_row16_stale_promotion_refused_forced_one_splits_not_merges(tmp_path):
             assert len(kept) == 1 and (kept[0] / "data").read_bytes()[:4096] == page(1)
     finally:
         c.close()
+
+
+class CorruptingProxy:
+    """A TCP proxy that flips one random bit in a share of the segments it forwards."""
+
+    def __init__(self, listen, target, rate: float) -> None:
+        import socket
+        import threading
+
+        self.rate = rate
+        self.flipped = 0
+        self.target = target
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(listen)
+        self.sock.listen(16)
+        self.rng = random.Random(7)
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while not self.closed:
+            try:
+                a, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                b = socket.create_connection(self.target)
+            except OSError:  # the target is not up yet: drop this one, keep accepting
+                a.close()
+                continue
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if self.rate and self.rng.random() < self.rate:
+                    buf = bytearray(data)
+                    i = self.rng.randrange(len(buf))
+                    buf[i] ^= 1 << self.rng.randrange(8)
+                    data = bytes(buf)
+                    self.flipped += 1
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+
+
+def test_row10_corrupted_frames_are_rejected_nothing_corrupt_stored(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, start=False, fm={"rereplicate_after": 120})
+    n1, n2 = c["n1"], c["n2"]
+    proxy_addr = n2.address.rsplit(".", 1)[0] + ".12"
+    # n1 (only) reaches n2 through the proxy; everyone else talks to n2 directly
+    toml = n1.etc / "cluster.toml"
+    toml.write_text(toml.read_text().replace(f'address = "{n2.address}"', f'address = "{proxy_addr}"'))
+    proxy = CorruptingProxy((proxy_addr, n2.port), (n2.address, n2.port), rate=0.0)
+    try:
+        c.start()
+        w = Writer(n1.mount / "f", every=4)
+        w.start()
+        wait_for(lambda: w.acked >= 32, 30, what="records")
+        proxy.rate = 0.05
+        time.sleep(3)
+        proxy.rate = 0.0
+        wait_for(lambda: proxy.flipped > 0, 5, what="corruption")
+        fid = n1.where("f")["fid"]
+        wait_for(lambda: "n2" in n1.where("f")["in_sync"], 40, what="n2 in sync after the noise")
+        w.stop()
+        assert w.error is None
+        n1.call("fm.status")
+        fsync_write(n1.mount / "f", 0, page(0))  # a flush to n2 confirms its copy
+        d1, d2 = copy_bytes(n1, fid), copy_bytes(n2, fid)
+        assert d1 == d2 and check_records(d2, w.acked) == []
+        assert "connection" in n1.log.read_text()  # TLS refused the damaged records
+    finally:
+        proxy.close()
+        c.close()
+
+
+def _tmpfs(path, size):
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
+
+
+def _umount(path):
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_row11_full_disk_on_a_replica_detaches_it_then_it_resyncs(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, start=False, fm={"rereplicate_after": 120})
+    n3 = c["n3"]
+    _tmpfs(n3.state, "24m")
+    try:
+        c.start()
+        n1 = c["n1"]
+        write_file(n1.mount / "f", os.urandom(32 << 20))  # does not fit on n3
+        info = n1.where("f")
+        assert info["members"]["n3"]["state"] == "outdated" and info["master"] == "n1"
+        assert "n3" not in info["in_sync"]
+        subprocess.run(["mount", "-o", "remount,size=200m", str(n3.state)], check=True)
+        wait_for(lambda: "n3" in n1.where("f")["in_sync"], 40, what="n3 resynced once it has room")
+        assert copy_bytes(n3, info["fid"]) == copy_bytes(n1, info["fid"])
+    finally:
+        c.close()
+        _umount(n3.state)
+
+
+def test_row11_full_disk_on_the_master_fails_the_write_acknowledges_nothing(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2, start=False)
+    n1 = c["n1"]
+    _tmpfs(n1.state, "24m")
+    try:
+        c.start()
+        write_file(n1.mount / "f", page(0) * 4)
+        info = n1.where("f")
+        with pytest.raises(OSError) as exc:
+            write_file(n1.mount / "f", os.urandom(32 << 20))
+        assert exc.value.errno in (28, 5)  # ENOSPC (or EIO), never a false success
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        # what the replicas hold never goes beyond what the master could store
+        assert os.path.getsize(replica.copy_dir(info["fid"]) / "data") <= os.path.getsize(
+            n1.copy_dir(info["fid"]) / "data")
+    finally:
+        c.close()
+        _umount(n1.state)
