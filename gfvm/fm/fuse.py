@@ -130,7 +130,27 @@ class FmOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode, ctx=None):
+        if inode not in self.fm.state.entries:
+            orphan = self._orphan_attrs(inode)
+            if orphan is not None:
+                return orphan
         return await self._attrs(self.fm.entry(inode))
+
+    def _orphan_attrs(self, inode: int) -> pyfuse3.EntryAttributes | None:
+        """Attributes of a file unlinked while open here (from our copy), else None."""
+        for h in self._handles.values():
+            if h.ino == inode and h.lf is not None:
+                a = pyfuse3.EntryAttributes()
+                a.st_ino = inode
+                a.st_mode = stat.S_IFREG | 0o600
+                a.st_nlink = 0
+                a.st_uid = a.st_gid = 0
+                a.st_size = h.lf.size
+                a.st_blksize = 4096
+                a.st_blocks = (h.lf.size + 511) // 512
+                a.attr_timeout = 0
+                return a
+        return None
 
     @_fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
