@@ -50,9 +50,10 @@ class Daemon:
 
     def components(self) -> list:
         """The services this daemon runs, in start order."""
+        from gfvm.fm.component import FmService
         from gfvm.pager.service import Pager
 
-        return [Pager(self)]
+        return [FmService(self), Pager(self)]
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.paths.run.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,76 @@
+"""The File Manager as a gfvmd component: starts the FileManager, mounts /gfvm, registers the
+control ops the CLI uses (`fm.status`, `fm.where`, `fm.promote`, `fm.fault`).
+
+Other components (the pager, migration) reach the same-node API as `daemon.fm.files`
+(a `gfvm.fm.api.Files`), available once this component has started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+from gfvm.errors import UsageError
+from gfvm.fm.api import Files
+from gfvm.fm.core import FileManager
+from gfvm.fm.faults import POINTS, Faults
+
+log = logging.getLogger(__name__)
+
+
+class FmService:
+    def __init__(self, daemon) -> None:
+        self.daemon = daemon
+        self.faults = Faults()
+        self.faults.arm_from_env(os.environ.get("GFVM_FAULT"))
+        node = daemon.node_name if daemon.config is not None else None
+        self.fm = FileManager(daemon.paths, daemon.config, node, faults=self.faults)
+        self.files = Files(self.fm)
+        daemon.fm = self
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from gfvm.fm.fuse import serve_mount
+
+        c = self.daemon.control
+        c.register("fm.status", self._status)
+        c.register("fm.where", self._where)
+        c.register("fm.promote", self._promote)
+        c.register("fm.fault", self._fault)
+        async with trio.open_nursery() as n:
+            await n.start(self.fm.serve)
+            if os.environ.get("GFVM_NO_MOUNT") != "1":
+                await n.start(serve_mount, self.fm, self.daemon.paths.mount)
+            task_status.started()
+
+    async def _status(self, args: dict, progress) -> dict:
+        return await self.fm.status()
+
+    def _path(self, args: dict) -> str:
+        path = args.get("path")
+        if not isinstance(path, str) or not path:
+            raise UsageError("a path is required")
+        mount = str(self.daemon.paths.mount).rstrip("/")
+        if path == mount or path.startswith(mount + "/"):
+            path = path[len(mount):]
+        elif path.startswith("/"):
+            raise UsageError(f"{path} is not under {mount}")
+        return path
+
+    async def _where(self, args: dict, progress) -> dict:
+        return await self.files.where(self._path(args))
+
+    async def _promote(self, args: dict, progress) -> dict:
+        node = args.get("node")
+        if not isinstance(node, str):
+            raise UsageError("a node name is required")
+        await progress(f"promoting {node} (flush, then epoch + 1 by a majority)")
+        return await self.files.promote(self._path(args), node, force=bool(args.get("force")))
+
+    async def _fault(self, args: dict, progress) -> dict:
+        name, action = args.get("name", ""), args.get("action", "")
+        if not name:
+            return {"points": POINTS, "armed": dict(self.faults.armed)}
+        self.faults.arm(str(name), str(action))
+        return {"armed": {k: v[0] for k, v in self.faults.armed.items()}}

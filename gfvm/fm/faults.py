@@ -1,0 +1,108 @@
+"""Named fault points, so tests can fail each protocol step on purpose (like CRIU_FAULT).
+
+A fault point is a call `await faults.hit("master.after_local_write")` placed at one step of a
+protocol. It does nothing unless armed, either from the environment when the daemon starts:
+
+    GFVM_FAULT="master.after_local_write=crash,member.before_ack=delay:2"
+
+or at run time through the control op `fm.fault` (`{"name": ..., "action": ...}`; action ""
+disarms). Actions:
+    crash       the daemon dies at once (os._exit(137), as a SIGKILL would leave things)
+    error       the step raises an I/O error (EIO)
+    delay:S     the step sleeps S seconds first
+    hang        the step never completes
+    stop        the daemon SIGSTOPs itself (a paused node; SIGCONT resumes it)
+An optional `@N` suffix arms the fault for the Nth hit only (`crash@3`); a `*` suffix keeps it
+armed for every hit (`delay:0.5*`).
+`POINTS` lists every point the File Manager has; arming an unknown name is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from gfvm.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+POINTS = {
+    "master.before_local_write": "master: a write is ordered but not yet applied locally",
+    "master.after_local_write": "master: a write is applied locally, frames not yet sent",
+    "master.after_send": "master: frames queued to the members, acks not yet received",
+    "master.before_flush_ack": "master: fsync done everywhere, not yet reported",
+    "member.before_apply": "member: a replication frame arrived, not yet applied",
+    "member.before_ack": "member: a replication frame applied, ack not yet sent",
+    "member.before_flush": "member: a FLUSH arrived, data not yet fsynced",
+    "resync.chunk": "master: between two chunks of a resync",
+    "resync.before_in_sync": "master: resync done, member not yet marked in sync",
+    "promote.before_commit": "old master: everyone flushed, epoch+1 not yet committed",
+    "promote.after_commit": "old master: epoch+1 committed, not yet reported",
+    "drop.before_commit": "master: a member failed, its removal not yet committed",
+    "recover.before_fetch": "restarted master: hot extents known, not yet fetched",
+    "meta.before_append": "metadata: an op applied in memory, not yet persisted",
+}
+
+
+class Faults:
+    def __init__(self) -> None:
+        self.armed: dict[str, tuple[str, int]] = {}  # name -> (action, remaining hits before it fires)
+        self.hits: dict[str, int] = {}
+
+    def arm(self, name: str, action: str) -> None:
+        """Arms (or with action "" disarms) fault point `name`. Never blocks."""
+        if name not in POINTS:
+            raise UsageError(f"unknown fault point {name!r}; known: {', '.join(sorted(POINTS))}")
+        if not action:
+            self.armed.pop(name, None)
+            return
+        nth = 1
+        if action.endswith("*"):
+            action, nth = action[:-1], 0  # 0: every hit
+        if "@" in action:
+            action, _, n = action.partition("@")
+            nth = int(n)
+        kind = action.split(":", 1)[0]
+        if kind not in ("crash", "error", "delay", "hang", "stop"):
+            raise UsageError(f"unknown fault action {action!r}")
+        if kind == "delay":
+            float(action.split(":", 1)[1])
+        self.armed[name] = (action, nth)
+
+    def arm_from_env(self, value: str | None) -> None:
+        for item in (value or "").split(","):
+            item = item.strip()
+            if item:
+                name, _, action = item.partition("=")
+                self.arm(name, action or "crash")
+
+    async def hit(self, name: str) -> None:
+        """The fault point `name`: acts if armed (see the module header), else returns at once."""
+        self.hits[name] = self.hits.get(name, 0) + 1
+        spec = self.armed.get(name)
+        if spec is None:
+            return
+        action, nth = spec
+        if nth > 1:
+            self.armed[name] = (action, nth - 1)
+            return
+        if nth == 1:
+            del self.armed[name]
+        log.warning("fault point %s: %s", name, action)
+        kind = action.split(":", 1)[0]
+        if kind == "crash":
+            sys.stderr.flush()
+            os._exit(137)
+        if kind == "error":
+            raise OSError(errno.EIO, f"fault point {name}")
+        if kind == "delay":
+            await trio.sleep(float(action.split(":", 1)[1]))
+        elif kind == "hang":
+            await trio.sleep_forever()
+        elif kind == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)

@@ -1,0 +1,729 @@
+"""The File Manager's local store: this node's copies of files, under `<state>/fm/`.
+
+Layout (all files 0600, directories 0700):
+    fm/node.json              this node's incarnation counter (bumped at every daemon start)
+    fm/files/<fid>/data       the bytes of the copy; sparse; its length is the file size
+    fm/files/<fid>/sums       one u32 per 4 KiB page: crc32 of the page (0 = never written: a hole)
+    fm/files/<fid>/info.json  per-copy metadata: fid, data generation, epoch/seq, size at last flush
+    fm/files/<fid>/hot        the intent log: extents that may have changed since the last flush
+    fm/files/<fid>/bitmap.<n> (masters only) chunks peer <n> missed while out of sync
+    fm/tmp/, fm/trash/        copies being built / copies deleted but not yet purged
+
+Crash discipline (why not a write-ahead log of data): copies are GiB-sized paging files written in
+batches of 4 KiB pages, and every byte already has other copies on other nodes. A data WAL would
+double every write for nothing those copies do not already give. So, as DRBD's activity log:
+- data and sums are written in place; before any byte of a 16 MiB extent changes, the extent is
+  recorded in `hot` (two checksummed 4 KiB slots written alternately and fdatasync'd, so a torn
+  write leaves the previous slot valid). A flush (fsync of data and sums) then empties `hot`.
+  After a crash, only hot extents can differ between data, sums and the other copies: they are
+  re-fetched from an in-sync copy (or, when this is the only copy, re-checksummed).
+- info.json is replaced atomically (write tmp, fsync, rename, fsync dir), as is node.json.
+- a copy comes into existence atomically: built under tmp/, fsynced, renamed into files/.
+- deletion is a rename into trash/ (atomic), purged later; nothing else ever removes a copy.
+- the size is the data file's length; info.json keeps the size at the last flush or truncate, so
+  an external truncation (the data file shorter than that) is detected as damage at open.
+
+Checksums are verified on every read (`LocalFile.read`): a page whose crc differs from its sum
+raises CorruptData naming the pages; it is never returned. A sum of 0 means "never written", and
+the page must then read as zeros. crc32 values of 0 are stored as 0xFFFFFFFF so 0 stays free.
+
+Threads: every method here blocks (file I/O) and is safe to call from several threads at once;
+call them from worker threads (trio.to_thread.run_sync), never from the trio thread.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import logging
+import os
+import shutil
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gfvm.errors import GfvmError, NotFound
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+PAGE_SHIFT = 12
+#: granularity of the intent log (hot extents)
+HOT_SHIFT = 24  # 16 MiB
+#: granularity of resync (bitmaps, resync transfers)
+CHUNK_SHIFT = 20  # 1 MiB
+CHUNK = 1 << CHUNK_SHIFT
+#: largest file size a copy may have (the sums array must stay small enough to keep in memory)
+MAX_FILE_SIZE = 1 << 40  # 1 TiB -> 1 GiB of sums at most
+ZERO_PAGE = bytes(PAGE)
+_HOLE = 0
+
+
+class StoreError(GfvmError):
+    """The local store cannot do what was asked (I/O error, damaged copy)."""
+
+
+class CorruptData(StoreError):
+    """A page's checksum does not match its data: the copy must not be read there."""
+
+    def __init__(self, fid: int, pages: list[int]):
+        shown = ", ".join(str(p) for p in pages[:8]) + (" ..." if len(pages) > 8 else "")
+        super().__init__(f"file {fid}: checksum mismatch on page(s) {shown} of the local copy")
+        self.fid = fid
+        self.pages = pages
+
+
+class MissingCopy(StoreError):
+    """This node has no (usable) local copy of the file."""
+
+    errno = errno.EIO
+
+
+def page_sum(page: bytes | memoryview) -> int:
+    """The stored checksum of one full page: crc32, with 0 remapped so that 0 means 'hole'."""
+    return zlib.crc32(page) or 0xFFFFFFFF
+
+
+def hot_extent(offset: int) -> int:
+    return offset >> HOT_SHIFT
+
+
+def chunks_of(offset: int, length: int) -> range:
+    """The resync chunks a byte range touches."""
+    if length <= 0:
+        return range(0)
+    return range(offset >> CHUNK_SHIFT, ((offset + length - 1) >> CHUNK_SHIFT) + 1)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replaces `path` with `data` so that a crash leaves the old or the new content (blocks)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# --- the intent log ------------------------------------------------------------------------------
+
+_HOT_MAGIC = b"GFHI"
+_HOT_HEAD = struct.Struct("<4sHHQI")  # magic, version, flags, counter, n
+_HOT_SLOT = 4096
+_HOT_MAX = (_HOT_SLOT - _HOT_HEAD.size - 4) // 4
+_HOT_ALL = 1  # flag: everything may be hot (overflow, or unknown)
+
+
+class IntentLog:
+    """The persistent set of hot extents of one copy (see the module header). Blocking, locked by
+    the caller (LocalFile holds its lock around every call)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.counter = 0
+        self.all = False
+        self.extents: set[int] = set()
+        #: extent -> write number that last touched it (in memory: what `clear_upto` may drop)
+        self.touched: dict[int, int] = {}
+        self._load()
+
+    def _load(self) -> None:
+        best = None
+        for slot in (0, 1):
+            raw = os.pread(self.fd, _HOT_SLOT, slot * _HOT_SLOT)
+            if len(raw) < _HOT_HEAD.size + 4:
+                continue
+            magic, version, flags, counter, n = _HOT_HEAD.unpack_from(raw)
+            if magic != _HOT_MAGIC or version != 1 or n > _HOT_MAX:
+                continue
+            end = _HOT_HEAD.size + 4 * n
+            (crc,) = struct.unpack_from("<I", raw, end)
+            if zlib.crc32(raw[:end]) != crc:
+                continue
+            if best is None or counter > best[0]:
+                ext = set(struct.unpack_from(f"<{n}I", raw, _HOT_HEAD.size))
+                best = (counter, bool(flags & _HOT_ALL), ext)
+        if best is not None:
+            self.counter, self.all, self.extents = best
+            # loaded extents were touched before this run: any flush of this run may drop them
+            self.touched = dict.fromkeys(self.extents, 0)
+            if self.all:
+                self.touched_all_at = 0
+        elif os.fstat(self.fd).st_size > 0:
+            # Both slots unreadable: we cannot know what changed, so assume everything did.
+            log.warning("%s: intent log unreadable, treating the whole copy as hot", self.path)
+            self.all = True
+            self.touched_all_at = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.all and not self.extents
+
+    def _persist(self) -> None:
+        self.counter += 1
+        ext = sorted(self.extents)
+        flags = _HOT_ALL if (self.all or len(ext) > _HOT_MAX) else 0
+        if flags:
+            ext = []
+        body = _HOT_HEAD.pack(_HOT_MAGIC, 1, flags, self.counter, len(ext))
+        body += struct.pack(f"<{len(ext)}I", *ext)
+        body += struct.pack("<I", zlib.crc32(body))
+        os.pwrite(self.fd, body.ljust(_HOT_SLOT, b"\0"), (self.counter % 2) * _HOT_SLOT)
+        os.fdatasync(self.fd)
+
+    def mark(self, extents: set[int], wnum: int = 0) -> None:
+        """Records `extents` as hot, durably, before the caller modifies them (write `wnum`)."""
+        for e in extents:
+            self.touched[e] = wnum
+        new = extents - self.extents
+        if new and not self.all:
+            self.extents |= new
+            self._persist()
+
+    def clear_upto(self, wnum: int) -> None:
+        """Forgets the extents last touched by writes numbered <= `wnum` (they are durable
+        everywhere that matters); keeps those touched later, and 'all' if it was set before."""
+        keep = {e for e in self.extents if self.touched.get(e, wnum + 1) > wnum}
+        if self.all and self.touched_all_at > wnum:
+            return
+        if keep != self.extents or self.all:
+            self.extents = keep
+            self.all = False
+            self.touched = {e: w for e, w in self.touched.items() if e in keep}
+            self._persist()
+
+    touched_all_at = 1 << 62  # the write number that set 'all' (loaded 'all': never cleared early)
+
+    def mark_all(self, wnum: int = 0) -> None:
+        self.touched_all_at = wnum
+        if not self.all:
+            self.all = True
+            self._persist()
+
+    def clear(self) -> None:
+        """Empties the log; call only after data and sums are fsynced."""
+        if not self.empty:
+            self.extents = set()
+            self.all = False
+            self._persist()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# --- one local copy ------------------------------------------------------------------------------
+
+
+@dataclass
+class CopyInfo:
+    """What info.json holds about a copy (persisted at flush, truncate and state changes)."""
+
+    fid: int
+    gen: str  # the data generation this copy belongs to ("" = unknown / being built)
+    epoch: int = 0
+    seq: int = 0  # last write sequence number applied when info was last persisted
+    size: int = 0  # file size at the last flush or truncate
+    #: generation history this copy has seen (newest last); used to validate resync bitmaps
+    history: list[str] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "CopyInfo":
+        d = json.loads(raw)
+        return cls(
+            fid=int(d["fid"]), gen=str(d["gen"]), epoch=int(d.get("epoch", 0)),
+            seq=int(d.get("seq", 0)), size=int(d.get("size", 0)),
+            history=[str(g) for g in d.get("history", [])],
+        )
+
+
+class LocalFile:
+    """An open local copy: data, sums, info, intent log. All methods block; thread-safe.
+
+    Writers (write, truncate, write_chunk) hold `lock`; readers do not, and retry under the
+    lock when a page looks corrupt, so a read racing a write is never mistaken for damage.
+    """
+
+    def __init__(self, store: "LocalStore", fid: int, path: Path):
+        self.store = store
+        self.fid = fid
+        self.path = path
+        self.lock = threading.RLock()
+        self.info = CopyInfo.from_json((path / "info.json").read_bytes())
+        if self.info.fid != fid:
+            raise StoreError(f"{path}: info.json names file {self.info.fid}, expected {fid}")
+        self.fd = os.open(path / "data", os.O_RDWR)
+        self.sums_fd = os.open(path / "sums", os.O_RDWR)
+        self.hot = IntentLog(path / "hot")
+        raw = os.pread(self.sums_fd, os.fstat(self.sums_fd).st_size, 0)
+        self.sums = array.array("I")
+        self.sums.frombytes(raw[: len(raw) - len(raw) % 4])
+        self.size = os.fstat(self.fd).st_size
+        #: set when the copy is known damaged (externally truncated...): never read from it
+        self.damaged: str | None = None
+        #: the copy was deleted (moved to trash) while open: handles still read and write it
+        self.deleted = False
+        if self.size < self.info.size:
+            self.damaged = f"data is {self.size} bytes, {self.info.size} expected"
+        self.refs = 0  # open handles (LocalStore.open/close)
+        self.wnum = 0  # numbers every change; a flush returns the number it covers
+        #: the intent log was not empty when the copy was opened: a crash left it unclean
+        self.unclean_at_open = not self.hot.empty
+
+    # -- reading --
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes from `offset`, verified against the sums (blocks).
+
+        Raises CorruptData if a page does not match. Short only at end of file.
+        """
+        if self.damaged:
+            raise MissingCopy(f"file {self.fid}: local copy damaged ({self.damaged})")
+        if offset >= self.size or length <= 0:
+            return b""
+        length = min(length, self.size - offset)
+        first = offset >> PAGE_SHIFT
+        last = (offset + length - 1) >> PAGE_SHIFT
+        start = first << PAGE_SHIFT
+        raw = os.pread(self.fd, ((last + 1) << PAGE_SHIFT) - start, start)
+        bad = self._verify(raw, first, last)
+        if bad:
+            with self.lock:  # a concurrent writer may have been between data and sums: retry
+                raw = os.pread(self.fd, ((last + 1) << PAGE_SHIFT) - start, start)
+                bad = self._verify(raw, first, last)
+            if bad:
+                raise CorruptData(self.fid, bad)
+        skip = offset - start
+        if skip == 0 and len(raw) == length:
+            return raw
+        return raw[skip : skip + length]
+
+    def _verify(self, raw: bytes, first: int, last: int) -> list[int]:
+        sums = self.sums
+        nsums = len(sums)
+        bad = []
+        mv = memoryview(raw)
+        for i, page in enumerate(range(first, last + 1)):
+            chunk = mv[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT]
+            want = sums[page] if page < nsums else _HOLE
+            if want == _HOLE:
+                if chunk != ZERO_PAGE[: len(chunk)]:
+                    bad.append(page)
+            elif len(chunk) < PAGE:
+                # the page is the file's tail: sums cover it zero-padded
+                if page_sum(bytes(chunk).ljust(PAGE, b"\0")) != want:
+                    bad.append(page)
+            elif page_sum(chunk) != want:
+                bad.append(page)
+        return bad
+
+    def read_chunk(self, chunk: int) -> tuple[bytes, list[int]]:
+        """One resync chunk (up to CHUNK bytes, shorter at EOF) with its page sums, verified.
+
+        Used at the resync source: a corrupt page raises CorruptData instead of being sent on.
+        """
+        offset = chunk << CHUNK_SHIFT
+        data = self.read(offset, CHUNK)
+        first = offset >> PAGE_SHIFT
+        npages = (len(data) + PAGE - 1) >> PAGE_SHIFT
+        sums = [self.sums[p] if p < len(self.sums) else _HOLE for p in range(first, first + npages)]
+        return data, sums
+
+    # -- writing --
+
+    def _ensure_sums(self, npages: int) -> None:
+        if len(self.sums) < npages:
+            self.sums.extend([_HOLE] * (npages - len(self.sums)))
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Writes `data` at `offset` (any alignment) and updates the sums (blocks).
+
+        The touched extents are recorded in the intent log first.
+        """
+        n = len(data)
+        if n == 0:
+            return
+        if offset < 0 or offset + n > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, f"write past the {MAX_FILE_SIZE}-byte limit")
+        with self.lock:
+            self.wnum += 1
+            self.hot.mark(set(range(hot_extent(offset), hot_extent(offset + n - 1) + 1)), self.wnum)
+            written = os.pwrite(self.fd, data, offset)
+            if written != n:
+                raise OSError(errno.EIO, f"short write ({written} of {n} bytes)")
+            end = offset + n
+            if end > self.size:
+                self.size = end
+            self._update_sums(offset, end, data)
+
+    def write_pages(self, offsets: list[int] | tuple[int, ...], data: bytes | memoryview) -> None:
+        """Writes len(offsets) whole pages: page i of `data` at byte offset offsets[i] (blocks).
+
+        Offsets must be page-aligned; adjacent pages are written with one pwrite."""
+        mv = memoryview(data)
+        if len(mv) != len(offsets) * PAGE:
+            raise OSError(errno.EINVAL, f"{len(offsets)} pages need {len(offsets) * PAGE} bytes")
+        for off in offsets:
+            if off % PAGE or off < 0 or off + PAGE > MAX_FILE_SIZE:
+                raise OSError(errno.EINVAL, f"page offset {off} is not page-aligned or too large")
+        if not offsets:
+            return
+        with self.lock:
+            self.wnum += 1
+            self.hot.mark({hot_extent(off) for off in offsets}, self.wnum)
+            i, n = 0, len(offsets)
+            while i < n:  # one pwrite per run of adjacent pages
+                j = i + 1
+                while j < n and offsets[j] == offsets[j - 1] + PAGE:
+                    j += 1
+                run = mv[i * PAGE : j * PAGE]
+                if os.pwrite(self.fd, run, offsets[i]) != len(run):
+                    raise OSError(errno.EIO, "short write")
+                i = j
+            end = max(offsets) + PAGE
+            if end > self.size:
+                self.size = end
+            self._ensure_sums(end >> PAGE_SHIFT)
+            sums = self.sums
+            for k, off in enumerate(offsets):
+                sums[off >> PAGE_SHIFT] = page_sum(mv[k * PAGE : (k + 1) * PAGE])
+            lo = min(offsets) >> PAGE_SHIFT
+            hi = (max(offsets) >> PAGE_SHIFT) + 1
+            if hi - lo <= 4 * n:  # one write of the covering span of sums
+                os.pwrite(self.sums_fd, sums[lo:hi].tobytes(), lo * 4)
+            else:
+                for off in offsets:
+                    p = off >> PAGE_SHIFT
+                    os.pwrite(self.sums_fd, sums[p : p + 1].tobytes(), p * 4)
+
+    def _update_sums(self, start: int, end: int, data: bytes | memoryview | None) -> None:
+        """Recomputes the sums of the pages in [start, end) (data: the bytes written there)."""
+        first = start >> PAGE_SHIFT
+        last = (end - 1) >> PAGE_SHIFT
+        self._ensure_sums(last + 1)
+        mv = memoryview(data) if data is not None else None
+        sums = self.sums
+        for page in range(first, last + 1):
+            pstart = page << PAGE_SHIFT
+            if mv is not None and pstart >= start and pstart + PAGE <= end:
+                sums[page] = page_sum(mv[pstart - start : pstart - start + PAGE])
+            else:  # partial page (or no data given): the page as it is now on disk
+                raw = os.pread(self.fd, PAGE, pstart)
+                if len(raw) < PAGE:
+                    raw = raw.ljust(PAGE, b"\0")
+                sums[page] = page_sum(raw)
+        blob = sums[first : last + 1].tobytes()
+        os.pwrite(self.sums_fd, blob, first * 4)
+
+    def write_chunk(self, chunk: int, data: bytes | memoryview, sums: list[int], size: int) -> None:
+        """Installs one resync chunk received from the resync source (blocks).
+
+        `sums` are the source's page sums; each page is checked against them before it is
+        written, so a chunk damaged in transit is refused (CorruptData) and nothing is stored.
+        `size` is the file size at the source when the chunk was read.
+        """
+        offset = chunk << CHUNK_SHIFT
+        mv = memoryview(data)
+        for i, want in enumerate(sums):
+            page = mv[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT]
+            ok = (page == ZERO_PAGE[: len(page)]) if want == _HOLE else (
+                page_sum(bytes(page).ljust(PAGE, b"\0")) == want)
+            if not ok:
+                raise CorruptData(self.fid, [(offset >> PAGE_SHIFT) + i])
+        with self.lock:
+            self.wnum += 1
+            self.hot.mark({hot_extent(offset)}, self.wnum)
+            if len(data):
+                os.pwrite(self.fd, data, offset)
+            chunk_end = offset + len(data)
+            first = offset >> PAGE_SHIFT
+            npages = (chunk_end - offset + PAGE - 1) >> PAGE_SHIFT
+            self._ensure_sums(first + npages)
+            for i in range(npages):
+                self.sums[first + i] = sums[i] if i < len(sums) else _HOLE
+            os.pwrite(self.sums_fd, self.sums[first : first + npages].tobytes(), first * 4)
+            self._set_size(size)
+
+    def truncate(self, size: int) -> None:
+        """Sets the file size (blocks); persists info so the new size survives a crash."""
+        if size < 0 or size > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG if size > 0 else errno.EINVAL, f"bad size {size}")
+        with self.lock:
+            self.wnum += 1
+            self.hot.mark({hot_extent(min(size, self.size))}, self.wnum)
+            self._set_size(size)
+            os.fsync(self.fd)
+            os.fsync(self.sums_fd)
+            self.info.size = size
+            self.save_info()
+
+    def _set_size(self, size: int) -> None:
+        if size == self.size and os.fstat(self.fd).st_size == size:
+            return
+        os.ftruncate(self.fd, size)
+        npages = (size + PAGE - 1) >> PAGE_SHIFT
+        if len(self.sums) > npages:
+            del self.sums[npages:]
+        self._ensure_sums(npages)
+        if size % PAGE:  # the tail page's sum covers its zero padding
+            last = size >> PAGE_SHIFT
+            raw = os.pread(self.fd, PAGE, last << PAGE_SHIFT).ljust(PAGE, b"\0")
+            self.sums[last] = _HOLE if raw == ZERO_PAGE else page_sum(raw)
+        os.ftruncate(self.sums_fd, npages * 4)
+        if npages:
+            os.pwrite(self.sums_fd, self.sums[npages - 1 :].tobytes(), (npages - 1) * 4)
+        self.size = size
+
+    def flush(self, *, gen: str | None = None, epoch: int | None = None, seq: int | None = None,
+              clear: bool = True) -> int:
+        """Makes data, sums and info durable (blocks: fsyncs). Returns the number of the last
+        write it covers. With `clear`, also forgets the intent log up to there (a copy whose
+        peers do not matter); replication calls `clear_hot` once the other copies flushed too."""
+        with self.lock:
+            covered = self.wnum
+        os.fsync(self.fd)
+        os.fsync(self.sums_fd)
+        with self.lock:
+            changed = False
+            if covered == self.wnum and self.info.size != self.size:
+                self.info.size = self.size
+                changed = True
+            if gen is not None and gen != self.info.gen:
+                self.set_gen(gen, save=False)
+                changed = True
+            if epoch is not None and epoch != self.info.epoch:
+                self.info.epoch = epoch
+                changed = True
+            if seq is not None and seq != self.info.seq:
+                self.info.seq = seq
+                changed = True
+            if changed:
+                self.save_info()
+            if clear:
+                self.hot.clear_upto(covered)
+        return covered
+
+    def clear_hot(self, covered: int) -> None:
+        """Forgets the intent log up to write number `covered` (from `flush`). Blocks."""
+        with self.lock:
+            self.hot.clear_upto(covered)
+
+    def reset(self, size: int) -> None:
+        """Drops all data and sums (a full resync follows); the copy becomes `size` bytes of
+        holes. Blocks."""
+        with self.lock:
+            self.wnum += 1
+            self.hot.mark_all(self.wnum)
+            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.sums_fd, 0)
+            self.sums = array.array("I")
+            self.size = 0
+            self._set_size(size)
+            os.fsync(self.fd)
+            os.fsync(self.sums_fd)
+            self.info.size = size
+            self.damaged = None
+            self.save_info()
+
+    def set_gen(self, gen: str, *, save: bool = True) -> None:
+        """Records that this copy now belongs to data generation `gen` (blocks if save)."""
+        with self.lock:
+            if gen != self.info.gen:
+                if self.info.gen:
+                    self.info.history = (self.info.history + [self.info.gen])[-16:]
+                self.info.gen = gen
+            if save:
+                self.save_info()
+
+    def save_info(self) -> None:
+        atomic_write(self.path / "info.json", self.info.to_json())
+
+    def recompute_hot_sums(self) -> None:
+        """Only copy of a file after a crash: accept the data of the hot extents as it is and
+        recompute their sums, then flush (blocks)."""
+        with self.lock:
+            if self.hot.all:
+                ranges = [(0, self.size)]
+            else:
+                ranges = [(e << HOT_SHIFT, min((e + 1) << HOT_SHIFT, self.size))
+                          for e in sorted(self.hot.extents)]
+            for start, end in ranges:
+                if end > start:
+                    self._update_sums(start, end, None)
+        self.flush()
+
+    def hot_chunks(self) -> set[int]:
+        """The resync chunks covered by the intent log (every chunk when it says 'all')."""
+        if self.hot.all:
+            return set(range((self.size + CHUNK - 1) >> CHUNK_SHIFT))
+        # not bounded by our size: after a power loss our copy may be shorter than the others
+        per = 1 << (HOT_SHIFT - CHUNK_SHIFT)
+        return {c for e in self.hot.extents for c in range(e * per, (e + 1) * per)}
+
+    def used_bytes(self) -> int:
+        st = os.fstat(self.fd)
+        return st.st_blocks * 512
+
+    def close(self) -> None:
+        for fd in (self.fd, self.sums_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.hot.close()
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+
+class LocalStore:
+    """This node's copies. Blocking and thread-safe; see the module header for the layout."""
+
+    def __init__(self, state_dir: Path):
+        self.root = Path(state_dir) / "fm"
+        self.files_dir = self.root / "files"
+        self.tmp_dir = self.root / "tmp"
+        self.trash_dir = self.root / "trash"
+        for d in (self.root, self.files_dir, self.tmp_dir, self.trash_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        self._lock = threading.Lock()
+        self._open: dict[int, LocalFile] = {}
+        # leftovers of a crash while building a copy are incomplete by definition
+        for leftover in self.tmp_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.incarnation = self._bump_incarnation()
+
+    def _bump_incarnation(self) -> int:
+        path = self.root / "node.json"
+        try:
+            n = int(json.loads(path.read_bytes()).get("incarnation", 0))
+        except FileNotFoundError:
+            n = 0
+        except (ValueError, json.JSONDecodeError):
+            raise StoreError(f"{path} is damaged; move it away to start a new incarnation") from None
+        n += 1
+        atomic_write(path, json.dumps({"incarnation": n}).encode())
+        return n
+
+    def path_of(self, fid: int) -> Path:
+        return self.files_dir / str(fid)
+
+    def exists(self, fid: int) -> bool:
+        """A copy of `fid` is here (all its files present; their content is checked on use)."""
+        p = self.path_of(fid)
+        return all((p / name).exists() for name in ("info.json", "data", "sums"))
+
+    def fids(self) -> list[int]:
+        """Every file id with a local copy."""
+        out = []
+        for p in self.files_dir.iterdir():
+            if p.name.isdigit():
+                out.append(int(p.name))
+        return sorted(out)
+
+    def create(self, fid: int, gen: str, *, size: int = 0, epoch: int = 0) -> None:
+        """Creates an empty copy of `fid` atomically (blocks). An existing complete copy is kept
+        as is; an incomplete one (a file of it deleted behind our back) is moved to trash/."""
+        if self.path_of(fid).exists() and not self.exists(fid):
+            log.warning("file %d: local copy incomplete; replacing it", fid)
+            self.delete(fid)
+        with self._lock:
+            final = self.path_of(fid)
+            if final.exists():
+                return
+            tmp = self.tmp_dir / f"{fid}.{os.getpid()}.{time.monotonic_ns()}"
+            tmp.mkdir(mode=0o700)
+            for name in ("data", "sums", "hot"):
+                fd = os.open(tmp / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                if name == "data" and size:
+                    os.ftruncate(fd, size)
+                if name == "sums" and size:
+                    os.ftruncate(fd, ((size + PAGE - 1) >> PAGE_SHIFT) * 4)
+                os.fsync(fd)
+                os.close(fd)
+            info = CopyInfo(fid=fid, gen=gen, epoch=epoch, size=size)
+            atomic_write(tmp / "info.json", info.to_json())
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(self.files_dir)
+
+    def open(self, fid: int) -> LocalFile:
+        """The open copy of `fid` (shared; pair with `release`). Raises MissingCopy."""
+        with self._lock:
+            lf = self._open.get(fid)
+            if lf is None:
+                path = self.path_of(fid)
+                if not (path / "info.json").exists():
+                    raise MissingCopy(f"file {fid}: no local copy on this node")
+                try:
+                    lf = LocalFile(self, fid, path)
+                except FileNotFoundError as exc:
+                    raise MissingCopy(f"file {fid}: local copy incomplete ({exc.filename})") from None
+                except (ValueError, KeyError, json.JSONDecodeError) as exc:
+                    raise MissingCopy(f"file {fid}: local copy metadata unreadable ({exc})") from None
+                self._open[fid] = lf
+            lf.refs += 1
+            return lf
+
+    def release(self, lf: LocalFile) -> None:
+        """Drops one reference taken by `open`; the last one closes the copy."""
+        with self._lock:
+            lf.refs -= 1
+            if lf.refs <= 0:
+                if self._open.get(lf.fid) is lf:
+                    del self._open[lf.fid]
+                lf.close()
+
+    def delete(self, fid: int, *, keep_as: str | None = None) -> None:
+        """Removes the copy of `fid` (rename into trash/, atomic). With `keep_as`, the copy is
+        moved aside under that name instead (split brain: never destroy a diverged copy)."""
+        with self._lock:
+            path = self.path_of(fid)
+            if not path.exists():
+                return
+            lf = self._open.pop(fid, None)
+            if lf is not None:
+                lf.deleted = True
+            dest_dir = self.root / "kept" if keep_as else self.trash_dir
+            dest_dir.mkdir(mode=0o700, exist_ok=True)
+            dest = dest_dir / (keep_as or f"{fid}.{time.monotonic_ns()}")
+            os.rename(path, dest)
+            _fsync_dir(self.files_dir)
+        if lf is not None and lf.refs <= 0:
+            lf.close()
+
+    def purge_trash(self) -> None:
+        """Frees the space of deleted copies (blocks)."""
+        for p in self.trash_dir.iterdir():
+            shutil.rmtree(p, ignore_errors=True)
+
+    def usage(self) -> dict:
+        """Disk use of the store and free space of its filesystem (blocks: walks the store)."""
+        used = 0
+        for p in self.files_dir.iterdir():
+            for f in ("data", "sums"):
+                try:
+                    used += os.stat(p / f).st_blocks * 512
+                except FileNotFoundError:
+                    pass
+        st = os.statvfs(self.root)
+        return {"used": used, "free": st.f_bavail * st.f_frsize, "total": st.f_blocks * st.f_frsize}

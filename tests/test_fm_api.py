@@ -1,0 +1,164 @@
+"""The same-node API (what the pager and migration call), on File Managers running inside the
+test's own trio loop: one alone, and three talking mutual TLS on loopback (no FUSE here)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from gfvm import pki
+from gfvm.config import ClusterConfig, NodePaths, NodeSpec
+from gfvm.errors import NotFound, Unavailable, UsageError
+from gfvm.fm.api import Files
+from gfvm.fm.core import FileManager
+from gfvm.fm.store import PAGE
+from test_fm_harness import FAST
+
+_k = itertools.count()
+
+
+def _paths(root, name):
+    base = root / name
+    return NodePaths(etc=base / "etc", state=base / "state", run=base / "run", mount=base / "mnt")
+
+
+@asynccontextmanager
+async def single(tmp_path):
+    fm = FileManager(_paths(tmp_path, "solo"), None)
+    async with trio.open_nursery() as n:
+        await n.start(fm.serve)
+        yield Files(fm)
+        n.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def trio_cluster(tmp_path, n_nodes=3, replicas=2):
+    k = (os.getpid() * 13 + next(_k)) % 200 + 20
+    names = [f"n{i + 1}" for i in range(n_nodes)]
+    config = ClusterConfig(name=f"a{k}", replicas=replicas,
+                           nodes=tuple(NodeSpec(n, f"127.78.{k}.{i + 1}", 7077) for i, n in enumerate(names)),
+                           sections={"fm": dict(FAST)})
+    ca = pki.create_ca(tmp_path / "ca", config.name)
+    fms = {}
+    for name in names:
+        paths = _paths(tmp_path, name)
+        ca.issue(name).write(paths.tls_dir)
+        fms[name] = FileManager(paths, config, name)
+    async with trio.open_nursery() as n:
+        for fm in fms.values():
+            await n.start(fm.serve)
+        with trio.fail_after(20):
+            while not all(fm.lease_valid() and fm.consensus.leader for fm in fms.values()):
+                await trio.sleep(0.05)
+        yield {name: Files(fm) for name, fm in fms.items()}
+        n.cancel_scope.cancel()
+
+
+async def test_open_create_write_pages_read_fsync(tmp_path):
+    async with single(tmp_path) as files:
+        await files.makedirs("procs/7")
+        f = await files.open("procs/7/pages", create=True)
+        pages = os.urandom(4 * PAGE)
+        await f.write_pages([0, 10 * PAGE, 11 * PAGE, 300 * PAGE], pages)
+        await f.fsync()
+        assert await f.read(10 * PAGE, 2 * PAGE) == pages[PAGE : 3 * PAGE]
+        assert await f.read(PAGE, PAGE) == bytes(PAGE)
+        assert await f.size() == 301 * PAGE
+
+
+async def test_batches_larger_than_a_frame(tmp_path):
+    async with single(tmp_path) as files:
+        f = await files.open("big", create=True)
+        offsets = [i * 2 * PAGE for i in range(1000)]  # 1000 scattered pages: 4 frames
+        data = os.urandom(1000 * PAGE)
+        await f.write_pages(offsets, data)
+        got = await f.read(0, 2000 * PAGE)
+        assert all(got[o : o + PAGE] == data[i * PAGE : (i + 1) * PAGE] for i, o in enumerate(offsets))
+
+
+async def test_local_fd_and_reader_give_the_written_pages(tmp_path):
+    async with single(tmp_path) as files:
+        f = await files.open("p", create=True)
+        data = os.urandom(64 * PAGE)
+        await f.write(0, data)
+        fd = f.local_fd()
+        try:
+            assert os.pread(fd, PAGE, 5 * PAGE) == data[5 * PAGE : 6 * PAGE]
+            with pytest.raises(OSError):
+                os.pwrite(fd, b"x", 0)  # read-only
+        finally:
+            os.close(fd)
+        reader = await f.local_reader()
+        results = []
+
+        def from_thread():
+            results.append(all(reader.read_page(i) == data[i * PAGE : (i + 1) * PAGE] for i in range(64)))
+
+        t = threading.Thread(target=from_thread)
+        await trio.to_thread.run_sync(lambda: (t.start(), t.join()))
+        reader.close()
+        assert results == [True]
+
+
+async def test_open_errors(tmp_path):
+    async with single(tmp_path) as files:
+        with pytest.raises(NotFound):
+            await files.open("missing")
+        await files.makedirs("d")
+        with pytest.raises(UsageError):
+            await files.open("d")
+        await files.open("d/x", create=True)
+        with pytest.raises(UsageError):
+            await files.open("d/x", create=True, exclusive=True)
+        with pytest.raises(NotFound):
+            await files.open("nodir/x", create=True)
+
+
+async def test_write_on_one_node_read_on_another(tmp_path):
+    async with trio_cluster(tmp_path) as nodes:
+        f1 = await nodes["n1"].open("x", create=True)
+        data = os.urandom(3 << 20)
+        await f1.write(0, data)
+        await f1.fsync()
+        for name in ("n2", "n3"):
+            f = await nodes[name].open("x")
+            assert await f.read(0, len(data)) == data
+
+
+async def test_in_sync_nodes_promote_and_local_fd_on_the_new_master(tmp_path):
+    async with trio_cluster(tmp_path) as nodes:
+        await nodes["n1"].makedirs("procs/9")
+        f1 = await nodes["n1"].open("procs/9/pages", create=True)
+        img = await nodes["n1"].open("procs/9/core.img", create=True)
+        await f1.write_pages([0, PAGE], os.urandom(2 * PAGE))
+        await img.write(0, b"image")
+        holders = await nodes["n1"].in_sync_nodes(["procs/9/pages", "procs/9/core.img"])
+        assert len(holders) == 2 and "n1" in holders
+        target = next(n for n in holders if n != "n1")
+        outsider = next(n for n in nodes if n not in holders)
+        w = await nodes[outsider].promote("procs/9/pages", target)
+        assert w["master"] == target and w["epoch"] == 2
+        ft = await nodes[target].open("procs/9/pages")
+        assert ft.is_master()
+        fd = ft.local_fd()
+        try:
+            assert os.pread(fd, 2 * PAGE, 0) == await f1.read(0, 2 * PAGE)
+        finally:
+            os.close(fd)
+        with pytest.raises(Unavailable):
+            (await nodes[outsider].open("procs/9/pages")).local_fd()  # no copy there
+
+
+async def test_promoting_a_node_without_a_copy_is_refused(tmp_path):
+    async with trio_cluster(tmp_path) as nodes:
+        f = await nodes["n1"].open("y", create=True)
+        await f.write(0, b"y")
+        w = await nodes["n1"].where("y")
+        outsider = next(n for n in nodes if n not in w["members"])
+        with pytest.raises(UsageError):
+            await nodes["n1"].promote("y", outsider)

@@ -1,0 +1,489 @@
+"""RELIABILITY.md fault matrix, rows that need no link cuts (gfvmd processes on loopback):
+each row is its own test, driven by SIGKILL/SIGSTOP and the daemons' named fault points."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from test_fm_harness import (
+    Cluster,
+    Writer,
+    arm,
+    check_records,
+    masters_per_epoch,
+    page,
+    wait_for,
+    write_file,
+)
+
+
+def fsync_write(path, offset, data):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_bytes(node, fid):
+    """The bytes of `node`'s copy as stored (data file), read directly."""
+    return (node.copy_dir(fid) / "data").read_bytes()
+
+
+def one_master_per_epoch(cluster, fid):
+    per = masters_per_epoch(cluster, fid)
+    assert all(len(v) == 1 for v in per.values()), per
+
+
+def test_row1_replica_killed_during_writes_resyncs_by_bitmap(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120})
+    try:
+        n1, n2, n3 = c.nodes
+        w = Writer(n1.mount / "f", every=4)
+        w.start()
+        wait_for(lambda: w.acked >= 32, 30, what="first records")
+        n3.kill(signal.SIGKILL)
+        before = w.acked
+        wait_for(lambda: w.acked >= before + 64, 30, what="writes to continue on n1+n2")
+        assert n1.where("f")["members"]["n3"]["state"] == "outdated"
+        n3.start()
+        assert not n3.where("f")["local"]["readable"]  # not read from until in sync
+        wait_for(lambda: "n3" in n1.where("f")["in_sync"], 30, what="n3 back in sync")
+        w.stop()
+        assert w.error is None
+        fid = n1.where("f")["fid"]
+        assert "incremental resync of n3" in n1.log.read_text()
+        data = (n3.mount / "f").read_bytes()
+        assert check_records(data, w.acked) == []
+        n1.call("fm.status")
+        assert copy_bytes(n3, fid)[: len(data)] == copy_bytes(n1, fid)[: len(data)]
+    finally:
+        c.close()
+
+
+def test_row2_master_crashes_after_local_write_receives_hot_extents(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2, fm={"auto_failover": False})
+    try:
+        n1 = c["n1"]
+        for i in range(16):
+            fsync_write(n1.mount / "f", i * 4096, page(i))
+        w = n1.where("f")
+        replica = next(c[n] for n in w["members"] if n != "n1")
+        arm(n1, "master.after_local_write", "crash")
+        with pytest.raises(OSError):
+            fsync_write(n1.mount / "f", 16 * 4096, page(16))  # applied on n1 only, never acked
+        n1.proc.wait(10)
+        n1.unmount()
+        n1.start()
+        wait_for(lambda: n1.where("f")["local"]["readable"], 30, what="n1 to serve again")
+        data = (n1.mount / "f").read_bytes()
+        assert check_records(data, 16) == []
+        assert "restarted master took" in n1.log.read_text()
+        fsync_write(n1.mount / "f", 17 * 4096, page(17))
+        a, b = copy_bytes(n1, w["fid"]), copy_bytes(replica, w["fid"])
+        assert a == b  # the copies are identical again
+        one_master_per_epoch(c, w["fid"])
+    finally:
+        c.close()
+
+
+def test_row3_master_node_dies_replica_promoted_and_writable(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2, fm={"rereplicate_after": 120})
+    try:
+        n1 = c["n1"]
+        w = Writer(n1.mount / "f", every=4)
+        w.start()
+        wait_for(lambda: w.acked >= 40, 30, what="records")
+        info = n1.where("f")
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        n1.kill(signal.SIGKILL)
+        w.stop()
+        wait_for(lambda: replica.where("f")["master"] == replica.name, 30, what="automatic failover")
+        after = replica.where("f")
+        assert after["epoch"] == info["epoch"] + 1
+        assert check_records((replica.mount / "f").read_bytes(), w.acked) == []
+        # the process could be restarted there: its file takes writes (a third copy is made)
+        fsync_write(replica.mount / "f", 0, page(0, salt=5))
+        assert (replica.mount / "f").read_bytes()[:4096] == page(0, salt=5)
+        one_master_per_epoch(c, info["fid"])
+    finally:
+        c.close()
+
+
+def test_row6_paused_master_is_fenced_and_demotes_itself(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2, fm={"rereplicate_after": 120})
+    try:
+        n1 = c["n1"]
+        write_file(n1.mount / "f", b"")
+        info = n1.where("f")
+        outsider = next(n for n in c.nodes if n.name not in info["members"])
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        w = Writer(outsider.mount / "f", every=2, pause=0.01)
+        w.start()
+        wait_for(lambda: w.acked >= 16, 30, what="records")
+        n1.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: replica.where("f")["master"] == replica.name, 30, what="failover")
+            acked_at_failover = w.acked
+            wait_for(lambda: w.acked >= acked_at_failover + 16, 30, what="writes on the new master")
+        finally:
+            n1.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: n1.where("f")["master"] == replica.name, 30, what="n1 to learn it was demoted")
+        time.sleep(1.0)
+        w.stop()
+        assert w.error is None
+        assert check_records((replica.mount / "f").read_bytes(), w.acked) == []
+        got = (n1.mount / "f").read_bytes()
+        assert check_records(got, w.acked) == [], (len(got), got[:64], n1.where("f"))
+        one_master_per_epoch(c, info["fid"])
+    finally:
+        c.close()
+
+
+def test_row7_rolling_failures_never_promote_a_stale_copy(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, fm={"min_copies": 1, "rereplicate_after": 120,
+                                             "io_timeout": 4.0})
+    try:
+        n1, n2, n3 = c.nodes
+        write_file(n1.mount / "f", os.urandom(24 << 20))
+        n3.kill(signal.SIGKILL)
+        fsync_write(n1.mount / "f", 0, page(1))  # n3 misses this
+        arm(n1, "resync.chunk", "delay:0.5*")  # every resync crawls: nodes die in the middle
+        n3.start()
+        wait_for(lambda: "resync of n3" in n1.log.read_text(), 30, what="n3's resync to start")
+        n2.kill(signal.SIGKILL)
+        fsync_write(n1.mount / "f", 4096, page(2))  # acknowledged by n1 alone (min_copies=1)
+        n2.start()
+        wait_for(lambda: "resync of n2" in n1.log.read_text(), 30, what="n2's resync to start")
+        info = n1.where("f")
+        assert info["in_sync"] == ["n1"], info
+        n1.kill(signal.SIGKILL)
+        # n2 and n3 both miss acknowledged writes: neither may become master
+        time.sleep(c.config.sections["fm"]["failover_after"] * 3)
+        after = n2.where("f")
+        assert after["master"] == "n1" and after["epoch"] == info["epoch"], after
+        with pytest.raises(OSError) as exc:
+            (n2.mount / "f").read_bytes()
+        assert exc.value.errno == 5  # EIO: unavailable, never stale data, never ENOENT
+        r = subprocess.run([os.sys.executable, "-m", "gfvm", "fm", "promote", "f", "n2"],
+                           env=n2.env, capture_output=True, text=True)
+        assert r.returncode != 0 and "stale" in r.stderr, r.stderr
+    finally:
+        c.close()
+
+
+def flip_bit(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x04]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def test_row12_bit_flip_on_a_replica_is_caught_and_refetched(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2)
+    try:
+        n1 = c["n1"]
+        data = os.urandom(3 << 20)
+        write_file(n1.mount / "f", data)
+        info = n1.where("f")
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        flip_bit(replica.copy_dir(info["fid"]) / "data", (1 << 20) + 12345)
+        assert (replica.mount / "f").read_bytes() == data  # never the rotten byte
+        assert "checksum mismatch" in replica.log.read_text()
+        assert copy_bytes(replica, info["fid"]) == data  # repaired in place from the master
+    finally:
+        c.close()
+
+
+def test_row12_corrupt_resync_source_is_repaired_not_copied_on(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120})
+    try:
+        n1, n2, n3 = c.nodes
+        data = bytearray(os.urandom(2 << 20))
+        write_file(n1.mount / "f", bytes(data))
+        fid = n1.where("f")["fid"]
+        n3.kill(signal.SIGKILL)
+        fsync_write(n1.mount / "f", 0, page(7))  # chunk 0 now needs a resync to n3
+        data[:4096] = page(7)
+        flip_bit(n1.copy_dir(fid) / "data", 3 * 4096 + 99)  # rot in the source's chunk 0
+        n3.start()
+        wait_for(lambda: "n3" in n1.where("f")["in_sync"], 30, what="n3 resynced")
+        assert copy_bytes(n3, fid) == bytes(data)  # the rot never reached n3
+        assert copy_bytes(n1, fid) == bytes(data)  # and the source was repaired from n2
+        assert "resync source" in n1.log.read_text()
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("victim", ["data", "info.json"])
+def test_row13_deleted_replica_file_is_resynced_never_read_as_deleted(tmp_path, victim):
+    c = Cluster(tmp_path, 3, replicas=2)
+    try:
+        n1 = c["n1"]
+        data = os.urandom(1 << 20)
+        write_file(n1.mount / "f", data)
+        info = n1.where("f")
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        os.unlink(replica.copy_dir(info["fid"]) / victim)
+        assert (replica.mount / "f").read_bytes() == data  # not ENOENT, not zeros
+        wait_for(lambda: "lost copy" in n1.log.read_text() or "reports" in n1.log.read_text(), 30,
+                 what="the master to hear about the lost copy")
+        wait_for(lambda: replica.name in n1.where("f")["in_sync"] and replica.store_has(info["fid"])
+                 and (replica.copy_dir(info["fid"]) / "data").exists(), 30, what="full resync")
+        assert copy_bytes(replica, info["fid"]) == data
+        assert (replica.mount / "f").read_bytes() == data
+    finally:
+        c.close()
+
+
+def test_row15_kill_all_daemons_restart_in_random_order(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2)
+    try:
+        n1 = c["n1"]
+        w = Writer(n1.mount / "f", every=4)
+        w.start()
+        wait_for(lambda: w.acked >= 48, 30, what="records")
+        for node in c.nodes:
+            node.kill(signal.SIGKILL)
+        w.stop()
+        order = list(c.nodes)
+        random.Random(os.getpid()).shuffle(order)
+        for node in order:
+            node.start(wait=False)
+        for node in order:
+            node.wait_ready()
+        c.wait_stable()
+        wait_for(lambda: len(order[0].where("f")["in_sync"]) >= 2, 30, what="copies confirmed")
+        info = order[0].where("f")
+        assert info["split_brain"] == []
+        for node in c.nodes:
+            assert check_records((node.mount / "f").read_bytes(), w.acked) == [], node.name
+        fsync_write(order[-1].mount / "f", 0, page(0, salt=3))  # writable again
+        one_master_per_epoch(c, info["fid"])
+    finally:
+        c.close()
+
+
+def test_row15_empty_replacement_node_is_never_a_source(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2, fm={"rereplicate_after": 120})
+    try:
+        n1 = c["n1"]
+        data = os.urandom(8 << 20)
+        write_file(n1.mount / "f", data)
+        info = n1.where("f")
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        replica.kill(signal.SIGKILL)
+        shutil.rmtree(replica.state)  # a new, empty disk
+        replica.state.mkdir()
+        arm(n1, "resync.chunk", "delay:1*")
+        replica.start()
+        wait_for(lambda: "resync of " + replica.name in n1.log.read_text(), 30, what="resync start")
+        n1.kill(signal.SIGKILL)
+        time.sleep(c.config.sections["fm"]["failover_after"] * 3)
+        after = replica.where("f")
+        assert after["master"] == "n1", after  # the empty node did not take over
+        with pytest.raises(OSError) as exc:
+            (replica.mount / "f").read_bytes()
+        assert exc.value.errno == 5
+    finally:
+        c.close()
+
+
+def test_row15_resync_source_dies_an_in_sync_copy_takes_over(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120})
+    try:
+        n1, n2, n3 = c.nodes
+        data = bytearray(os.urandom(16 << 20))
+        write_file(n1.mount / "f", bytes(data))
+        n3.kill(signal.SIGKILL)
+        fsync_write(n1.mount / "f", 0, page(9))
+        data[:4096] = page(9)
+        arm(n1, "resync.chunk", "delay:0.5*")
+        n3.start()
+        wait_for(lambda: "resync of n3" in n1.log.read_text(), 30, what="resync start")
+        n1.kill(signal.SIGKILL)
+        wait_for(lambda: n2.where("f")["master"] == "n2", 30, what="n2 (in sync) to take over")
+        wait_for(lambda: "n3" in n2.where("f")["in_sync"], 30, what="n3 resynced from n2")
+        fid = n2.where("f")["fid"]
+        assert copy_bytes(n3, fid) == bytes(data)
+    finally:
+        c.close()
+
+
+def test_row16_stale_promotion_refused_forced_one_splits_not_merges(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120, "auto_failover": False})
+    try:
+        n1, n2, n3 = c.nodes
+        write_file(n1.mount / "f", page(0) * 8)
+        fid = n1.where("f")["fid"]
+        n3.kill(signal.SIGKILL)
+        fsync_write(n1.mount / "f", 0, page(1))  # n3 misses it
+        arm(n1, "resync.chunk", "delay:5*")
+        n3.start()
+        r = subprocess.run([os.sys.executable, "-m", "gfvm", "fm", "promote", "f", "n3"],
+                           env=n3.env, capture_output=True, text=True)
+        assert r.returncode == 2 and "stale" in r.stderr
+        assert n1.where("f")["master"] == "n1"
+        r = subprocess.run([os.sys.executable, "-m", "gfvm", "fm", "promote", "--force", "--json", "f", "n3"],
+                           env=n3.env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        info = n3.where("f")
+        assert info["master"] == "n3" and sorted(info["split_brain"]) == ["n1", "n2"]
+        # not merged: n3 serves what it had; the newer copies are kept aside on n1 and n2
+        assert (n3.mount / "f").read_bytes()[:4096] == page(0)
+        for node in (n1, n2):
+            kept = list((node.state / "fm" / "kept").iterdir())
+            assert len(kept) == 1 and (kept[0] / "data").read_bytes()[:4096] == page(1)
+    finally:
+        c.close()
+
+
+class CorruptingProxy:
+    """A TCP proxy that flips one random bit in a share of the segments it forwards."""
+
+    def __init__(self, listen, target, rate: float) -> None:
+        import socket
+        import threading
+
+        self.rate = rate
+        self.flipped = 0
+        self.target = target
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(listen)
+        self.sock.listen(16)
+        self.rng = random.Random(7)
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while not self.closed:
+            try:
+                a, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                b = socket.create_connection(self.target)
+            except OSError:  # the target is not up yet: drop this one, keep accepting
+                a.close()
+                continue
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if self.rate and self.rng.random() < self.rate:
+                    buf = bytearray(data)
+                    i = self.rng.randrange(len(buf))
+                    buf[i] ^= 1 << self.rng.randrange(8)
+                    data = bytes(buf)
+                    self.flipped += 1
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+
+
+def test_row10_corrupted_frames_are_rejected_nothing_corrupt_stored(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, start=False, fm={"rereplicate_after": 120})
+    n1, n2 = c["n1"], c["n2"]
+    proxy_addr = n2.address.rsplit(".", 1)[0] + ".12"
+    # n1 (only) reaches n2 through the proxy; everyone else talks to n2 directly
+    toml = n1.etc / "cluster.toml"
+    toml.write_text(toml.read_text().replace(f'address = "{n2.address}"', f'address = "{proxy_addr}"'))
+    proxy = CorruptingProxy((proxy_addr, n2.port), (n2.address, n2.port), rate=0.0)
+    try:
+        c.start()
+        w = Writer(n1.mount / "f", every=4)
+        w.start()
+        wait_for(lambda: w.acked >= 32, 30, what="records")
+        proxy.rate = 0.05
+        time.sleep(3)
+        proxy.rate = 0.0
+        wait_for(lambda: proxy.flipped > 0, 5, what="corruption")
+        fid = n1.where("f")["fid"]
+        wait_for(lambda: "n2" in n1.where("f")["in_sync"], 40, what="n2 in sync after the noise")
+        w.stop()
+        assert w.error is None
+        n1.call("fm.status")
+        fsync_write(n1.mount / "f", 0, page(0))  # a flush to n2 confirms its copy
+        d1, d2 = copy_bytes(n1, fid), copy_bytes(n2, fid)
+        assert d1 == d2 and check_records(d2, w.acked) == []
+        assert "connection" in n1.log.read_text()  # TLS refused the damaged records
+    finally:
+        proxy.close()
+        c.close()
+
+
+def _tmpfs(path, size):
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
+
+
+def _umount(path):
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_row11_full_disk_on_a_replica_detaches_it_then_it_resyncs(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=3, start=False, fm={"rereplicate_after": 120})
+    n3 = c["n3"]
+    _tmpfs(n3.state, "24m")
+    try:
+        c.start()
+        n1 = c["n1"]
+        write_file(n1.mount / "f", os.urandom(32 << 20))  # does not fit on n3
+        info = n1.where("f")
+        assert info["members"]["n3"]["state"] == "outdated" and info["master"] == "n1"
+        assert "n3" not in info["in_sync"]
+        subprocess.run(["mount", "-o", "remount,size=200m", str(n3.state)], check=True)
+        wait_for(lambda: "n3" in n1.where("f")["in_sync"], 40, what="n3 resynced once it has room")
+        assert copy_bytes(n3, info["fid"]) == copy_bytes(n1, info["fid"])
+    finally:
+        c.close()
+        _umount(n3.state)
+
+
+def test_row11_full_disk_on_the_master_fails_the_write_acknowledges_nothing(tmp_path):
+    c = Cluster(tmp_path, 3, replicas=2, start=False)
+    n1 = c["n1"]
+    _tmpfs(n1.state, "24m")
+    try:
+        c.start()
+        write_file(n1.mount / "f", page(0) * 4)
+        info = n1.where("f")
+        with pytest.raises(OSError) as exc:
+            write_file(n1.mount / "f", os.urandom(32 << 20))
+        assert exc.value.errno in (28, 5)  # ENOSPC (or EIO), never a false success
+        replica = next(c[n] for n in info["members"] if n != "n1")
+        # what the replicas hold never goes beyond what the master could store
+        assert os.path.getsize(replica.copy_dir(info["fid"]) / "data") <= os.path.getsize(
+            n1.copy_dir(info["fid"]) / "data")
+    finally:
+        c.close()
+        _umount(n1.state)

@@ -1,0 +1,216 @@
+"""The local store: copies, page sums verified on read, intent log, crash leftovers."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from gfvm.fm.store import (
+    CHUNK,
+    HOT_SHIFT,
+    PAGE,
+    CorruptData,
+    IntentLog,
+    LocalStore,
+    MissingCopy,
+    page_sum,
+)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalStore(tmp_path)
+
+
+def test_create_write_read_roundtrip(store):
+    store.create(5, "g1")
+    lf = store.open(5)
+    data = os.urandom(3 * PAGE + 123)
+    lf.write(1000, data)
+    assert lf.size == 1000 + len(data)
+    assert lf.read(1000, len(data)) == data
+    assert lf.read(0, 1000) == bytes(1000)  # the hole before the write reads as zeros
+
+
+def test_copy_and_store_files_are_private(store):
+    store.create(5, "g1")
+    path = store.path_of(5)
+    assert os.stat(path).st_mode & 0o777 == 0o700
+    for name in ("data", "sums", "hot", "info.json"):
+        assert os.stat(path / name).st_mode & 0o777 == 0o600, name
+
+
+def test_write_pages_scattered(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    pages = os.urandom(3 * PAGE)
+    lf.write_pages([PAGE * 10, PAGE * 11, PAGE * 500], pages)
+    assert lf.read(PAGE * 10, 2 * PAGE) == pages[: 2 * PAGE]
+    assert lf.read(PAGE * 500, PAGE) == pages[2 * PAGE :]
+    assert lf.read(PAGE * 12, PAGE) == bytes(PAGE)
+    with pytest.raises(OSError):
+        lf.write_pages([123], bytes(PAGE))  # unaligned
+
+
+def test_bit_flip_is_detected_not_returned(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, b"a" * (4 * PAGE))
+    lf.flush()
+    with open(store.path_of(1) / "data", "r+b") as f:  # rot one bit behind our back
+        f.seek(PAGE * 2 + 17)
+        b = f.read(1)
+        f.seek(PAGE * 2 + 17)
+        f.write(bytes([b[0] ^ 0x10]))
+    assert lf.read(0, PAGE) == b"a" * PAGE  # other pages still fine
+    with pytest.raises(CorruptData) as info:
+        lf.read(0, 4 * PAGE)
+    assert info.value.pages == [2]
+
+
+def test_garbage_in_a_hole_is_detected(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(8 * PAGE, b"x" * PAGE)
+    with open(store.path_of(1) / "data", "r+b") as f:
+        f.seek(PAGE)
+        f.write(b"junk")
+    with pytest.raises(CorruptData):
+        lf.read(0, 2 * PAGE)
+
+
+def test_external_truncation_marks_copy_damaged(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, os.urandom(10 * PAGE))
+    lf.flush()
+    store.release(lf)
+    os.truncate(store.path_of(1) / "data", 3 * PAGE)
+    lf = store.open(1)
+    assert lf.damaged
+    with pytest.raises(MissingCopy):
+        lf.read(0, PAGE)
+
+
+def test_truncate_and_partial_tail_page(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, b"z" * (2 * PAGE))
+    lf.truncate(PAGE + 10)
+    assert lf.read(0, 3 * PAGE) == b"z" * (PAGE + 10)
+    lf.truncate(5 * PAGE)
+    assert lf.read(0, 5 * PAGE) == b"z" * (PAGE + 10) + bytes(4 * PAGE - 10)
+    store.release(lf)
+    lf = store.open(1)  # sums survive a reopen
+    assert lf.read(0, 5 * PAGE) == b"z" * (PAGE + 10) + bytes(4 * PAGE - 10)
+
+
+def test_intent_log_records_before_writing_and_clears_after_flush(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(3 << HOT_SHIFT, b"x")
+    log2 = IntentLog(store.path_of(1) / "hot")  # what a crash right now would find
+    assert log2.extents == {3}
+    log2.close()
+    lf.flush()
+    log3 = IntentLog(store.path_of(1) / "hot")
+    assert log3.empty
+    log3.close()
+
+
+def test_intent_log_keeps_writes_after_the_flush_point(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, b"x")
+    covered = lf.flush(clear=False)
+    lf.write(5 << HOT_SHIFT, b"y")  # after the flush point
+    lf.clear_hot(covered)
+    assert lf.hot.extents == {5}
+
+
+def test_intent_log_torn_slot_falls_back_to_previous(tmp_path):
+    log1 = IntentLog(tmp_path / "hot")
+    log1.mark({1, 2})  # slot 1
+    log1.mark({7})  # slot 0
+    log1.close()
+    with open(tmp_path / "hot", "r+b") as f:  # tear the newest slot
+        f.seek(30)
+        f.write(b"\xff" * 8)
+    log2 = IntentLog(tmp_path / "hot")
+    assert log2.extents == {1, 2}
+
+
+def test_intent_log_unreadable_means_everything_hot(tmp_path):
+    (tmp_path / "hot").write_bytes(b"garbage" * 2000)
+    log2 = IntentLog(tmp_path / "hot")
+    assert log2.all
+
+
+def test_unclean_copy_is_flagged_at_open(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, b"x" * 100)
+    store.release(lf)  # "crash": no flush
+    lf = store.open(1)
+    assert lf.unclean_at_open
+    assert lf.hot_chunks() == set(range(16))  # one 16 MiB extent = 16 resync chunks
+    lf.flush()
+    store.release(lf)
+    assert not store.open(1).unclean_at_open
+
+
+def test_chunk_transfer_verifies_sums(store):
+    store.create(1, "g")
+    store.create(2, "g")
+    src, dst = store.open(1), store.open(2)
+    src.write(0, os.urandom(CHUNK + 5000))
+    data, sums = src.read_chunk(1)
+    dst.write_chunk(1, data, sums, src.size)
+    assert dst.read(CHUNK, 5000) == src.read(CHUNK, 5000)
+    bad = bytearray(data)
+    bad[10] ^= 1
+    with pytest.raises(CorruptData):
+        dst.write_chunk(1, bytes(bad), sums, src.size)
+
+
+def test_resync_source_refuses_to_send_corrupt_chunk(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, os.urandom(2 * PAGE))
+    with open(store.path_of(1) / "data", "r+b") as f:
+        f.write(b"\0\0\0")
+    with pytest.raises(CorruptData):
+        lf.read_chunk(0)
+
+
+def test_incarnation_increases_per_start(tmp_path):
+    a = LocalStore(tmp_path).incarnation
+    b = LocalStore(tmp_path).incarnation
+    assert b == a + 1
+
+
+def test_half_built_copy_is_discarded_at_start(tmp_path):
+    s = LocalStore(tmp_path)
+    (s.tmp_dir / "9.1.2").mkdir()
+    (s.tmp_dir / "9.1.2" / "data").write_bytes(b"partial")
+    LocalStore(tmp_path)
+    assert not any(s.tmp_dir.iterdir())
+    assert not s.exists(9)
+
+
+def test_delete_keeps_open_handles_working(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, b"still here")
+    store.delete(1)
+    assert not store.exists(1)
+    assert lf.read(0, 10) == b"still here"
+    with pytest.raises(MissingCopy):
+        store.open(1)
+
+
+def test_zero_crc_never_collides_with_hole_marker():
+    assert page_sum(bytes(PAGE)) != 0
+    assert struct.calcsize("I") == 4
