@@ -12,13 +12,8 @@ from gfvm.errors import NotFound, UsageError
 
 
 def add_commands(sub) -> None:
-    st = sub.add_parser(
-        "status", help="the cluster as this node sees it: nodes, alive/dead, disk use",
-        description="Shows every node of the cluster as this node's gfvmd sees it: alive or not "
-        "(heartbeats), which one leads the metadata, and the disk space its File Manager uses.")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.set_defaults(func=_status)
-
+    # `gfvm status` (no ID) is `cluster_status` below; the pager's CLI owns the subcommand
+    # because `gfvm status ID` shows one managed process.
     p = sub.add_parser("fm", help="File Manager: where a file's copies are, move its master",
                        description="The File Manager keeps every file of /gfvm on several nodes.")
     fsub = p.add_subparsers(dest="fm_command", metavar="ACTION")
@@ -59,7 +54,8 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _status(args) -> int:
+def cluster_status(args) -> int:
+    """`gfvm status` without an ID: every node as this node's File Manager sees it."""
     st = _call("fm.status")
     if args.json:
         from gfvm.cli import print_json
