@@ -97,22 +97,6 @@ def add_commands(sub) -> None:
     fl.add_argument("--json", action="store_true")
     fl.set_defaults(func=_flush)
 
-    # `gfvm bench pager`. The bench group belongs here only until a shared `gfvm bench` exists;
-    # then gfvm/bench/pager.py's add_arguments/run plug into it.
-    bench = sub.add_parser("bench", help="benchmarks (pager)")
-    bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT")
-    bsub.required = True
-    from gfvm.bench import pager as bench_pager
-
-    bp = bsub.add_parser(
-        "pager",
-        help="managed vs unmanaged writes, page-out and fault-in speed",
-        description=bench_pager.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench_pager.add_arguments(bp)
-    bp.set_defaults(func=bench_pager.run)
-
 
 def _socket():
     return NodePaths.from_env().control_socket
