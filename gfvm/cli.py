@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_commands(sub)
     cluster_cli.add_commands(sub)
     pager_cli.add_commands(sub)
+    __import__("gfvm.migrate.cli").migrate.cli.add_commands(sub)
     __import__("gfvm.fm.cli").fm.cli.add_commands(sub)
     _add_daemon_command(sub)
     return parser

@@ -51,9 +51,14 @@ class Daemon:
     def components(self) -> list:
         """The services this daemon runs, in start order."""
         from gfvm.fm.component import FmService
+        from gfvm.migrate.service import MigrationService
         from gfvm.pager.service import Pager
 
-        return [FmService(self), Pager(self)]
+        fm = FmService(self)  # sets self.fm
+        self.pager = Pager(self)
+        if self.config is None:
+            return [fm, self.pager]
+        return [fm, self.pager, MigrationService(self)]
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.paths.run.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,9 @@ class FileManager:
         self.kernel = None  # set by the FUSE layer: invalidate_inode / invalidate_entry
         self._nursery: trio.Nursery | None = None
         self.ready = trio.Event()
+        # Requests of other components carried on our peer channels (migration: 0x2xxx),
+        # by message class: `await handler(peer, msg)` returns the response.
+        self.request_handlers: dict[type, Callable] = {}
         from gfvm.fm.master import Master
 
         self.master = Master(self)
@@ -737,6 +740,9 @@ class FileManager:
             import json
 
             return m.NodeStatusReply(json.dumps(await self.status()).encode(), rid=m.PENDING)
+        handler = self.request_handlers.get(type(msg))
+        if handler is not None:
+            return await handler(peer, msg)
         return await self.master.handle_request(peer, msg)
 
     async def _stream(self, peer: str, msg) -> None:

@@ -49,15 +49,22 @@ POINTS = {
 }
 
 
+#: prefixes of fault points that belong to other components and share GFVM_FAULT
+OTHER_COMPONENTS = ("migrate.",)
+
+
 class Faults:
-    def __init__(self) -> None:
+    def __init__(self, points: dict[str, str] | None = None) -> None:
+        self.points = POINTS if points is None else points  # the names this instance accepts
         self.armed: dict[str, tuple[str, int]] = {}  # name -> (action, remaining hits before it fires)
         self.hits: dict[str, int] = {}
 
     def arm(self, name: str, action: str) -> None:
         """Arms (or with action "" disarms) fault point `name`. Never blocks."""
-        if name not in POINTS:
-            raise UsageError(f"unknown fault point {name!r}; known: {', '.join(sorted(POINTS))}")
+        if name not in self.points:
+            raise UsageError(
+                f"unknown fault point {name!r}; known: {', '.join(sorted(self.points))}"
+            )
         if not action:
             self.armed.pop(name, None)
             return
@@ -74,11 +81,20 @@ class Faults:
             float(action.split(":", 1)[1])
         self.armed[name] = (action, nth)
 
+    def owns(self, name: str) -> bool:
+        """Whether `name` is in this instance's namespace (the File Manager's: every name but
+        those of OTHER_COMPONENTS; another component's: the first words of its points)."""
+        if self.points is POINTS:
+            return not name.startswith(OTHER_COMPONENTS)
+        return name.split(".", 1)[0] in {p.split(".", 1)[0] for p in self.points}
+
     def arm_from_env(self, value: str | None) -> None:
         for item in (value or "").split(","):
             item = item.strip()
             if item:
                 name, _, action = item.partition("=")
+                if not self.owns(name):
+                    continue  # another component's point: that component arms it
                 self.arm(name, action or "crash")
 
     async def hit(self, name: str) -> None:

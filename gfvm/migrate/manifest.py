@@ -90,12 +90,15 @@ def write_manifest(
     seq: int,
     extra: dict | None = None,
     exclude: tuple[str, ...] = NOT_IMAGES,
+    durable: bool = True,
 ) -> Manifest:
     """Commits the checkpoint in `directory` (blocking): fsyncs every image, then atomically
     writes the manifest (temporary file, fsync, rename, fsync of the directory).
 
     `epoch` and `seq` are the owner's fencing token for the process's files; `extra` is any
     JSON-able metadata the caller wants recorded (e.g. the gfvm id, source node).
+    `durable=False` skips the fsyncs, for a directory that is only a staging area whose
+    content is made durable elsewhere (the migration packs it into one replicated file).
     """
     directory = Path(directory)
     for name, value in (("epoch", epoch), ("seq", seq)):
@@ -104,7 +107,8 @@ def write_manifest(
     files = {}
     for name in _image_names(directory, exclude):
         path = directory / name
-        _fsync_path(path)
+        if durable:
+            _fsync_path(path)
         files[name] = _hash_file(path)
     if not files:
         raise ManifestError(f"{directory}: no image files to commit")
@@ -120,11 +124,13 @@ def write_manifest(
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, text.encode())
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, directory / MANIFEST_NAME)
-    _fsync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
+    if durable:
+        _fsync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
     return Manifest(epoch, seq, files, dict(extra or {}))
 
 

@@ -93,7 +93,11 @@ class Pager:
         self.cluster = daemon.config.name if daemon.config else "local"
         section = daemon.config.sections.get("pager") if daemon.config else None
         self.settings = settings or settings_from_config(section)
+        # With a File Manager in this gfvmd, paging files live in /gfvm (FmBacking, set in
+        # `serve`, which knows the trio token); without one, in a local directory.
+        self._fm = getattr(daemon, "fm", None)
         self.backing: PagingBacking = backing or LocalBacking(self.paths.state / "pager-local")
+        self._backing_given = backing is not None
         self.run_dir = self.paths.run / "pager"
         self.store = StateStore(self.run_dir / "procs")
         self.keeper_path = self.run_dir / "keeper.sock"
@@ -105,6 +109,7 @@ class Pager:
         self._trees_lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(8)
         self._launched: dict[str, subprocess.Popen] = {}
+        self._unreaped: list[subprocess.Popen] = []  # launchers of trees given up (abandon)
         self._keeper_checked = 0.0
 
     # ------------------------------------------------------------------ component protocol
@@ -119,6 +124,11 @@ class Pager:
             ("flush", self._op_flush),
         ):
             self.daemon.control.register(op, handler)
+        if self._fm is not None and not self._backing_given:
+            from gfvm.pager.fmbacking import FmBacking
+
+            await self._fm.fm.ready.wait()
+            self.backing = FmBacking(self._fm.files, trio.lowlevel.current_trio_token())
         try:
             await self._thread(self.open_blocking)
             task_status.started()
@@ -145,6 +155,7 @@ class Pager:
         and checks about once a second that the keeper is alive (a new keeper gets every uffd
         again). Blocks briefly; gfvmd calls it every 0.2 s."""
         now = time.monotonic()
+        self._unreaped = [p for p in self._unreaped if p.poll() is None]
         if self.trees and now - self._keeper_checked > 1.0:
             self._keeper_checked = now
             try:
@@ -308,11 +319,20 @@ class Pager:
         tree = self.tree(ident)
         if tree.state != "released":
             raise UsageError(f"{ident}: hand_over needs a tree whose memory was released")
+        return self.abandon(ident)
+
+    def abandon(self, ident: str) -> str:
+        """Stops managing the tree on this node, whatever its state, without touching its
+        processes or its paging file (the migration: a target whose restore failed, a source
+        whose copy the target now runs). Returns the paging dir. Blocking."""
+        tree = self.tree(ident)
         tree.request_stop()
         tree.join(10)
         with self._trees_lock:
             self.trees.pop(tree.rec.id, None)
-        self._launched.pop(tree.rec.id, None)
+        popen = self._launched.pop(tree.rec.id, None)
+        if popen is not None:
+            self._unreaped.append(popen)  # housekeeping reaps it once the tree has died
         tree.pf.close()
         self.store.remove(tree.rec.id)
         try:

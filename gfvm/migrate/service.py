@@ -1,0 +1,416 @@
+"""Migration as a gfvmd component: the `migrate` control op, the peer requests of the protocol
+(gfvm/migrate/messages.py) and the recovery of migrations a dead gfvmd left in flight.
+
+    control ops   migrate {id | pid, to, allow_remote, prefetch}   (gfvm migrate, with progress)
+                  migrate.fault {name, action}                      (arm a fault point)
+                  migrate.state {}                                  (what is in flight here)
+    peer requests MigProbe, MigPrepare, MigHandoffCheck, MigRestore, MigAbort, MigQuery
+                  (on the File Manager's authenticated channels)
+
+Needs the File Manager and the pager of the same gfvmd (`daemon.fm`, `daemon.pager`).
+gfvmd becomes a child subreaper here: restored trees are re-parented to it when `criu restore`
+exits, and it reaps their roots.
+
+Recovery (`reconcile`, at start and then every few seconds while something is unresolved),
+from the journals (gfvm/migrate/journal.py) and the process's `owner` file, which the target
+writes, durably on every replica, right before it lets the process run (the commit point):
+  source, not handed off   -> the files are still ours: thaw our copy (the pager has taken it
+                              back and serves its released pages from the local file)
+  source, handed off       -> owner names the target: it runs there, drop our copy;
+                              else take the files back (epoch+1), read owner again as master
+                              (authoritative now), thaw if nobody committed
+  target, not committed    -> kill whatever was restored here
+  target, committed        -> ours: let the restored tasks run (SIGCONT)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import trio
+
+from gfvm.errors import ConfigError, GfvmError, NotFound, UsageError
+from gfvm.fm.messages import PENDING
+from gfvm.migrate import criu, nodeinfo
+from gfvm.migrate.faults import POINTS, new_faults
+from gfvm.migrate.journal import Journal
+from gfvm.migrate.messages import (
+    MigAbort,
+    MigDone,
+    MigHandoffCheck,
+    MigPrepare,
+    MigProbe,
+    MigProbeReply,
+    MigQuery,
+    MigRestore,
+)
+from gfvm.migrate.source import SourceMigration, promote_all, take_back
+from gfvm.migrate.target import TargetSide, kill_tree_root, read_owner
+
+log = logging.getLogger("gfvm.migrate")
+
+PREFETCH_MODES = ("hot", "all", "none")
+
+
+@dataclass
+class MigrateSettings:
+    """cluster.toml [migrate] (sizes in MiB there, bytes here)."""
+
+    memory_reserve: int = 256 << 20  #: a target keeps this much memory free
+    disk_reserve: int = 256 << 20  #: and this much disk
+    preflush_rounds: int = 8  #: at most this many flushes before the freeze
+    preflush_enough: int = 256  #: stop pre-flushing once a round finds no more dirty pages
+    restore_timeout: float = 120.0  #: seconds the source waits for the target's restore
+    take_back_timeout: float = 30.0  #: seconds a rollback tries to get the files back
+    prepared_timeout: float = 600.0  #: a target forgets a reservation nobody followed up
+
+
+def settings_from_config(section: dict | None) -> MigrateSettings:
+    s = MigrateSettings()
+    section = section or {}
+    known = {"memory_reserve_mib", "disk_reserve_mib", "preflush_rounds", "restore_timeout_s",
+             "take_back_timeout_s"}
+    unknown = set(section) - known
+    if unknown:
+        raise ConfigError(f"[migrate]: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    try:
+        if "memory_reserve_mib" in section:
+            s.memory_reserve = int(section["memory_reserve_mib"]) << 20
+        if "disk_reserve_mib" in section:
+            s.disk_reserve = int(section["disk_reserve_mib"]) << 20
+        if "preflush_rounds" in section:
+            s.preflush_rounds = int(section["preflush_rounds"])
+        if "restore_timeout_s" in section:
+            s.restore_timeout = float(section["restore_timeout_s"])
+        if "take_back_timeout_s" in section:
+            s.take_back_timeout = float(section["take_back_timeout_s"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[migrate]: {exc}") from None
+    if s.memory_reserve < 0 or s.disk_reserve < 0 or not 1 <= s.preflush_rounds <= 100:
+        raise ConfigError("[migrate]: reserves must be >= 0 and preflush_rounds 1..100")
+    return s
+
+
+class MigrationService:
+    """The migration component of gfvmd (see the module header)."""
+
+    def __init__(self, daemon) -> None:
+        self.daemon = daemon
+        self.node = daemon.node_name
+        section = daemon.config.sections.get("migrate") if daemon.config else None
+        self.settings = settings_from_config(section)
+        self.faults = new_faults()
+        self.faults.arm_from_env(os.environ.get("GFVM_FAULT"))
+        self.journal = Journal(daemon.paths.run / "migrate")
+        self.target = TargetSide(self)
+        self.outgoing: dict[str, SourceMigration] = {}
+        self.limiter = trio.CapacityLimiter(4)
+        self.nursery: trio.Nursery | None = None
+        self._roots: set[int] = set()  # restored tree roots we must reap
+        self._unresolved = False
+        daemon.migration = self
+
+    @property
+    def pager(self):
+        return self.daemon.pager
+
+    @property
+    def fm(self):
+        return self.daemon.fm.fm
+
+    @property
+    def files(self):
+        return self.daemon.fm.files
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        criu.become_subreaper()
+        c = self.daemon.control
+        c.register("migrate", self._op_migrate)
+        c.register("migrate.fault", self._op_fault)
+        c.register("migrate.state", self._op_state)
+        handlers = {
+            MigProbe: self._on_probe,
+            MigPrepare: self._on_prepare,
+            MigHandoffCheck: self._on_check,
+            MigRestore: self._on_restore,
+            MigAbort: self._on_abort,
+            MigQuery: self._on_query,
+        }
+        self.fm.request_handlers.update(handlers)
+        async with trio.open_nursery() as n:
+            self.nursery = n
+            n.start_soon(self._housekeeping)
+            task_status.started()
+
+    async def _housekeeping(self) -> None:
+        await self._reconcile_guarded()
+        while True:
+            await trio.sleep(0.5)
+            self._reap()
+            self._expire_prepared()
+            if self._unresolved:
+                await self._reconcile_guarded()
+                await trio.sleep(2)
+
+    def watch_restored_root(self, pid: int) -> None:
+        """A restored tree's root is our child now (subreaper): reap it when it exits."""
+        self._roots.add(pid)
+
+    def _reap(self) -> None:
+        for pid in list(self._roots):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._roots.discard(pid)
+
+    def _expire_prepared(self) -> None:
+        for gfvm_id, inc in list(self.target.incoming.items()):
+            if _age(inc) < self.settings.prepared_timeout:
+                continue
+            if inc.phase == "prepared":
+                log.info("%s: forgetting a reservation nobody followed up", gfvm_id)
+                self.nursery.start_soon(self.target.abort, gfvm_id, "expired")
+            elif inc.phase in ("failed", "running"):
+                self.target.incoming.pop(gfvm_id, None)
+
+    # ------------------------------------------------------------------ control ops
+
+    async def _op_migrate(self, args: dict, progress) -> dict:
+        if self.daemon.config is None or len(self.daemon.config.nodes) < 2:
+            raise UsageError("this node is not part of a cluster with other nodes: there is "
+                             "nowhere to migrate to")
+        to = args.get("to", "auto")
+        if not isinstance(to, str) or not to:
+            raise UsageError("migrate: `to` must be a node name or \"auto\"")
+        prefetch = args.get("prefetch", "hot")
+        if prefetch not in PREFETCH_MODES:
+            raise UsageError(f"migrate: prefetch must be one of {', '.join(PREFETCH_MODES)}")
+        tree = await trio.to_thread.run_sync(self._resolve, args)
+        gfvm_id = tree.rec.id
+        if gfvm_id in self.outgoing:
+            other = self.outgoing[gfvm_id]
+            raise UsageError(f"{gfvm_id} is already being migrated"
+                             f"{' to ' + other.target if other.target else ''}: wait for it")
+        if tree.state not in ("running",):
+            raise UsageError(f"{gfvm_id} is {tree.state}: only a running process can migrate")
+        mig = SourceMigration(self, tree, to=to, allow_remote=bool(args.get("allow_remote")),
+                              prefetch=prefetch)
+        self.outgoing[gfvm_id] = mig
+        try:
+            return await mig.run(progress)
+        finally:
+            self.outgoing.pop(gfvm_id, None)
+
+    def _resolve(self, args: dict):
+        """The managed tree named by `id` (id or name) or `pid` (any host pid of it). Blocks
+        briefly (reads /proc)."""
+        pager = self.pager
+        pid = args.get("pid")
+        ident = args.get("id")
+        if pid is not None:
+            if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+                raise UsageError("migrate: `pid` must be a positive integer")
+            for tree in list(pager.trees.values()):
+                if tree.rec.init_pid == pid or any(
+                    s.host_pid == pid for s in list(tree.spaces.values())
+                ):
+                    return tree
+            if os.path.exists(f"/proc/{pid}"):
+                raise NotFound(f"process {pid} is not managed by gfvm on {self.node} (see "
+                               f"`gfvm ls`; `gfvm adopt {pid}` puts it under management)")
+            raise NotFound(f"there is no process {pid} on {self.node}")
+        if not isinstance(ident, str) or not ident:
+            raise UsageError("migrate: give the process's gfvm id, name or pid")
+        return pager.tree(ident)
+
+    async def _op_fault(self, args: dict, progress) -> dict:
+        name, action = args.get("name", ""), args.get("action", "")
+        if not name:
+            return {"points": POINTS, "armed": {k: v[0] for k, v in self.faults.armed.items()}}
+        self.faults.arm(str(name), str(action))
+        return {"armed": {k: v[0] for k, v in self.faults.armed.items()}}
+
+    async def _op_state(self, args: dict, progress) -> dict:
+        return {
+            "outgoing": {k: {"target": m.target, "step": m.step} for k, m in self.outgoing.items()},
+            "incoming": {k: inc.summary() for k, inc in self.target.incoming.items()},
+            "journal": {"out": self.journal.load_all("out"), "in": self.journal.load_all("in")},
+            "unresolved": self._unresolved,
+        }
+
+    # ------------------------------------------------------------------ peer requests
+
+    async def _on_probe(self, peer: str, msg: MigProbe):
+        refusal = await trio.to_thread.run_sync(
+            self.target.refusal, msg.gfvm_id, msg.need_memory, msg.need_disk
+        )
+        mem = await trio.to_thread.run_sync(nodeinfo.mem_available)
+        disk = await trio.to_thread.run_sync(nodeinfo.disk_free, self.daemon.paths.state)
+        return MigProbeReply(mem, disk, len(self.pager.trees), refusal[:1000], rid=PENDING)
+
+    async def _on_prepare(self, peer: str, msg: MigPrepare):
+        spec = _json(msg.spec)
+        inc = self.target.incoming.get(msg.gfvm_id)
+        if inc is not None and inc.phase == "prepared" and inc.source == peer:
+            return _done({"node": self.node})  # a retried request
+        return _done(await self.target.prepare(msg.gfvm_id, peer, spec))
+
+    async def _on_check(self, peer: str, msg: MigHandoffCheck):
+        self._from_source(peer, msg.gfvm_id)
+        return _done(await self.target.check(msg.gfvm_id, list(msg.paths), msg.index_path,
+                                             msg.index_bytes))
+
+    async def _on_restore(self, peer: str, msg: MigRestore):
+        inc = self._from_source(peer, msg.gfvm_id)
+        if inc.phase in ("restoring", "running"):  # a retried request: same answer
+            await inc.done.wait()
+            if inc.phase != "running":
+                raise GfvmError(inc.error or "the restore failed")
+            return _done(inc.result)
+        return _done(await self.target.restore(msg.gfvm_id, _json(msg.spec)))
+
+    async def _on_abort(self, peer: str, msg: MigAbort):
+        inc = self.target.incoming.get(msg.gfvm_id)
+        if inc is not None and inc.source != peer:
+            raise UsageError(f"{msg.gfvm_id} is coming from {inc.source}, not {peer}")
+        state = await self.target.abort(msg.gfvm_id, msg.reason)
+        return _done(state)
+
+    async def _on_query(self, peer: str, msg: MigQuery):
+        return _done(self.target.query(msg.gfvm_id))
+
+    def _from_source(self, peer: str, gfvm_id: str):
+        inc = self.target.incoming.get(gfvm_id)
+        if inc is None:
+            raise UsageError(f"{self.node} was not prepared to receive {gfvm_id}")
+        if inc.source != peer:
+            raise UsageError(f"{gfvm_id} is coming from {inc.source}, not {peer}")
+        return inc
+
+    # ------------------------------------------------------------------ recovery
+
+    async def _reconcile_guarded(self) -> None:
+        try:
+            await self.reconcile()
+        except Exception:  # noqa: BLE001 - retried later; must not end gfvmd
+            log.exception("reconciling migrations")
+            self._unresolved = True
+
+    async def reconcile(self) -> None:
+        """Finishes or undoes migrations a previous gfvmd left in flight (module header)."""
+        unresolved = False
+        for gfvm_id, rec in (await trio.to_thread.run_sync(self.journal.load_all, "in")).items():
+            if gfvm_id in self.target.incoming:
+                continue  # ours, live: not a leftover
+            await self._reconcile_in(gfvm_id, rec)
+        for gfvm_id, rec in (await trio.to_thread.run_sync(self.journal.load_all, "out")).items():
+            if gfvm_id in self.outgoing:
+                continue
+            try:
+                done = await self._reconcile_out(gfvm_id, rec)
+            except GfvmError as exc:
+                log.warning("%s: cannot settle the interrupted migration yet: %s", gfvm_id, exc)
+                done = False
+            unresolved |= not done
+        self._unresolved = unresolved
+
+    async def _reconcile_in(self, gfvm_id: str, rec: dict) -> None:
+        phase = rec.get("phase")
+        paging_dir = f"procs/{gfvm_id}"
+        if phase == "committed":
+            # We committed to running it (owner names us): the pager took it back; let it run.
+            pids = [int(p) for p in rec.get("pids", [])]
+            log.info("%s: resuming the restored process after a gfvmd restart", gfvm_id)
+            for pid in pids:
+                try:
+                    os.kill(pid, 18)  # SIGCONT
+                except ProcessLookupError:
+                    pass
+        elif phase in ("restoring", "restored"):
+            owner = ""
+            try:
+                owner = await read_owner(self.files, paging_dir)
+            except GfvmError:
+                pass
+            if owner != self.node:
+                log.info("%s: dropping a restore that never committed", gfvm_id)
+                if gfvm_id in self.pager.trees:
+                    await trio.to_thread.run_sync(self.pager.abandon, gfvm_id)
+                root = int(rec.get("root_pid") or 0)
+                if root:
+                    await trio.to_thread.run_sync(kill_tree_root, root, rec.get("root_start"))
+        await trio.to_thread.run_sync(self.journal.remove, "in", gfvm_id)
+
+    async def _reconcile_out(self, gfvm_id: str, rec: dict) -> bool:
+        """True when settled (journal removed)."""
+        from gfvm.migrate.source import FILES, _kill_frozen
+        from gfvm.pager.cgroup import TreeCgroup
+
+        tree = self.pager.trees.get(gfvm_id)
+        if tree is None:
+            await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
+            return True
+        paging_dir = f"procs/{gfvm_id}"
+        files = [f"{paging_dir}/{n}" for n in (*FILES, "ckpt", "owner")]
+        cgroup = TreeCgroup(tuple(__import__("pathlib").Path(p) for p in tree.rec.cgroup))
+        target = rec.get("target")
+        master = (await self.files.where(f"{paging_dir}/index"))["master"]
+        owner = await read_owner(self.files, paging_dir)
+        if owner and owner != self.node:
+            log.info("%s: %s runs it since the interrupted migration: dropping our copy",
+                     gfvm_id, owner)
+            await trio.to_thread.run_sync(self.pager.abandon, gfvm_id)
+            await trio.to_thread.run_sync(_kill_frozen, cgroup)
+            await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
+            return True
+        if master != self.node:
+            if target:
+                try:
+                    await self.fm.net.request(target, MigAbort(gfvm_id, "source restarted"),
+                                              timeout=10)
+                except GfvmError as exc:
+                    log.info("%s: abort on %s: %s", gfvm_id, target, exc)
+            owner = await take_back(self, gfvm_id, files)
+            if owner and owner != self.node:
+                await promote_all(self, files, owner)
+                await trio.to_thread.run_sync(self.pager.abandon, gfvm_id)
+                await trio.to_thread.run_sync(_kill_frozen, cgroup)
+                await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
+                return True
+        elif target:
+            try:
+                await self.fm.net.request(target, MigAbort(gfvm_id, "source restarted"), timeout=10)
+            except GfvmError as exc:
+                log.info("%s: abort on %s: %s", gfvm_id, target, exc)
+        log.info("%s: rolling back the interrupted migration: thawing it on %s", gfvm_id,
+                 self.node)
+        await trio.to_thread.run_sync(cgroup.thaw)
+        await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
+        return True
+
+
+def _age(inc) -> float:
+    import time
+
+    return time.monotonic() - inc.created
+
+
+def _json(raw) -> dict:
+    try:
+        value = json.loads(bytes(raw) or b"{}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"malformed migration request: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError("malformed migration request: not a JSON object")
+    return value
+
+
+def _done(info: dict) -> MigDone:
+    return MigDone(True, json.dumps(info).encode(), rid=PENDING)
