@@ -152,20 +152,24 @@ class TargetSide:
         files = self.svc.files
         if inc.spec.get("remote"):
             return {"in_sync": False, "remote": True}
+        # In sync in the committed metadata means this copy acknowledged every write the
+        # master's last fsync covered (the File Manager's protocol C): after the source's final
+        # flush and checkpoint fsync, that is everything. Where this node may already read its
+        # copy, the index length is checked too.
         for path in paths:
             w = await files.where(path)
-            if self.svc.node not in w["in_sync"] or not w["local"]["readable"]:
+            if self.svc.node not in w["in_sync"] or not w["local"]["copy"]:
                 raise Unavailable(
                     f"{self.svc.node} holds no in-sync copy of /gfvm/{path} "
                     f"(master {w['master']}, in sync: {', '.join(w['in_sync'])})"
                 )
-        f = await files.open(index_path)
-        size = await f.size()
-        if size < index_bytes:
-            raise Unavailable(
-                f"{self.svc.node}'s copy of /gfvm/{index_path} has {size} bytes, "
-                f"the final flush left {index_bytes}"
-            )
+            if path == index_path and w["local"]["readable"]:
+                size = await (await files.open(index_path)).size()
+                if size < index_bytes:
+                    raise Unavailable(
+                        f"{self.svc.node}'s copy of /gfvm/{index_path} has {size} bytes, "
+                        f"the final flush left {index_bytes}"
+                    )
         return {"in_sync": True}
 
     def _get(self, gfvm_id: str, *phases: str) -> Incoming:
@@ -403,6 +407,15 @@ class TargetSide:
                                int(inc.spec.get("hot_from") or 0))
         touched = pages = 0
         buf = bytearray(PAGE)
+        # First the argument and environment pages: the kernel reads /proc/PID/cmdline and
+        # environ from there without faulting them in (ps would show an empty command).
+        for host in inc.host_pids.values():
+            for start, end in _arg_env_ranges(host):
+                for addr in range(start - start % PAGE, end, PAGE):
+                    try:
+                        native.read_pages(host, [addr], buf)
+                    except OSError:
+                        break
         for asid, vpages in wanted.items():
             host = inc.host_pids.get(asid)
             if host is None:
@@ -444,6 +457,17 @@ async def read_owner(files, paging_dir: str) -> str:
     except NotFound:
         return ""
     return (await f.read(0, 64)).decode(errors="replace").strip()
+
+
+def _arg_env_ranges(pid: int) -> list[tuple[int, int]]:
+    """[arg_start, arg_end) and [env_start, env_end) of a process (/proc/PID/stat 48-51)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        a0, a1, e0, e1 = (int(fields[i]) for i in range(45, 49))
+    except (OSError, ValueError, IndexError):
+        return []
+    return [(a0, a1), (e0, e1)]
 
 
 def hot_pages(index_data: bytes, mark: int) -> dict[int, set[int]]:

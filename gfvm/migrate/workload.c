@@ -19,6 +19,7 @@
  * answers one command per connection, one line each:
  *   status  -> "ok steps=K checks=C bad=B pid=P"   (P: its pid in its own PID namespace)
  *   verify  -> "ok steps=K" | "bad page=I steps=K"  (checks the whole region now)
+ *   finish N-> "ok goal=G": finish (as with STEPS) once N more steps are done
  *   exit    -> "ok" and exits 0
  * With STEPS > 0, once K reaches STEPS it verifies everything, writes STATEDIR/result
  * ("ok steps=K checks=C" or "bad ...") and exits 0 (or 1 when a check failed).
@@ -201,6 +202,11 @@ static void serve(int listener)
             else
                 len = snprintf(out, sizeof(out), "bad page=%lld steps=%llu\n", (long long)bad,
                                (unsigned long long)k);
+        } else if (n > 0 && strncmp(buf, "finish ", 7) == 0) {
+            pthread_mutex_lock(&lock);
+            steps_goal = steps + strtoull(buf + 7, NULL, 10);
+            pthread_mutex_unlock(&lock);
+            len = snprintf(out, sizeof(out), "ok goal=%llu\n", (unsigned long long)steps_goal);
         } else if (n > 0 && strncmp(buf, "exit", 4) == 0) {
             len = snprintf(out, sizeof(out), "ok\n");
             if (write(c, out, len) < 0) {
@@ -223,6 +229,12 @@ int main(int argc, char **argv)
         return 2;
     }
     snprintf(statedir, sizeof(statedir), "%s", argv[1]);
+    /* Its working directory names it: unlike /proc/PID/cmdline, which the kernel reads from the
+     * process's memory (empty while that page waits in the paging file), the cwd is kernel state. */
+    if (chdir(statedir) != 0) {
+        fprintf(stderr, "workload: chdir %s: %s\n", statedir, strerror(errno));
+        return 2;
+    }
     npages = strtoull(argv[2], NULL, 10) * 256;
     hot_pages = strtoull(argv[3], NULL, 10) * 256;
     rate = strtoull(argv[4], NULL, 10);

@@ -131,6 +131,24 @@ class WorkloadClient:
             raise GfvmError(f"the workload's memory check failed: {answer}")
         return int(m.group(1))
 
+    def finish(self, more_steps: int) -> int:
+        """Tells the workload to finish (verify, write its result, exit) after `more_steps`
+        more steps; returns the step count it will stop at."""
+        answer = self.command(f"finish {more_steps}")
+        m = re.fullmatch(r"ok goal=(\d+)", answer)
+        if not m:
+            raise GfvmError(f"workload answered {answer!r} to finish")
+        return int(m.group(1))
+
+    def wait_result(self, timeout: float = 120.0) -> str:
+        """Waits for the result line the workload writes when it finishes."""
+        deadline = time.monotonic() + timeout
+        while (line := self.result()) is None:
+            if time.monotonic() > deadline:
+                raise GfvmError(f"the workload did not finish within {timeout:.0f} s")
+            time.sleep(0.1)
+        return line
+
     def result(self) -> str | None:
         """The line the workload wrote when it finished (STEPS reached), or None."""
         try:
