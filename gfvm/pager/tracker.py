@@ -59,6 +59,7 @@ Exit: the fault loop reports it (pidfd); the address space is forgotten.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import logging
 import os
@@ -673,7 +674,10 @@ class ManagedTree:
             return None
         return sources(child.loop_id)[0].index
 
-    def _resolve_forks(self) -> None:
+    def _resolve_forks(self, *, settled: bool = False) -> None:
+        """Matches unresolved fork children with the parent's new children in /proc. With
+        `settled` (the tree is frozen: every fork has completed and its child is linked to its
+        parent), a fork without a child left is over at once instead of after 5 s."""
         if not self.pending_forks:
             return
         known = {s.host_pid for s in self.spaces.values() if s.resolved}
@@ -696,7 +700,7 @@ class ManagedTree:
             for p, kid in zip(pendings, kids, strict=False):
                 self._resolve(p, kid)
             for p in pendings[len(kids) :]:
-                if time.monotonic() - p.since > 5.0:
+                if settled or time.monotonic() - p.since > 5.0:
                     # The child is gone (exited and reaped, or exec'd) before we saw it.
                     self._drop_unresolved(p, "the child vanished before it was identified")
                 else:
@@ -1170,13 +1174,14 @@ class ManagedTree:
         them from the paging file). Tracking stops until `reattach()` (rollback) or the Pager's
         hand_over(). Refuses while dirty pages remain. Returns the pages dropped. Worker only."""
         self._drain_events()
+        self._resolve_forks(settled=True)  # a child that exited meanwhile has nothing to move
         dirty = self.dirty_pages()
         if dirty:
             raise GfvmError(
                 f"{dirty} dirty pages are not in the paging file yet: flush_all first "
                 "(with the tree frozen)"
             )
-        dropped = 0
+        plan = []
         for space in list(self.spaces.values()):
             if not space.resolved or not space.alive:
                 continue
@@ -1189,21 +1194,32 @@ class ManagedTree:
                     f"pid {space.host_pid}: {len(missing)} written pages are not in the "
                     "paging file (the tree is not frozen?)"
                 )
-            for start, end in ranges:
-                space.uffd.unregister(start, end - start)
-            inject_while_frozen(
-                self.ctx.tracer,
-                space.host_pid,
-                lambda space=space, ranges=ranges: self.ctx.tracer.inject_madvise(
-                    space.host_pid, ranges
-                ),
-            )
+            plan.append((space, ranges, len(present)))
+        # Logged first: a crash from here on leaves the pages' index entries kept (RELEASED),
+        # whichever of them were dropped already.
+        for space, ranges, _ in plan:
             for start, end in ranges:
                 self.pf.mark_released(space.asid, start >> PAGE_SHIFT, (end - start) >> PAGE_SHIFT)
-            dropped += len(present)
         self.pf.commit()
         self.state = "released"
-        return dropped
+        try:
+            for space, ranges, _ in plan:
+                for start, end in ranges:
+                    space.uffd.unregister(start, end - start)
+            # Every process in one ptrace stop, one thaw window: toggling the freezer once per
+            # process lets the others run between two windows and race the next stop.
+            inject_many_while_frozen(
+                self.ctx.tracer,
+                [space.host_pid for space, _, _ in plan],
+                lambda pid, todo={s.host_pid: r for s, r, _ in plan}: self.ctx.tracer.inject_madvise(
+                    pid, todo[pid]
+                ),
+            )
+        except BaseException:
+            # Some memory may be gone already: serve it from the file again before anyone thaws.
+            self.reattach()
+            raise
+        return sum(n for _, _, n in plan)
 
     def reattach(self) -> None:
         """Rollback of release_memory (migration failed before the target ran the process):
@@ -1297,6 +1313,33 @@ def inject_while_frozen(tracer: native.Tracer, pid: int, fn: Callable[[], Any]) 
             Path(frozen).write_text("0\n")
         try:
             return fn()
+        finally:
+            if frozen:
+                Path(frozen).write_text("1\n")
+
+
+def inject_many_while_frozen(
+    tracer: native.Tracer, pids: list[int], fn: Callable[[int], Any]
+) -> list[Any]:
+    """`inject_while_frozen` for several processes of one frozen tree: all are held in ptrace
+    stops first, the cgroup v2 freezer is thawed once, fn(pid) runs for each, then it freezes
+    again before any is released. Blocks."""
+    frozen = None
+    for pid in pids:
+        ctl = native.frozen_cgroup(pid)
+        if ctl and not ctl.endswith("cgroup.freeze"):
+            raise GfvmError(
+                f"process {pid} is frozen by the cgroup v1 freezer ({ctl}): thaw it "
+                "before injecting"
+            )
+        frozen = frozen or ctl
+    with contextlib.ExitStack() as stack:
+        for pid in pids:
+            stack.enter_context(tracer.stopped(pid))
+        if frozen:
+            Path(frozen).write_text("0\n")
+        try:
+            return [fn(pid) for pid in pids]
         finally:
             if frozen:
                 Path(frozen).write_text("1\n")
