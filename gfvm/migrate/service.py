@@ -151,11 +151,25 @@ class MigrationService:
         await self._reconcile_guarded()
         while True:
             await trio.sleep(0.5)
-            self._reap()
-            self._expire_prepared()
+            try:
+                self._reap()
+                self._expire_prepared()
+            except Exception:  # noqa: BLE001 - must not end gfvmd
+                log.exception("migration housekeeping")
             if self._unresolved:
                 await self._reconcile_guarded()
                 await trio.sleep(2)
+
+    def spawn(self, fn, *args) -> None:
+        """Runs `fn(*args)` in the background; a failure is logged, never fatal to gfvmd."""
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:  # noqa: BLE001 - background work must not take gfvmd down
+                log.exception("%s failed", getattr(fn, "__name__", fn))
+
+        self.nursery.start_soon(guarded)
 
     def watch_restored_root(self, pid: int) -> None:
         """A restored tree's root is our child now (subreaper): reap it when it exits."""
@@ -176,7 +190,7 @@ class MigrationService:
                 continue
             if inc.phase == "prepared":
                 log.info("%s: forgetting a reservation nobody followed up", gfvm_id)
-                self.nursery.start_soon(self.target.abort, gfvm_id, "expired")
+                self.spawn(self.target.abort, gfvm_id, "expired")
             elif inc.phase in ("failed", "running"):
                 self.target.incoming.pop(gfvm_id, None)
 

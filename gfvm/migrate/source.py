@@ -138,6 +138,13 @@ class SourceMigration:
         if not _pid_matches(tree.rec.init_pid, tree.rec.init_start_time):
             raise ProcessExited(f"process {self.id} ({tree.rec.name}) exited during the migration")
 
+    def gone(self) -> bool:
+        try:
+            self.check_alive()
+            return False
+        except ProcessExited:
+            return True
+
     # ------------------------------------------------------------------ the sequence
 
     async def run(self, progress) -> dict:
@@ -434,8 +441,9 @@ class SourceMigration:
             self.svc.journal.remove("out", self.id)
             if isinstance(exc, GfvmError) and self.step == "pick":
                 self.error = exc
-            elif isinstance(exc, ProcessExited):
-                self.error = exc
+            elif isinstance(exc, ProcessExited) or (isinstance(exc, Exception) and self.gone()):
+                self.error = ProcessExited(
+                    f"process {self.id} ({self.tree.rec.name}) exited during the migration")
             elif isinstance(exc, Exception):
                 self.error = MigrationFailed(
                     f"migration of {self.id} failed during {self.step}: {reason}; the process "

@@ -189,7 +189,7 @@ class TargetSide:
         inc.phase = "restoring"
         inc.spec.update(spec)
         self.svc.journal.save("in", gfvm_id, {"phase": "restoring", "source": inc.source})
-        self.svc.nursery.start_soon(self._restore_task, inc)
+        self.svc.spawn(self._restore_task, inc)
         await inc.done.wait()
         if inc.phase != "running":
             raise GfvmError(inc.error or "the restore failed")
@@ -211,11 +211,12 @@ class TargetSide:
         finally:
             inc.done.set()
         self.svc.journal.remove("in", inc.gfvm_id)
-        self.svc.nursery.start_soon(self._prefetch_task, inc)
+        self.svc.spawn(self._prefetch_task, inc)
 
     async def _restore(self, inc: Incoming) -> dict:
         svc = self.svc
         faults = svc.faults
+        remote = bool(inc.spec.get("remote"))
         t = {}
         t0 = time.monotonic()
         await faults.hit("migrate.target.before_restore")
@@ -239,10 +240,14 @@ class TargetSide:
         keeper, inc.keeper = inc.keeper, None
         server = None
         thread = None
+        keep_serving = False
         try:
             if keeper is None:
                 keeper = await trio.to_thread.run_sync(KeeperClient.spawn, wd / "keeper.socket")
-            server = LazyPagesServer(images, wd, page_source=source, keeper=keeper)
+            # Without a local copy (--allow-remote) the pages come through the File Manager
+            # from the master, one lookup at a time: the python engine (no local fd to pread).
+            server = LazyPagesServer(images, wd, page_source=source, keeper=keeper,
+                                     engine="python" if remote else "auto")
             await trio.to_thread.run_sync(server.listen)
             thread = threading.Thread(target=_run_server, args=(server,), name="lazy-pages",
                                       daemon=True)
@@ -250,8 +255,7 @@ class TargetSide:
             t1 = time.monotonic()
             result = await criu.restore(
                 images, work_dir=wd, pidfile=wd / "root.pid", lazy_pages=True,
-                require_manifest=False, extra=["--leave-stopped"], keep_log=True,
-                manage_cgroups="ignore",
+                require_manifest=False, extra=["--leave-stopped"], manage_cgroups="ignore",
             )
             inc.root_pid = result.root_pid
             svc.watch_restored_root(result.root_pid)
@@ -264,53 +268,63 @@ class TargetSide:
                                                  "root_start": _start_time(inc.root_pid)})
             await faults.hit("migrate.target.after_restore")
 
-            # Pages CRIU's images hold go in now: after the swap nobody serves them.
+            if remote:
+                # Flushing: the lazy-pages server keeps serving over the network for as long
+                # as the process lives; the pager does not take it over.
+                keep_serving = True
+            else:
+                # Pages CRIU's images hold go in now: after the swap nobody serves them.
+                t1 = time.monotonic()
+                await trio.to_thread.run_sync(_push_image_pages, server, images, inc.host_pids)
+                t["push_image_pages"] = time.monotonic() - t1
+                if server.error is not None:
+                    raise GfvmError(f"the lazy-pages server failed: {server.error}")
+                stats = server.statistics()
+                t1 = time.monotonic()
+                await trio.to_thread.run_sync(_stop_server, server, thread, keeper)
+                server = thread = keeper = None
+                t["release_criu_uffds"] = time.monotonic() - t1
+
+                t1 = time.monotonic()
+                asids = [int(a) for a in inc.spec.get("asids", [])]
+                host_pids = [inc.host_pids[a] for a in asids if a in inc.host_pids]
+                await trio.to_thread.run_sync(self._adopt, inc, host_pids, source)
+                source = None  # the pager's now
+                t["adopt"] = time.monotonic() - t1
+                log.info("%s: adopted by the pager", inc.gfvm_id)
+                await faults.hit("migrate.target.after_adopt")
+
+            # The commit point: `owner` names us, durable on every replica. Only the master of
+            # the files can write it (a demoted node's write gets no acks), and a source that
+            # takes its files back reads it before it thaws its own copy.
             t1 = time.monotonic()
-            await trio.to_thread.run_sync(_push_image_pages, server, images, inc.host_pids)
-            t["push_image_pages"] = time.monotonic() - t1
-            log.info("%s: image pages pushed", inc.gfvm_id)
-            if server.error is not None:
-                raise GfvmError(f"the lazy-pages server failed: {server.error}")
-            stats = server.statistics()
+            if not remote:
+                w = await svc.files.where(f"{paging_dir}/index")
+                if w["master"] != svc.node:
+                    raise GfvmError(
+                        f"{svc.node} is no longer the master of the process's files "
+                        f"({w['master']} is): not starting it here"
+                    )
+            await write_owner(svc.files, paging_dir, svc.node)
+            svc.journal.save("in", inc.gfvm_id, {"phase": "committed", "source": inc.source,
+                                                 "root_pid": inc.root_pid,
+                                                 "pids": sorted(inc.host_pids.values())})
+            t["commit"] = time.monotonic() - t1
             t1 = time.monotonic()
-            await trio.to_thread.run_sync(_stop_server, server, thread, keeper)
-            server = thread = keeper = None
-            t["release_criu_uffds"] = time.monotonic() - t1
+            await trio.to_thread.run_sync(_resume, list(inc.host_pids.values()))
+            t["resume"] = time.monotonic() - t1
+            t["total"] = time.monotonic() - t0
+            if keep_serving:
+                stats = server.statistics()
+                svc.spawn(self._serve_remote, inc, server, thread, keeper, source)
+                server = thread = keeper = source = None
         finally:
             if server is not None:
                 await trio.to_thread.run_sync(_stop_server, server, thread, keeper)
             elif keeper is not None:
                 await trio.to_thread.run_sync(keeper.release)
-            await trio.to_thread.run_sync(source.close)
-
-        t1 = time.monotonic()
-        asids = [int(a) for a in inc.spec.get("asids", [])]
-        host_pids = [inc.host_pids[a] for a in asids if a in inc.host_pids]
-        await trio.to_thread.run_sync(self._adopt, inc, host_pids)
-        t["adopt"] = time.monotonic() - t1
-        log.info("%s: adopted by the pager", inc.gfvm_id)
-        await faults.hit("migrate.target.after_adopt")
-
-        # The commit point: `owner` names us, durable on every replica. Only the master of the
-        # process's files can write it (a demoted node's write gets no acks), and a source that
-        # takes its files back reads it before it thaws its own copy.
-        t1 = time.monotonic()
-        if not inc.spec.get("remote"):
-            w = await svc.files.where(f"{paging_dir}/index")
-            if w["master"] != svc.node:
-                raise GfvmError(
-                    f"{svc.node} is no longer the master of the process's files ({w['master']} is):"
-                    " not starting it here"
-                )
-        await write_owner(svc.files, paging_dir, svc.node)
-        svc.journal.save("in", inc.gfvm_id, {"phase": "committed", "source": inc.source,
-                                             "root_pid": inc.root_pid,
-                                             "pids": sorted(inc.host_pids.values())})
-        t["commit"] = time.monotonic() - t1
-        t1 = time.monotonic()
-        await trio.to_thread.run_sync(_resume, list(inc.host_pids.values()))
-        t["resume"] = time.monotonic() - t1
-        t["total"] = time.monotonic() - t0
+            if source is not None:
+                await trio.to_thread.run_sync(source.close)
         await faults.hit("migrate.target.after_run")
         return {
             "node": svc.node,
@@ -320,11 +334,23 @@ class TargetSide:
             "images_bytes": manifest.total_bytes,
             "lazy_pages": {k: stats.get(k) for k in ("faults", "pages_copied", "pages_zero",
                                                      "pages_prefetched")},
+            "remote": remote,
         }
 
-    def _adopt(self, inc: Incoming, host_pids: list[int]) -> None:
+    async def _serve_remote(self, inc: Incoming, server, thread, keeper, source) -> None:
+        """--allow-remote: serve the process's pages over the network until it exits."""
+        try:
+            await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_stop_server, server, thread, keeper)
+                await trio.to_thread.run_sync(source.close)
+            log.info("%s: the remotely served process ended", inc.gfvm_id)
+
+    def _adopt(self, inc: Incoming, host_pids: list[int], source) -> None:
         pager = self.svc.pager
         spec = inc.spec
+        source.close()
         pager.adopt_restored(
             inc.gfvm_id, name=spec.get("name") or inc.gfvm_id, cmd=list(spec.get("cmd") or []),
             init_pid=inc.root_pid, host_pids=host_pids, mem_limit=spec.get("mem_limit"),
