@@ -1463,6 +1463,27 @@ class Tracer:
         """The tids of `pid` this tracer holds stopped ([] if none). Never blocks."""
         return sorted(self._stopped.get(pid, {}))
 
+    def rseq_area(self, tid: int) -> tuple[int, int] | None:
+        """(address, size) of the rseq area a stopped thread registered (its TLS), or None when
+        it has none. The kernel writes there on every return to user mode, and CRIU reads it
+        through ptrace while dumping: a pager that drops memory must keep that page. Uses
+        PTRACE_GET_RSEQ_CONFIGURATION (Linux >= 5.13) on the tracer thread."""
+        import ctypes
+
+        def get() -> tuple[int, int] | None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.ptrace.restype = ctypes.c_long
+            libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+            conf = (ctypes.c_uint64 * 3)()  # rseq_abi_pointer, size+signature, flags+pad
+            rc = libc.ptrace(0x420F, tid, ctypes.sizeof(conf), ctypes.addressof(conf))
+            if rc < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"PTRACE_GET_RSEQ_CONFIGURATION {tid}: {os.strerror(err)}")
+            addr, size = int(conf[0]), int(conf[1]) & 0xFFFFFFFF
+            return (addr, size) if addr and size else None
+
+        return self.call(get)
+
     def registers(self, tid: int) -> Registers:
         """The general registers of a stopped thread."""
 
@@ -1621,6 +1642,7 @@ def evict_pages(
     uffd_id: int,
     uffd: Userfaultfd,
     index: PageIndex,
+    rearm_wp: bool = True,
 ) -> list[tuple[int, int]]:
     """Drops from `pid`'s memory the pages of `ranges` whose current content is in the paging
     file; later faults there are served by `loop`. Returns the [start, end) runs evicted.
@@ -1635,7 +1657,9 @@ def evict_pages(
       2. the eviction is announced to the loop, so the REMOVE events keep the index entries;
       3. madvise(MADV_DONTNEED) is injected over the remaining runs (one stop for all);
       4. the runs are write-protected again through `uffd` (the WP-tracking uffd): DONTNEED
-         drops the markers, and evicted pages would otherwise count as written.
+         drops the markers, and evicted pages would otherwise count as written. Skipped with
+         `rearm_wp=False` (a migration's release: /proc/PID/pagemap shows those markers as
+         swapped pages, and CRIU would dump them, faulting every one back in).
     The loop must be running (each madvise waits until its REMOVE event is read). Blocks for the
     injection (~150 us per madvise) plus a scan of the ranges.
     """
@@ -1651,8 +1675,9 @@ def evict_pages(
             tracer.inject_madvise(pid, runs, MADV_DONTNEED)
         finally:
             loop.expect_eviction(uffd_id, [])
-        for start, end in runs:
-            uffd.writeprotect(start, end - start)
+        if rearm_wp:
+            for start, end in runs:
+                uffd.writeprotect(start, end - start)
         return runs
     finally:
         if not held:

@@ -186,6 +186,17 @@ class MCluster:
         return self.c.daemon_log(node).read_text(errors="replace")[-n:]
 
 
+@contextmanager
+def logs_on_failure(mc: MCluster):
+    """Prints every gfvmd's log tail when the block fails (pytest shows it with the failure)."""
+    try:
+        yield
+    except BaseException:
+        for node in mc.nodes:
+            print(f"===== gfvmd log of {node}\n{mc.log(node, 6000)}")
+        raise
+
+
 def workload_pids(statedir: Path) -> list[int]:
     """Workload processes whose working directory is `statedir` (the workload chdirs there; its
     command line is no help: the kernel reads it from process memory, which may be paged out)."""

@@ -160,6 +160,10 @@ class MigrationService:
                 await self._reconcile_guarded()
                 await trio.sleep(2)
 
+    def flag_unresolved(self) -> None:
+        """Something is left to settle (a journal says so): reconcile soon."""
+        self._unresolved = True
+
     def spawn(self, fn, *args) -> None:
         """Runs `fn(*args)` in the background; a failure is logged, never fatal to gfvmd."""
 
@@ -285,7 +289,7 @@ class MigrationService:
         inc = self._from_source(peer, msg.gfvm_id)
         if inc.phase in ("restoring", "running"):  # a retried request: same answer
             await inc.done.wait()
-            if inc.phase != "running":
+            if inc.phase != "running" or inc.error:
                 raise GfvmError(inc.error or "the restore failed")
             return _done(inc.result)
         return _done(await self.target.restore(msg.gfvm_id, _json(msg.spec)))

@@ -364,6 +364,7 @@ class SourceMigration:
         self.report.update({"target": self.target, "why": why, "remote": self.remote,
                             "candidates": {c: probes[c] for c in candidates}})
         await self.say(f"target {self.target}: {why}")
+        self.journal("picked")
         log_tail = await self.thread(_log_tail, self.tree.rec.log_path)
         spec = {
             "name": self.tree.rec.name, "cmd": self.tree.rec.cmd,
@@ -424,11 +425,20 @@ class SourceMigration:
         user sees (raised by `run`'s caller from self.error)."""
         reason = _reason(exc)
         if self.running_on_target:
-            # The target runs it: only cleaning up here failed. Never thaw our copy.
-            log.exception("%s: cleanup after a successful migration failed", self.id)
-            self.error = MigrationFailed(
-                f"{self.id} runs on {self.target}, but cleaning up on {self.svc.node} failed: "
-                f"{reason}")
+            # The target runs it: never thaw our copy; drop it if that is still to do.
+            log.warning("%s: after the restart on %s: %s", self.id, self.target, reason)
+            try:
+                if self.id in self.svc.pager.trees:
+                    await self.forget_local_copy()
+                self.svc.journal.remove("out", self.id)
+                self.error = MigrationFailed(
+                    f"{self.id} runs on {self.target}; finishing on {self.svc.node} reported: "
+                    f"{reason} (its copy there was dropped)")
+            except Exception as exc2:  # noqa: BLE001 - the journal makes gfvmd retry
+                self.error = MigrationFailed(
+                    f"{self.id} runs on {self.target}, but dropping its frozen copy on "
+                    f"{self.svc.node} failed: {exc2} (gfvmd retries)")
+                self.svc.flag_unresolved()
             return
         if not self.frozen:
             # Nothing of the process has changed yet: drop the target's reservation and report

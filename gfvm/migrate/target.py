@@ -72,6 +72,7 @@ class Incoming:
     result: dict = field(default_factory=dict)
     prefetch: dict = field(default_factory=dict)
     keeper: KeeperClient | None = None  # started at prepare: ~0.2 s we keep out of the freeze
+    committed: bool = False  # `owner` names us: from here on the process runs here, come what may
 
     def summary(self) -> dict:
         return {
@@ -191,7 +192,7 @@ class TargetSide:
         self.svc.journal.save("in", gfvm_id, {"phase": "restoring", "source": inc.source})
         self.svc.spawn(self._restore_task, inc)
         await inc.done.wait()
-        if inc.phase != "running":
+        if inc.phase != "running" or inc.error:
             raise GfvmError(inc.error or "the restore failed")
         return inc.result
 
@@ -200,18 +201,27 @@ class TargetSide:
             inc.result = await self._restore(inc)
             inc.phase = "running"
         except BaseException as exc:
-            inc.phase = "failed"
-            inc.error = f"restore on {self.svc.node} failed: {exc}"
-            log.warning("%s: %s", inc.gfvm_id, inc.error)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._kill_restored, inc)
+            if inc.committed:
+                # Past the commit point the process is ours whatever happened next: it runs.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_resume, list(inc.host_pids.values()))
+                inc.phase = "running"
+                inc.error = f"{inc.gfvm_id} runs on {self.svc.node}, but: {exc}"
+                log.warning("%s: %s", inc.gfvm_id, inc.error)
+            else:
+                inc.phase = "failed"
+                inc.error = f"restore on {self.svc.node} failed: {exc}"
+                log.warning("%s: %s", inc.gfvm_id, inc.error)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._kill_restored, inc)
             if not isinstance(exc, Exception):
                 inc.done.set()
                 raise
         finally:
             inc.done.set()
         self.svc.journal.remove("in", inc.gfvm_id)
-        self.svc.spawn(self._prefetch_task, inc)
+        if inc.phase == "running":
+            self.svc.spawn(self._prefetch_task, inc)
 
     async def _restore(self, inc: Incoming) -> dict:
         svc = self.svc
@@ -306,6 +316,7 @@ class TargetSide:
                         f"({w['master']} is): not starting it here"
                     )
             await write_owner(svc.files, paging_dir, svc.node)
+            inc.committed = True
             svc.journal.save("in", inc.gfvm_id, {"phase": "committed", "source": inc.source,
                                                  "root_pid": inc.root_pid,
                                                  "pids": sorted(inc.host_pids.values())})

@@ -1169,10 +1169,17 @@ class ManagedTree:
 
     def release_memory(self) -> int:
         """Migration step 5: with the tree frozen and flushed, drops every tracked page from the
-        processes' memory so that CRIU does not dump it: unregisters the uffd ranges and injects
-        madvise(MADV_DONTNEED) over them. Indexed pages are logged RELEASED (the target serves
-        them from the paging file). Tracking stops until `reattach()` (rollback) or the Pager's
-        hand_over(). Refuses while dirty pages remain. Returns the pages dropped. Worker only."""
+        processes' memory so that CRIU does not dump it. Indexed pages are logged RELEASED (the
+        target serves them from the paging file). Tracking pauses until `reattach()` (rollback)
+        or the Pager's hand_over(). Refuses while dirty pages remain. Returns the pages dropped.
+        Worker only.
+
+        The pages are evicted like the memory limit does it (native.evict_pages: the loop is
+        told to keep their index entries on our own REMOVE events) and the ranges stay
+        registered: the kernel itself writes into the process's memory while it is frozen (the
+        rseq area in the TLS page, on every return to user mode, e.g. after each injected
+        syscall); such a write must fault the page back in from the paging file, never land on
+        a fresh zero page. Pages that come back that way are simply dumped by CRIU."""
         self._drain_events()
         self._resolve_forks(settled=True)  # a child that exited meanwhile has nothing to move
         dirty = self.dirty_pages()
@@ -1194,42 +1201,52 @@ class ManagedTree:
                     f"pid {space.host_pid}: {len(missing)} written pages are not in the "
                     "paging file (the tree is not frozen?)"
                 )
-            plan.append((space, ranges, len(present)))
-        # Logged first: a crash from here on leaves the pages' index entries kept (RELEASED),
-        # whichever of them were dropped already.
-        for space, ranges, _ in plan:
-            for start, end in ranges:
-                self.pf.mark_released(space.asid, start >> PAGE_SHIFT, (end - start) >> PAGE_SHIFT)
-        self.pf.commit()
+            if space.cindex is None:
+                raise GfvmError(f"pid {space.host_pid}: a forked child not fully tracked yet")
+            plan.append((space, ranges))
+        by_pid = {space.host_pid: (space, ranges) for space, ranges in plan}
         self.state = "released"
-        try:
-            for space, ranges, _ in plan:
-                for start, end in ranges:
-                    space.uffd.unregister(start, end - start)
-            # Every process in one ptrace stop, one thaw window: toggling the freezer once per
-            # process lets the others run between two windows and race the next stop.
-            inject_many_while_frozen(
-                self.ctx.tracer,
-                [space.host_pid for space, _, _ in plan],
-                lambda pid, todo={s.host_pid: r for s, r, _ in plan}: self.ctx.tracer.inject_madvise(
-                    pid, todo[pid]
-                ),
+
+        def evict(pid: int) -> list[tuple[int, int]]:
+            space, ranges = by_pid[pid]
+            # Each thread's rseq area stays: the kernel writes it on the way back to user mode
+            # and CRIU reads it with ptrace (which cannot wait for a uffd fault).
+            keep = set()
+            for tid in self.ctx.tracer.stopped_threads(pid):
+                area = self.ctx.tracer.rseq_area(tid)
+                if area is not None:
+                    a, n = area
+                    keep.update(range(a - a % PAGE_SIZE, a + n, PAGE_SIZE))
+            ranges = _minus_pages(ranges, keep)
+            return native.evict_pages(
+                self.ctx.tracer, pid, ranges, loop=self.loop, uffd_id=space.loop_id,
+                uffd=space.uffd, index=space.cindex, rearm_wp=False,
             )
+
+        try:
+            # Every process in one ptrace stop and one thaw window: toggling the freezer once
+            # per process lets the others run between two windows and race the next stop.
+            evicted = inject_many_while_frozen(self.ctx.tracer, list(by_pid), evict)
         except BaseException:
-            # Some memory may be gone already: serve it from the file again before anyone thaws.
-            self.reattach()
+            self.state = "running"  # nothing was unregistered: missing pages are served again
             raise
-        return sum(n for _, _, n in plan)
+        dropped = 0
+        for (space, _), runs in zip(plan, evicted, strict=True):
+            for a, b in runs:
+                self.pf.mark_released(space.asid, a >> PAGE_SHIFT, (b - a) >> PAGE_SHIFT)
+                dropped += (b - a) >> PAGE_SHIFT
+        self.pf.commit()
+        return dropped
 
     def reattach(self) -> None:
         """Rollback of release_memory (migration failed before the target ran the process):
-        registers the ranges again; missing pages are served from the paging file. Worker only."""
+        tracking resumes; the released pages, still registered, come back from the paging file
+        on fault. Worker only."""
         if self.state != "released":
             raise GfvmError("reattach: the tree was not released")
         for space in list(self.spaces.values()):
             if space.resolved and _alive(space):
-                space.registered = set()
-                self._register_vmas(space)
+                self._register_vmas(space)  # VMAs that appeared meanwhile (none while frozen)
         self.state = "running"
 
     # ------------------------------------------------------------------ life and death
@@ -1360,6 +1377,20 @@ def _zero_page(space: AddressSpace, vpage: int) -> bool:
     except OSError:
         return True
     return not any(buf)
+
+
+def _minus_pages(ranges: list[tuple[int, int]], pages: set[int]) -> list[tuple[int, int]]:
+    """`ranges` without the pages starting at the addresses in `pages`."""
+    out = []
+    for start, end in ranges:
+        cuts = sorted(p for p in pages if start <= p < end)
+        for p in cuts:
+            if p > start:
+                out.append((start, p))
+            start = p + PAGE_SIZE
+        if start < end:
+            out.append((start, end))
+    return out
 
 
 def _runs_to_ranges(vpages: list[int]) -> list[tuple[int, int]]:

@@ -1,0 +1,101 @@
+"""RELIABILITY.md rows 8 and 9: a fault at each step of a migration leaves exactly one live copy
+of the process and loses nothing; an impaired network (delay, jitter, loss) only slows it down.
+
+Each case arms a named fault point (gfvm/migrate/faults.py) on the source (n1) or the target,
+migrates, restarts whatever gfvmd died, waits until exactly one runnable copy of the workload
+exists, and has the workload check its whole memory there and keep going."""
+
+from __future__ import annotations
+
+import pytest
+
+from gfvm.control import RemoteError
+from gfvm.errors import GfvmError
+from migrate_support import logs_on_failure, mcluster_up, mworkload_bin, wait_for  # noqa: F401
+
+SOURCE_POINTS = [
+    "migrate.after_pick", "migrate.after_preflush", "migrate.after_freeze",
+    "migrate.after_final_flush", "migrate.after_release", "migrate.after_dump",
+    "migrate.after_images", "migrate.before_handoff", "migrate.after_handoff",
+    "migrate.after_restart",
+]
+TARGET_POINTS = [
+    "migrate.target.before_restore", "migrate.target.after_restore",
+    "migrate.target.after_adopt", "migrate.target.after_run",
+]
+#: where the process must end up: after the commit point it runs on the target
+ENDS_ON_TARGET = {"migrate.after_restart", "migrate.target.after_run"}
+#: crashes every run tries; the others are @long
+CRASH_QUICK = {"migrate.after_release", "migrate.after_handoff", "migrate.after_restart",
+               "migrate.target.after_restore", "migrate.target.after_run"}
+
+
+@pytest.fixture(scope="module")
+def mc(mworkload_bin, tmp_path_factory):
+    with mcluster_up(mworkload_bin, tmp_path_factory.mktemp("faults")) as mc:
+        yield mc
+
+
+def cases():
+    for point in SOURCE_POINTS + TARGET_POINTS:
+        yield pytest.param(point, "error", id=f"{point}-error")
+        marks = () if point in CRASH_QUICK else (pytest.mark.long,)
+        yield pytest.param(point, "crash", id=f"{point}-crash", marks=marks)
+
+
+@pytest.mark.parametrize("point,action", list(cases()))
+def test_fault_at_each_step_leaves_one_live_copy(mc, point, action):
+    mc.ensure_daemons()
+    p = mc.start("n1", mib=32, hot_mib=4)
+    try:
+        with logs_on_failure(mc):
+            check_fault(mc, p, point, action)
+    finally:
+        for n in mc.nodes:
+            if mc.c.daemon_alive(n):
+                mc.call(n, "migrate.fault", {"name": point, "action": ""})
+        mc.kill(p)
+
+
+def check_fault(mc, p, point: str, action: str) -> None:
+    target = next(n for n in mc.where(p)["in_sync"] if n != "n1")
+    steps = p.client.status().steps
+    faulty = target if point.startswith("migrate.target.") else "n1"
+    mc.call(faulty, "migrate.fault", {"name": point, "action": action})
+    try:
+        mc.migrate(p, target)
+        outcome = "ok"
+    except (RemoteError, GfvmError) as exc:
+        outcome = str(exc)
+    # gfvmds that died come back (their keepers held the processes' memory meanwhile)
+    mc.ensure_daemons()
+    pid = mc.wait_one_copy(p, timeout=90)
+    node = mc.node_of_pid(pid)
+    expected = target if point in ENDS_ON_TARGET else "n1"
+    assert node == expected, f"{point}={action}: runs on {node}, not {expected} ({outcome})"
+    mc.moved(p, node)
+    wait_for(lambda: mc.managed_on(p.id) == [node], 60, f"only {node} to manage it")
+    assert p.client.verify() >= steps  # its whole memory, as the process sees it
+    now = p.client.status().steps
+    wait_for(lambda: p.client.status().steps > now + 500, 30, "progress")
+    # and it can still migrate (nothing left half-done)
+    mc.migrate(p, "auto")
+    assert p.client.verify() > now
+
+
+def test_impaired_network_during_migration(mc):
+    """Row 9: 100 +- 50 ms delay and 10 % loss on the source's link: slower, still correct."""
+    mc.ensure_daemons()
+    p = mc.start("n1", mib=32, hot_mib=4)
+    try:
+        mc.c.impair("n1", delay_ms=100, jitter_ms=50, loss_pct=10, seed=7)
+        try:
+            report = mc.migrate(p, "auto")
+        finally:
+            mc.c.impair("n1")
+        assert report["target"] != "n1"
+        pid = mc.wait_one_copy(p)
+        assert mc.node_of_pid(pid) == report["target"]
+        assert p.client.verify() > 0
+    finally:
+        mc.kill(p)
