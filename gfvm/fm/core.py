@@ -47,7 +47,7 @@ from gfvm.fm.membership import Membership
 from gfvm.fm.meta import IN_SYNC, OUTDATED, ROOT, SPLIT, Entry, MetaError, check_name
 from gfvm.fm.metalog import MetaLog
 from gfvm.fm.peers import PeerError, PeerNet
-from gfvm.fm.store import CorruptData, LocalFile, LocalStore, MissingCopy, StoreError
+from gfvm.fm.store import MAX_FILE_SIZE, CorruptData, LocalFile, LocalStore, MissingCopy, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ class FileManager:
     async def set_replicas(self, ino: int, replicas: int | None) -> None:
         """Sets R for files created below directory `ino` from now on (None: inherit)."""
         if replicas is not None and not 1 <= replicas <= len(self.nodes):
-            raise UsageError(f"replicas must be between 1 and {len(self.nodes)}")
+            raise MetaError(errno.EINVAL, f"replicas must be between 1 and {len(self.nodes)}")
         await self._submit({"op": "set_replicas", "ino": ino, "replicas": replicas})
 
     def _prepare(self, req: dict) -> dict:
@@ -545,6 +545,8 @@ class FileManager:
         in-sync member applied it (RELIABILITY.md #1). EIO if that cannot be achieved."""
         if offset < 0:
             raise OSError(errno.EINVAL, "negative offset")
+        if offset + len(data) > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, f"write past the {MAX_FILE_SIZE}-byte file size limit")
         mv = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
         done = 0
         while done < len(mv) or (done == 0 and len(mv) == 0):
@@ -569,6 +571,8 @@ class FileManager:
 
         Same guarantees as `write`. Large batches are split into frames of up to 256 pages."""
         mv = memoryview(data).cast("B")
+        if offsets and max(offsets) + 4096 > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, f"page past the {MAX_FILE_SIZE}-byte file size limit")
         if len(mv) != 4096 * len(offsets):
             raise OSError(errno.EINVAL, f"{len(offsets)} pages need {4096 * len(offsets)} bytes")
         per = m.MAX_CHUNK_PAGES
@@ -590,6 +594,8 @@ class FileManager:
         invalidation from inside the request would deadlock)."""
         if size < 0:
             raise OSError(errno.EINVAL, "negative size")
+        if size > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, f"size past the {MAX_FILE_SIZE}-byte limit")
 
         async def attempt():
             e = self.file_entry(ino)

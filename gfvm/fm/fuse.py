@@ -35,6 +35,7 @@ from gfvm.fm.store import LocalFile, MissingCopy
 log = logging.getLogger(__name__)
 
 ENTRY_TIMEOUT = 1.0
+REPLICAS_XATTR = b"user.gfvm.replicas"
 ATTR_TIMEOUT = 1.0
 
 
@@ -225,6 +226,38 @@ class FmOperations(pyfuse3.Operations):
         s.f_favail = st.f_favail
         s.f_namemax = 255
         return s
+
+    # -- extended attributes: user.gfvm.replicas on a directory sets R for new files below --
+
+    @_fuse_errors
+    async def setxattr(self, inode, name, value, ctx):
+        if name != REPLICAS_XATTR:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if not self.fm.entry(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        try:
+            r = int(value.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        await self.fm.set_replicas(inode, r)
+
+    @_fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        e = self.fm.entry(inode)
+        if name != REPLICAS_XATTR or e.replicas is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return str(e.replicas).encode()
+
+    @_fuse_errors
+    async def listxattr(self, inode, ctx):
+        return [REPLICAS_XATTR] if self.fm.entry(inode).replicas is not None else []
+
+    @_fuse_errors
+    async def removexattr(self, inode, name, ctx):
+        e = self.fm.entry(inode)
+        if name != REPLICAS_XATTR or not e.is_dir or e.replicas is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        await self.fm.set_replicas(inode, None)
 
     # -- files --
 
