@@ -6,9 +6,13 @@ Rules of this layer:
   (MetaError/GfvmError/OSError carry theirs; Unavailable and anything stale become EIO, never
   ENOENT; an unexpected exception is logged and becomes EIO, so the main loop survives).
 - Root-only: mounted without allow_other, so only root reaches it; files are 0600 at most.
-- Caching (writeback cache on, as PLATFORM.md measured): a node that holds an up-to-date copy
-  (master or confirmed in-sync member) opens with keep_cache, and the File Manager invalidates
-  the kernel's pages whenever the copy changes other than through this kernel (replication, a
+- No writeback cache, on purpose: in writeback mode the kernel owns i_size and mtime of every
+  regular file it has an inode for (fs/fuse: fuse_get_cache_mask), so a size changed by another
+  node is never seen while the inode stays cached (a test caught exactly that). Without it,
+  write(2) reaches the daemon synchronously, which is also what promise 1 says of a plain
+  write. The kernel still caches reads: a node that holds an up-to-date copy (master or
+  confirmed in-sync member) opens with keep_cache, and the File Manager invalidates the
+  kernel's pages whenever the copy changes other than through this kernel (replication, a
   forwarded or same-node-API write) before acknowledging that change. Any other node opens
   with direct_io, so its kernel never caches data it would not be told about.
 - Blocking work never runs here: FileManager does file I/O in worker threads.
