@@ -42,6 +42,7 @@ from gfvm.config import ClusterConfig, NodePaths
 from gfvm.errors import GfvmError, NotFound, Unavailable, UsageError
 from gfvm.fm import messages as m
 from gfvm.fm.consensus import Consensus, Timing
+from gfvm.fm.errors import StaleView
 from gfvm.fm.faults import Faults
 from gfvm.fm.membership import Membership
 from gfvm.fm.meta import IN_SYNC, OUTDATED, ROOT, SPLIT, Entry, MetaError, check_name
@@ -495,9 +496,10 @@ class FileManager:
         if e.master == self.node:
             fs = self.runtime(e.ino)
             try:
+                await self.master.ensure_ready(fs, e)  # a restarted master may be recovering
                 lf = await self.local(fs)
                 return lf.size, e.mtime_ns
-            except MissingCopy:
+            except (MissingCopy, Unavailable, StaleView):
                 pass
         elif self.can_read_locally(e, fs) and fs.lf is not None:
             return fs.lf.size, e.mtime_ns
@@ -505,7 +507,9 @@ class FileManager:
         async def remote():
             e2 = self.file_entry(e.ino)
             if e2.master == self.node:
-                lf = await self.local(self.runtime(e.ino))
+                fs2 = self.runtime(e.ino)
+                await self.master.ensure_ready(fs2, e2)
+                lf = await self.local(fs2)
                 return lf.size, e2.mtime_ns
             r = await self._to_master(e.ino, e2.master, m.FileStat(e.ino))
             return r.size, e2.mtime_ns
@@ -748,9 +752,3 @@ class FileManager:
     async def _stream(self, peer: str, msg) -> None:
         await self.master.handle_stream(peer, msg)
 
-
-class StaleView(GfvmError):
-    """Our metadata is behind the peer's (or the other way round): retry after catching up."""
-
-    errno = errno.ESTALE
-    kind = "stale"

@@ -39,6 +39,7 @@ import trio
 
 from gfvm.errors import GfvmError, Unavailable, UsageError
 from gfvm.fm import messages as m
+from gfvm.fm.errors import StaleView
 from gfvm.fm.meta import IN_SYNC, OUTDATED, SPLIT, Entry, MetaError
 from gfvm.fm.peers import PeerError
 from gfvm.fm.store import CHUNK_SHIFT, CorruptData, LocalFile, MissingCopy, StoreError, atomic_write, chunks_of
@@ -50,9 +51,8 @@ FRAME_PIECE = 256 * 1024  # replication frames of a big write
 RESYNC_WINDOW = 8  # chunks in flight per resync
 
 
-class NotMaster(GfvmError):
-    errno = errno.ESTALE
-    kind = "stale"
+class NotMaster(StaleView):
+    """This node is not (or no longer) the file's master in the epoch the caller assumed."""
 
 
 class Master:
