@@ -2,7 +2,9 @@
 
 Measured in one run, on the same machine and filesystem:
 - sequential 1 MiB writes + one fsync: to a plain file on the node's local disk (its state
-  directory), to /gfvm with R=1, and to /gfvm with R=2 (master + one replica, parallel);
+  directory), to /gfvm with R=1, and to /gfvm with R=2 (master + one replica, parallel); and,
+  for comparison, R=2 through the same-node API with 4 writes in flight (FUSE write(2) is
+  synchronous: one request at a time per writer);
 - random 4 KiB reads of a file whose in-sync copy is on the reading node (a replica): through
   the FUSE mount, through the same-node API inside gfvmd (verified `LocalReader.read_page`, and
   `pread` on `FmFile.local_fd`), and plain `pread` of the copy's backing file. Every read offset
@@ -86,6 +88,8 @@ def run(size_mib: int = 512, reads: int = 20000, out_dir: Path = Path("bench-res
             res[f"r{r}_members"] = sorted(w["members"])
             assert len(w["in_sync"]) == r, w
 
+        res["api_r2_s"] = call("n1", "fm.bench_write", {"path": "bench-r2/api", "size_mib": size_mib,
+                                                        "inflight": 4})["seconds"]
         w = call("n1", "fm.where", {"path": "bench-r2/f"})
         replica = next(n for n in w["members"] if n != w["master"])
         res["read_node"] = replica
@@ -104,7 +108,8 @@ def run(size_mib: int = 512, reads: int = 20000, out_dir: Path = Path("bench-res
     n = len(slots)
     pread_us = min(res["pread_s"], res["pread_again_s"]) / n * 1e6
     res["results"] = {
-        "write_MBps": {"local": mb / res["local_s"], "R=1": mb / res["r1_s"], "R=2": mb / res["r2_s"]},
+        "write_MBps": {"local": mb / res["local_s"], "R=1": mb / res["r1_s"], "R=2": mb / res["r2_s"],
+                       "R=2 same-node API, 4 in flight": mb / res["api_r2_s"]},
         "read_us_per_4k": {"plain pread": pread_us, "API pread(local_fd)": res["api_fd_s"] / n * 1e6,
                            "API LocalReader (verified)": res["api_verified_s"] / n * 1e6,
                            "FUSE": res["fuse_s"] / n * 1e6},
