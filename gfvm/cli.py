@@ -39,12 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from gfvm import demo, doctor
+    from gfvm import bench, demo, doctor
     from gfvm.cluster import cli as cluster_cli
+    from gfvm.pager import cli as pager_cli
 
+    bench.add_commands(sub)
     demo.add_commands(sub)
     doctor.add_commands(sub)
     cluster_cli.add_commands(sub)
+    pager_cli.add_commands(sub)
     __import__("gfvm.fm.cli").fm.cli.add_commands(sub)
     _add_daemon_command(sub)
     return parser

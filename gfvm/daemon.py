@@ -51,8 +51,10 @@ class Daemon:
     def components(self) -> list:
         """The services this daemon runs, in start order."""
         from gfvm.fm.component import FmService
+        from gfvm.pager.service import Pager
 
-        return [FmService(self)]
+        # the File Manager first: the pager writes its paging files through it
+        return [FmService(self), Pager(self)]
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.paths.run.mkdir(parents=True, exist_ok=True)
@@ -60,11 +62,13 @@ class Daemon:
             for component in self.components():
                 await nursery.start(component.serve)
             await nursery.start(self.control.serve, self.paths.control_socket)
-            self.paths.pid_file.write_text(f"{os.getpid()}\n")
-            log.info("gfvmd %s ready on node %s", __version__, self.node_name)
-            sd_notify("READY=1")
-            task_status.started()
+            # Catch SIGTERM before telling anyone we are ready: a stop request that arrives right
+            # after READY must shut down cleanly, not kill us with the default action.
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                self.paths.pid_file.write_text(f"{os.getpid()}\n")
+                log.info("gfvmd %s ready on node %s", __version__, self.node_name)
+                sd_notify("READY=1")
+                task_status.started()
                 async for signum in signals:
                     log.info("signal %s: shutting down", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()

@@ -38,6 +38,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gfvm.config import NODE_NAME_RE, ClusterConfig
@@ -105,8 +106,36 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
+def _new_key(seed: bytes | None = None, label: str = "") -> ec.EllipticCurvePrivateKey:
+    """A fresh random P-256 key, or, with `seed`, the key derived from (seed, label).
+
+    Derived keys let several machines that share one secret produce the same cluster CA and node
+    keys independently (e.g. VMs provisioned in parallel): HKDF-SHA256(seed, info=label) mapped
+    into [1, n-1]. The secret is then exactly as sensitive as the CA key."""
+    if seed is None:
+        return ec.generate_private_key(ec.SECP256R1())
+    okm = HKDF(algorithm=hashes.SHA256(), length=48, salt=b"gfvm-pki-v1", info=label.encode()).derive(seed)
+    scalar = int.from_bytes(okm, "big") % (_P256_ORDER - 1) + 1
+    return ec.derive_private_key(scalar, ec.SECP256R1())
+
+
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+MIN_SEED_BYTES = 32
+
+
+def read_seed(path: Path) -> bytes:
+    """The cluster secret in `path`: hex text of at least 32 bytes (e.g. `openssl rand -hex 32`)."""
+    try:
+        text = Path(path).read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"{path}: the cluster secret must be hex text") from None
+    if len(seed) < MIN_SEED_BYTES:
+        raise ConfigError(f"{path}: the cluster secret must have at least {MIN_SEED_BYTES} bytes")
+    return seed
 
 
 def _key_pem(key: Any) -> bytes:
@@ -185,10 +214,11 @@ class NodeCredentials:
 class CertificateAuthority:
     """The cluster CA: issues node certificates. Its key stays in the operator's CA directory."""
 
-    def __init__(self, cluster: str, cert: x509.Certificate, key: Any) -> None:
+    def __init__(self, cluster: str, cert: x509.Certificate, key: Any, seed: bytes | None = None) -> None:
         self.cluster = cluster
         self.cert = cert
         self.key = key
+        self.seed = seed  # set: node keys are derived from it (see _new_key)
 
     @property
     def cert_pem(self) -> bytes:
@@ -197,7 +227,7 @@ class CertificateAuthority:
     def issue(self, node: str, *, days: int = DEFAULT_DAYS) -> NodeCredentials:
         """A new key and certificate for `node` (CN and DNS SAN = node name). Blocking (CPU)."""
         _check_node_name(node)
-        key = _new_key()
+        key = _new_key(self.seed, f"node {self.cluster} {node}")
         now = _now()
         name = x509.Name(
             [
@@ -249,8 +279,12 @@ class CertificateAuthority:
         )
 
 
-def create_ca(ca_dir: Path, cluster: str, *, days: int = DEFAULT_DAYS) -> CertificateAuthority:
-    """Creates the cluster CA in `ca_dir` (ca.key 0600, ca.crt); refuses to replace one. Blocks."""
+def create_ca(
+    ca_dir: Path, cluster: str, *, days: int = DEFAULT_DAYS, seed: bytes | None = None
+) -> CertificateAuthority:
+    """Creates the cluster CA in `ca_dir` (ca.key 0600, ca.crt); refuses to replace one. Blocks.
+
+    With `seed`, the CA key and every node key it issues are derived from that secret."""
     _check_node_name(cluster, "cluster name")
     ca_dir = Path(ca_dir)
     if (ca_dir / CA_KEY).exists() or (ca_dir / CA_CERT).exists():
@@ -258,7 +292,7 @@ def create_ca(ca_dir: Path, cluster: str, *, days: int = DEFAULT_DAYS) -> Certif
             f"a CA already exists in {ca_dir}; remove it first to start a new cluster CA"
         )
     ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = _new_key()
+    key = _new_key(seed, f"ca {cluster}")
     now = _now()
     name = x509.Name(
         [
@@ -294,7 +328,7 @@ def create_ca(ca_dir: Path, cluster: str, *, days: int = DEFAULT_DAYS) -> Certif
     )
     write_atomic(ca_dir / CA_KEY, _key_pem(key), 0o600)
     write_atomic(ca_dir / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return CertificateAuthority(cluster, cert, key)
+    return CertificateAuthority(cluster, cert, key, seed)
 
 
 def load_ca(ca_dir: Path) -> CertificateAuthority:

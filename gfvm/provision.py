@@ -79,11 +79,14 @@ def init_cluster(
     name: str = "gfvm",
     replicas: int = DEFAULT_REPLICAS,
     force: bool = False,
+    seed: bytes | None = None,
 ) -> InitResult:
     """Writes cluster.toml, the CA and one bundle per node under `out_dir` (blocking).
 
     Refuses to overwrite an existing CA unless `force`: a new CA would lock every node that
-    joined with the old one out of the cluster.
+    joined with the old one out of the cluster. With `seed` (a shared secret), the CA and node
+    keys are derived from it, so machines holding the same secret and node list produce
+    credentials that work together without copying bundles around (the Vagrant cluster does that).
     """
     config = ClusterConfig(name=name, nodes=nodes, replicas=min(replicas, len(nodes)))
     # Validate through the same parser the daemons use (duplicates, ranges, names).
@@ -100,7 +103,7 @@ def init_cluster(
     if force:
         for old in ("ca.key", "ca.crt"):
             (ca_dir / old).unlink(missing_ok=True)
-    ca = pki.create_ca(ca_dir, config.name)
+    ca = pki.create_ca(ca_dir, config.name, seed=seed)
     toml_text = config.to_toml()
     config_path = out_dir / "cluster.toml"
     pki.write_atomic(config_path, toml_text.encode(), 0o644)
@@ -144,6 +147,12 @@ def add_commands(cluster_sub, top_sub) -> None:
     p.add_argument("--out", type=Path, default=Path("/etc/gfvm"),
                    help="where to write cluster.toml, ca/ and bundles/ (default /etc/gfvm)")
     p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p.add_argument(
+        "--seed-file", type=Path, metavar="FILE",
+        help="derive the CA and node keys from the hex secret in FILE (>= 32 bytes), so that "
+        "machines sharing FILE create matching credentials on their own; FILE is then as "
+        "secret as the CA key",
+    )
     p.set_defaults(func=_init)
 
     node = top_sub.add_parser("node", help="this machine's membership in a cluster (join)")
@@ -161,8 +170,10 @@ def add_commands(cluster_sub, top_sub) -> None:
 
 
 def _init(args) -> int:
+    seed = pki.read_seed(args.seed_file) if args.seed_file else None
     result = init_cluster(
-        parse_node_list(args.nodes), args.out, name=args.name, replicas=args.replicas, force=args.force
+        parse_node_list(args.nodes), args.out, name=args.name, replicas=args.replicas,
+        force=args.force, seed=seed,
     )
     print(f"wrote {result.config_path}")
     print(f"cluster CA in {result.ca_dir} (keep ca.key off the nodes)")

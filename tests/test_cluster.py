@@ -137,7 +137,10 @@ def test_down_kills_every_process_of_the_node(make_cluster):
     cluster = make_cluster(1, start_daemons=False)
     child = cluster.popen("n1", ["setsid", "sleep", "300"])
     netns_id = sysutil.ns_inode(cluster.node("n1").netns_path)
-    assert child.pid in sysutil.pids_in_netns(netns_id)
+    deadline = time.monotonic() + 10
+    while child.pid not in sysutil.pids_in_netns(netns_id):  # nsenter joins right after spawn
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     Cluster.down(cluster.name)
     child.wait(timeout=10)
     assert leftovers(cluster.name) == []

@@ -47,3 +47,44 @@ def test_gfvmd_notifies_systemd_when_ready(tmp_path, root):
         assert daemon.wait(timeout=30) == 0
         notify.close()
     assert not (tmp_path / "run" / "gfvmd.sock").exists()
+
+
+def test_vagrantfile_validates():
+    if shutil.which("vagrant") is None:
+        import pytest
+
+        pytest.skip("vagrant is not installed (apt-get install vagrant); not a gfvm requirement")
+    repo = Path(__file__).parents[1]
+    proc = subprocess.run(["vagrant", "validate", "--ignore-provider"], capture_output=True,
+                          text=True, cwd=repo, timeout=300)
+    (repo / ".gfvm-cluster-secret").unlink(missing_ok=True)  # made by the Vagrantfile
+    assert "validated successfully" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_provision_node_script_sets_up_working_nodes(make_cluster, tmp_path):
+    """The script the Vagrant VMs run, run inside namespace nodes: every node joins with matching
+    credentials and its gfvmd starts."""
+    from gfvm import control
+
+    cluster = make_cluster(3, start_daemons=False, provision=False)
+    secret = tmp_path / "secret"
+    secret.write_text("5a" * 32)
+    node_list = ",".join(f"{n.name}={n.address}" for n in cluster.nodes.values())
+    repo = Path(__file__).parents[1]
+    gfvm = f"{sys.executable} -P -m gfvm"
+    for node in cluster.nodes:
+        proc = cluster.run(
+            node,
+            [str(repo / "deploy" / "provision-node"), "--node", node, "--nodes", node_list,
+             "--secret", str(secret), "--name", cluster.name, "--no-install", "--no-systemd"],
+            capture_output=True, text=True, env={**os.environ, "GFVM": gfvm, "PYTHONPATH": str(repo)},
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"node {node} ready" in proc.stdout
+        assert not (cluster.dirs(node).etc / "ca").exists()  # no CA key left on a node
+    for node in cluster.nodes:
+        cluster.start_daemon(node)
+    for node in cluster.nodes:
+        assert cluster.wait_daemon(node)["node"] == node
+    status = control.call(cluster.control_socket("n1"), "ping")
+    assert status["cluster"] == cluster.name

@@ -103,3 +103,54 @@ def test_cli_init_and_join(tmp_path):
     assert "joined as node n1" in proc.stdout
     proc = run("cluster", "init", "--nodes", "n1", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "not name=address" in proc.stderr
+
+
+def handshake(client_ctx, server_ctx) -> str:
+    """Runs a TLS handshake in memory; returns the server's certificate identity."""
+    import ssl
+
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_side=False)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    return pki.peer_identity(client)
+
+
+def test_same_seed_gives_credentials_that_work_together(tmp_path):
+    seed_file = tmp_path / "secret"
+    seed_file.write_text("ab" * 32)
+    seed = pki.read_seed(seed_file)
+    nodes = provision.parse_node_list(NODES)
+    a = provision.init_cluster(nodes, tmp_path / "a", seed=seed)
+    b = provision.init_cluster(nodes, tmp_path / "b", seed=seed)
+    provision.join(a.bundles["n1"], tmp_path / "n1")  # n1 provisioned from machine a
+    provision.join(b.bundles["n2"], tmp_path / "n2")  # n2 from machine b
+    assert (tmp_path / "a/ca/ca.key").read_bytes() == (tmp_path / "b/ca/ca.key").read_bytes()
+    identity = handshake(pki.client_context(tmp_path / "n1/tls"), pki.server_context(tmp_path / "n2/tls"))
+    assert identity == "n2"
+
+
+def test_different_seeds_do_not_trust_each_other(tmp_path):
+    import ssl
+
+    nodes = provision.parse_node_list(NODES)
+    a = provision.init_cluster(nodes, tmp_path / "a", seed=b"\x01" * 32)
+    b = provision.init_cluster(nodes, tmp_path / "b", seed=b"\x02" * 32)
+    provision.join(a.bundles["n1"], tmp_path / "n1")
+    provision.join(b.bundles["n2"], tmp_path / "n2")
+    with pytest.raises(ssl.SSLError):
+        handshake(pki.client_context(tmp_path / "n1/tls"), pki.server_context(tmp_path / "n2/tls"))
+
+
+@pytest.mark.parametrize("text, message", [("zz", "hex"), ("ab" * 8, "at least 32 bytes")])
+def test_weak_or_malformed_secrets_are_refused(tmp_path, text, message):
+    (tmp_path / "s").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        pki.read_seed(tmp_path / "s")

@@ -53,7 +53,7 @@ def _random_reads(path: str, slots: list[int]) -> float:
         os.close(fd)
 
 
-def run(size_mib: int = 512, reads: int = 20000, out_dir: Path = Path("bench-results")) -> dict:
+def measure(size_mib: int = 512, reads: int = 20000, out_dir: Path = Path("bench-results")) -> dict:
     from gfvm import control
     from gfvm.cluster import Cluster
 
@@ -142,22 +142,23 @@ def print_table(res: dict) -> None:
     print(f"JSON: {res['json']}")
 
 
-def add_parser(bench_sub) -> None:
-    """Adds `fm` to a `gfvm bench` sub-command group."""
-    p = bench_sub.add_parser("fm", help="File Manager write/read throughput on a namespace cluster",
-                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size-mib", type=int, default=512, help="bytes written per case (default 512 MiB)")
     p.add_argument("--reads", type=int, default=20000, help="random 4 KiB reads per case")
     p.add_argument("--out", default="bench-results", help="directory for the JSON result")
-    p.set_defaults(func=lambda a: print_table(run(a.size_mib, a.reads, Path(a.out))) or 0)
+
+
+def run(args) -> int:
+    """`gfvm bench fm` (gfvm.bench's protocol): measures, prints the table; 0 unless it failed."""
+    print_table(measure(args.size_mib, args.reads, Path(args.out)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gfvm bench")
-    sub = parser.add_subparsers(dest="what", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    parser = argparse.ArgumentParser(prog="gfvm bench fm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

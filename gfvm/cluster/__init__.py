@@ -190,13 +190,15 @@ class Cluster:
         name: str = "gfvm",
         replicas: int | None = None,
         start_daemons: bool = True,
+        provision: bool = True,
         progress: Progress = _quiet,
         daemon_env: dict[str, str] | None = None,
     ) -> "Cluster":
         """Creates the cluster (blocking, ~1 s for 3 nodes plus daemon start).
 
         Refuses when a cluster of that name is already up. On any failure everything made so
-        far is removed again before the error is raised.
+        far is removed again before the error is raised. `provision=False` leaves the nodes'
+        /etc/gfvm empty (for tests of deploy/provision-node); daemons then cannot start.
         """
         cls.check_name(name)
         if not 1 <= nodes <= MAX_NODES:
@@ -231,14 +233,16 @@ class Cluster:
                 replicas,
             )
             try:
-                cluster._create(progress, start_daemons, daemon_env or {})
+                cluster._create(progress, start_daemons, provision, daemon_env or {})
             except BaseException:
                 progress("failed: removing what was made")
                 _down_locked(name, _quiet)
                 raise
             return cluster
 
-    def _create(self, progress: Progress, start_daemons: bool, daemon_env: dict[str, str]) -> None:
+    def _create(
+        self, progress: Progress, start_daemons: bool, provision: bool, daemon_env: dict[str, str]
+    ) -> None:
         self.run_dir(self.name).mkdir(parents=True, exist_ok=True)
         self._save()
         for mount_point in (NODE_PATHS.etc, NODE_PATHS.state, NODE_PATHS.run, NODE_PATHS.mount):
@@ -249,19 +253,21 @@ class Cluster:
         sysutil.run(["ip", "link", "set", bridge, "up"])
         # Provision the nodes the way real ones are: `cluster init` makes the CA and one bundle
         # per node, each node `join`s with its own bundle.
-        from gfvm import provision
+        from gfvm import provision as provisioning
 
-        admin = provision.init_cluster(
-            self.config().nodes, self.lib_dir(self.name) / "admin", name=self.name,
-            replicas=self.replicas,
-        )
+        if provision:
+            admin = provisioning.init_cluster(
+                self.config().nodes, self.lib_dir(self.name) / "admin", name=self.name,
+                replicas=self.replicas,
+            )
         for node in self.nodes.values():
             progress(f"node {node.name}: namespaces, {node.address} on {bridge}")
             dirs = self.dirs(node.name)
             for d in (dirs.etc, dirs.state, dirs.run):
                 d.mkdir(parents=True, exist_ok=True)
             os.chmod(dirs.etc, 0o700)
-            provision.join(admin.bundles[node.name], dirs.etc)
+            if provision:
+                provisioning.join(admin.bundles[node.name], dirs.etc)
             node.anchor_pid = self._start_anchor(dirs)
             self._save()
             sysutil.run(["ip", "netns", "attach", node.netns, str(node.anchor_pid)])

@@ -2,7 +2,9 @@
 control ops the CLI uses (`fm.status`, `fm.where`, `fm.promote`, `fm.fault`).
 
 Other components (the pager, migration) reach the same-node API as `daemon.fm.files`
-(a `gfvm.fm.api.Files`), available once this component has started.
+(a `gfvm.fm.api.Files`, for the trio thread) and the pager's blocking PagingBacking as
+`daemon.fm.backing` (a `gfvm.fm.backing.FmBacking`, for worker threads), both available once
+this component has started.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class FmService:
         c.register("fm.fault", self._fault)
         c.register("fm.bench_read", self._bench_read)
         c.register("fm.bench_write", self._bench_write)
+        from gfvm.fm.backing import FmBacking
+
+        #: the pager's PagingBacking over /gfvm (for worker threads; see gfvm.fm.backing)
+        self.backing = FmBacking(self.files, trio.lowlevel.current_trio_token())
         async with trio.open_nursery() as n:
             await n.start(self.fm.serve)
             if os.environ.get("GFVM_NO_MOUNT") != "1":

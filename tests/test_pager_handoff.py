@@ -1,0 +1,115 @@
+"""The migration hand-off API on one node, without CRIU: freeze, flush_all, release_memory, then
+either roll back (reattach) or hand over and take the same processes back as a "target" would
+(adopt_restored): the workload's memory comes back from the paging file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import require_root
+from pager_support import Workload, build_workload, close_pager, make_pager
+from gfvm.pager import procfs
+from gfvm.pager.cgroup import TreeCgroup
+
+
+@pytest.fixture(scope="module")
+def workload_bin(tmp_path_factory):
+    require_root()
+    return build_workload(tmp_path_factory.mktemp("wl"))
+
+
+@pytest.fixture
+def pager(tmp_path):
+    require_root()
+    p = make_pager(tmp_path)
+    yield p
+    close_pager(p)
+
+
+def _start(pager, workload_bin, tmp_path):
+    wl = Workload(workload_bin, tmp_path, 4096)
+    summary = pager.run_blocking(wl.argv(), "handoff", None)
+    conn = wl.accept()
+    conn.cmd("fill 0 4096 1")
+    conn.cmd("random 1000 2 3")
+    tree = pager.tree(summary["id"])
+    return wl, conn, tree, summary
+
+
+def test_release_then_rollback(pager, workload_bin, tmp_path):
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    try:
+        cg.freeze()
+        pager.flush_all(summary["id"])
+        rss_before = procfs.rss_bytes(summary["pid"])
+        dropped = pager.release_memory(summary["id"])
+        assert dropped >= 4096
+        assert procfs.rss_bytes(summary["pid"]) < rss_before - 4096 * 4096 // 2
+        pager.reattach(summary["id"])
+        cg.thaw()
+        assert conn.cmd("verify") == "ok 4096"
+        conn.cmd("random 500 3 4")
+        assert conn.cmd("verify") == "ok 4096"
+    finally:
+        cg.thaw()
+        wl.close()
+
+
+def test_hand_over_and_adopt_restored(pager, workload_bin, tmp_path):
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    gfvm_id, pid = summary["id"], summary["pid"]
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    try:
+        cg.freeze()
+        pager.flush_all(gfvm_id)
+        pager.release_memory(gfvm_id)
+        paging_dir = pager.hand_over(gfvm_id)
+        assert gfvm_id not in pager.trees
+        assert pager.backing.exists(f"{paging_dir}/index")
+        # the "target" (here the same node) takes the frozen processes and their paging file
+        pager.adopt_restored(
+            gfvm_id, name="handoff", cmd=tree.rec.cmd, init_pid=tree.rec.init_pid, host_pids=[pid]
+        )
+        cg.thaw()
+        assert conn.cmd("verify") == "ok 4096"
+        new_tree = pager.tree(gfvm_id)
+        assert (
+            new_tree.snapshot()["pages_faulted_in"] > 0 or new_tree.loop.counters().pages_copied > 0
+        )
+        conn.cmd("random 500 5 6")
+        assert conn.cmd("verify") == "ok 4096"
+    finally:
+        cg.thaw()
+        wl.close()
+
+
+def test_paging_file_source_gives_the_pages_at_the_dump(pager, workload_bin, tmp_path):
+    """What the migration target reads: after flush_all with the tree frozen, the source's pages
+    for the task's inner pid equal its memory."""
+    from gfvm import native
+    from gfvm.pager.source import PagingFileSource
+
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    try:
+        cg.freeze()
+        pager.flush_all(summary["id"])
+        src = PagingFileSource(pager.backing, tree.rec.paging_dir)
+        try:
+            assert 2 in src.asids()
+            region = conn.region
+            buf = bytearray(4096 * 16)
+            native.read_pages(summary["pid"], [region + i * 4096 for i in range(16)], buf)
+            assert src.lookup_run(2, region, 16) == bytes(buf)
+            assert any(a <= region < b for a, b in src.ranges(2))
+            assert src.lookup(2, 0x1000) is None
+            (source,) = src.native_sources(2)
+            assert source.index.get(region) is not None
+        finally:
+            src.close()
+    finally:
+        cg.thaw()
+        wl.close()

@@ -1,0 +1,207 @@
+"""Dirty tracking and page-out on real processes with a real uffd (Pager without gfvmd).
+
+Each test runs the C workload (tests/pager_workload.c) as a managed tree, makes it write known
+patterns, freezes the tree, calls flush_all and checks that every written page in the paging file
+equals the process's memory (and that the workload still verifies its own memory).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import require, require_root
+from pager_support import (
+    Workload,
+    build_workload,
+    check_file_matches_memory,
+    close_pager,
+    make_pager,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def workload_bin(tmp_path_factory):
+    require_root()
+    require(os.path.exists("/dev/userfaultfd") or True, "userfaultfd")
+    return build_workload(tmp_path_factory.mktemp("wl"))
+
+
+@pytest.fixture
+def pager(tmp_path):
+    require_root()
+    p = make_pager(tmp_path)
+    yield p
+    close_pager(p)
+
+
+def start(pager, workload_bin, tmp_path, npages=1024, **kw):
+    wl = Workload(workload_bin, tmp_path, npages)
+    summary = pager.run_blocking(wl.argv(), kw.get("name"), kw.get("mem_limit"))
+    conn = wl.accept()
+    tree = pager.tree(summary["id"])
+    return wl, conn, tree, summary
+
+
+def frozen_flush_and_check(pager, tree):
+    from gfvm.pager.cgroup import TreeCgroup
+    from pathlib import Path
+
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    cg.freeze()
+    try:
+        result = pager.flush_all(tree.rec.id)
+        checked = check_file_matches_memory(tree)
+    finally:
+        cg.thaw()
+    return result, checked
+
+
+def test_run_reports_pids_inside_own_pid_namespace(pager, workload_bin, tmp_path):
+    wl, conn, tree, summary = start(pager, workload_bin, tmp_path, npages=16)
+    try:
+        assert summary["inner_pid"] == 2
+        assert conn.pid == 2  # getpid() inside the namespace
+        assert summary["pid"] != 2 and os.path.exists(f"/proc/{summary['pid']}")
+        with open(f"/proc/{summary['init_pid']}/comm") as f:
+            assert f.read().strip().startswith("tini")
+    finally:
+        wl.close()
+
+
+def test_random_writes_are_paged_out_exactly(pager, workload_bin, tmp_path):
+    wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=2048)
+    try:
+        conn.cmd("fill 0 2048 1")
+        conn.cmd("random 500 2 7")
+        result, checked = frozen_flush_and_check(pager, tree)
+        assert checked >= 2048
+        assert tree.pf.index.live_entries() >= 2048
+        conn.cmd("random 300 3 8")
+        conn.cmd("verify")
+        result, checked = frozen_flush_and_check(pager, tree)
+        assert 0 < result.pages < 2048 + 200  # only what was dirtied since (plus libc's pages)
+        assert conn.cmd("verify") == "ok 2048"
+    finally:
+        wl.close()
+
+
+def test_background_flush_pages_out_cold_pages(pager, workload_bin, tmp_path):
+    wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=1024)
+    try:
+        conn.cmd("fill 0 1024 5")
+        wait_for(lambda: tree.snapshot()["pages_in_file"] >= 1024, what="background page-out")
+        wait_for(lambda: tree.snapshot()["dirty_pages"] < 16, what="dirty set to drain")
+        result, _ = frozen_flush_and_check(pager, tree)
+        assert result.pages < 64  # almost everything was already out
+    finally:
+        wl.close()
+
+
+def test_threads_writing_in_parallel(pager, workload_bin, tmp_path):
+    wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=4096)
+    try:
+        conn.cmd("threads 4 20")
+        assert conn.cmd("verify") == "ok 4096"
+        frozen_flush_and_check(pager, tree)
+    finally:
+        wl.close()
+
+
+def test_large_heap(pager, workload_bin, tmp_path):
+    wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=16)
+    try:
+        conn.cmd("heap 64 9")  # 64 MiB of malloc'd memory: a new anonymous mapping
+        result, checked = frozen_flush_and_check(pager, tree)
+        assert checked >= 64 * 256
+        assert conn.cmd("verify").startswith("ok")
+    finally:
+        wl.close()
+
+
+def test_dontneed_munmap_mremap_keep_index_right(pager, workload_bin, tmp_path):
+    wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=1024)
+    try:
+        conn.cmd("fill 0 1024 1")
+        frozen_flush_and_check(pager, tree)
+        asid = 2
+        region = conn.region >> 12
+        assert all(region + i in tree.pf.index.entries(asid) for i in range(1024))
+        conn.cmd("dontneed 0 100")  # these read zeros now: the file must not serve old data
+        conn.cmd("munmap 900 124")
+        frozen_flush_and_check(pager, tree)
+        entries = tree.pf.index.entries(asid)
+        assert not any(region + i in entries for i in range(100))
+        assert not any(region + i in entries for i in range(900, 1024))
+        moved = int(conn.cmd("mremap 900").split()[1], 16) >> 12
+        frozen_flush_and_check(pager, tree)
+        entries = tree.pf.index.entries(asid)
+        assert all(moved + i in entries for i in range(100, 900))
+        assert not any(region + i in entries for i in range(100, 900))
+        assert conn.cmd("verify") == "ok 900"
+        conn.cmd("fill 0 50 4")  # after DONTNEED: fresh pages, written again
+        frozen_flush_and_check(pager, tree)
+        assert conn.cmd("verify") == "ok 900"
+    finally:
+        wl.close()
+
+
+def test_fork_child_gets_its_own_address_space(pager, workload_bin, tmp_path):
+    wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=512)
+    try:
+        conn.cmd("fill 0 512 3")
+        frozen_flush_and_check(pager, tree)
+        child_pid = int(conn.cmd("forkstay").split()[1])
+        child = wl.accept()
+        assert child.pid == child_pid == 3  # inner pids
+        wait_for(
+            lambda: 3 in tree.spaces and tree.spaces[3].resolved, what="the child to be tracked"
+        )
+        child.cmd("random 200 8 1")
+        conn.cmd("random 200 9 2")
+        result, checked = frozen_flush_and_check(pager, tree)
+        # both processes have their own pages in the file
+        assert len(tree.pf.index.entries(3)) >= 512 and len(tree.pf.index.entries(2)) >= 512
+        assert child.cmd("verify") == "ok 512" and conn.cmd("verify") == "ok 512"
+        child.send("exit 0")
+        wait_for(lambda: 3 not in tree.spaces, what="the child to be forgotten")
+        assert not tree.pf.index.entries(3)
+        assert conn.cmd("fork") == "ok 0"  # a short-lived child verifies its copy and exits
+        frozen_flush_and_check(pager, tree)
+    finally:
+        wl.close()
+
+
+def test_exec_is_tracked_again(pager, workload_bin, tmp_path):
+    wl, conn, tree, summary = start(pager, workload_bin, tmp_path, npages=256)
+    try:
+        conn.cmd("fill 0 256 2")
+        frozen_flush_and_check(pager, tree)
+        old_entries = len(tree.pf.index.entries(2))
+        assert old_entries >= 256
+        # exec the workload again: new address space, same pid; it connects anew
+        conn.send(f"exec {workload_bin} {wl.sock_path} 128")
+        conn2 = wl.accept()
+        assert conn2.pid == 2
+        wait_for(
+            lambda: 2 in tree.spaces and len(tree.pf.index.entries(2)) < old_entries,
+            what="the old address space to be forgotten",
+        )
+        conn2.cmd("fill 0 128 6")
+        frozen_flush_and_check(pager, tree)
+        assert conn2.cmd("verify") == "ok 128"
+    finally:
+        wl.close()
+
+
+def test_run_of_a_missing_command_says_why(pager):
+    from gfvm.errors import GfvmError
+
+    with pytest.raises(GfvmError, match="exited at once") as info:
+        pager.run_blocking(["/nonexistent/program"], None, None)
+    assert "not found" in str(info.value)
+    assert not pager.trees
+    procs = pager.backing.path("procs")
+    assert not procs.exists() or not list(procs.iterdir())  # nothing left behind
