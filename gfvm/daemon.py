@@ -54,6 +54,7 @@ class Daemon:
         from gfvm.migrate.service import MigrationService
         from gfvm.pager.service import Pager
 
+        # the File Manager first: the pager writes its paging files through it
         fm = FmService(self)  # sets self.fm
         self.pager = Pager(self)
         if self.config is None:

@@ -11,13 +11,30 @@ from gfvm.config import NodePaths
 from gfvm.errors import NotFound, UsageError
 
 
+STATUS_HELP = ("Shows every node of the cluster as this node's gfvmd sees it: alive or not "
+               "(heartbeats), which one leads the metadata, and the disk space its File Manager uses.")
+
+
 def add_commands(sub) -> None:
-    # `gfvm status` (no ID) is `cluster_status` below; the pager's CLI owns the subcommand
-    # because `gfvm status ID` shows one managed process.
+    existing = sub.choices.get("status")
+    if existing is None:
+        st = sub.add_parser("status", help="the cluster as this node sees it: nodes, alive/dead, disk use",
+                            description=STATUS_HELP)
+        st.add_argument("--json", action="store_true", help="machine-readable output")
+        st.set_defaults(func=_status)
+    else:
+        # `gfvm status ID` (the pager's: one managed process) already exists: without an ID,
+        # the same command shows the cluster (DESIGN.md lists one `status` command)
+        _share_status(existing)
+
     p = sub.add_parser("fm", help="File Manager: where a file's copies are, move its master",
                        description="The File Manager keeps every file of /gfvm on several nodes.")
     fsub = p.add_subparsers(dest="fm_command", metavar="ACTION")
     fsub.required = True
+    fst = fsub.add_parser("status", help="the cluster as this node sees it (as `gfvm status`)",
+                          description=STATUS_HELP)
+    fst.add_argument("--json", action="store_true", help="machine-readable output")
+    fst.set_defaults(func=_status)
     w = fsub.add_parser("where", help="master, replicas, epoch and in-sync state of a file",
                         description="Shows which node is PATH's master, which nodes hold copies "
                         "and whether each copy is in sync (PATH under /gfvm, or relative to it).")
@@ -37,6 +54,18 @@ def add_commands(sub) -> None:
     pr.set_defaults(func=_promote)
 
 
+def _share_status(parser) -> None:
+    """Makes the positional ID of an existing `status` parser optional; no ID: cluster status."""
+    for action in parser._actions:
+        if action.dest == "id" and not action.option_strings:
+            action.nargs = "?"
+            action.default = None
+    other = parser.get_default("func")
+    parser.set_defaults(func=lambda args: _status(args) if getattr(args, "id", None) is None
+                        else other(args))
+    parser.description = (parser.description or "") + " Without ID: " + STATUS_HELP
+
+
 def _call(op: str, args: dict | None = None, on_progress=None) -> dict:
     try:
         return control.call(NodePaths.from_env().control_socket, op, args or {}, on_progress=on_progress)
@@ -54,8 +83,7 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def cluster_status(args) -> int:
-    """`gfvm status` without an ID: every node as this node's File Manager sees it."""
+def _status(args) -> int:
     st = _call("fm.status")
     if args.json:
         from gfvm.cli import print_json

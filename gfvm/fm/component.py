@@ -2,7 +2,9 @@
 control ops the CLI uses (`fm.status`, `fm.where`, `fm.promote`, `fm.fault`).
 
 Other components (the pager, migration) reach the same-node API as `daemon.fm.files`
-(a `gfvm.fm.api.Files`), available once this component has started.
+(a `gfvm.fm.api.Files`, for the trio thread) and the pager's blocking PagingBacking as
+`daemon.fm.backing` (a `gfvm.fm.backing.FmBacking`, for worker threads), both available once
+this component has started.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ class FmService:
         c.register("fm.where", self._where)
         c.register("fm.promote", self._promote)
         c.register("fm.fault", self._fault)
+        c.register("fm.bench_read", self._bench_read)
+        c.register("fm.bench_write", self._bench_write)
+        from gfvm.fm.backing import FmBacking
+
+        #: the pager's PagingBacking over /gfvm (for worker threads; see gfvm.fm.backing)
+        self.backing = FmBacking(self.files, trio.lowlevel.current_trio_token())
         async with trio.open_nursery() as n:
             await n.start(self.fm.serve)
             if os.environ.get("GFVM_NO_MOUNT") != "1":
@@ -74,3 +82,56 @@ class FmService:
             return {"points": POINTS, "armed": dict(self.faults.armed)}
         self.faults.arm(str(name), str(action))
         return {"armed": {k: v[0] for k, v in self.faults.armed.items()}}
+
+    async def _bench_read(self, args: dict, progress) -> dict:
+        """For `gfvm bench fm`: random 4 KiB reads of this node's copy through the same-node API
+        (verified LocalReader.read_page, and pread on FmFile.local_fd), in one worker thread."""
+        import random
+        import time
+
+        f = await self.files.open(self._path(args))
+        count, seed = int(args.get("count", 20000)), int(args.get("seed", 1))
+        pages = max(1, (await f.size()) // 4096)
+        slots = random.Random(seed).sample(range(pages), min(count, pages))
+        reader = await f.local_reader()
+        fd = f.local_fd()
+
+        def run() -> dict:
+            t0 = time.perf_counter()
+            for s in slots:
+                reader.read_page(s)
+            t1 = time.perf_counter()
+            for s in slots:
+                os.pread(fd, 4096, s * 4096)
+            t2 = time.perf_counter()
+            return {"reads": len(slots), "api_verified_s": t1 - t0, "api_fd_pread_s": t2 - t1}
+
+        try:
+            return await trio.to_thread.run_sync(run)
+        finally:
+            reader.close()
+            os.close(fd)
+
+    async def _bench_write(self, args: dict, progress) -> dict:
+        """For `gfvm bench fm`: sequential 1 MiB writes through the same-node API with
+        `inflight` writes outstanding at once, then fsync; returns the seconds taken."""
+        import time
+
+        f = await self.files.open(self._path(args), create=True)
+        size_mib, inflight = int(args.get("size_mib", 256)), int(args.get("inflight", 4))
+        block = os.urandom(1 << 20)
+        next_mib = 0
+        t = time.perf_counter()
+
+        async def worker():
+            nonlocal next_mib
+            while next_mib < size_mib:
+                i = next_mib
+                next_mib += 1
+                await f.write(i << 20, block)
+
+        async with trio.open_nursery() as n:
+            for _ in range(inflight):
+                n.start_soon(worker)
+        await f.fsync()
+        return {"seconds": time.perf_counter() - t}

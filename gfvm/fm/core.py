@@ -42,12 +42,13 @@ from gfvm.config import ClusterConfig, NodePaths
 from gfvm.errors import GfvmError, NotFound, Unavailable, UsageError
 from gfvm.fm import messages as m
 from gfvm.fm.consensus import Consensus, Timing
+from gfvm.fm.errors import StaleView
 from gfvm.fm.faults import Faults
 from gfvm.fm.membership import Membership
 from gfvm.fm.meta import IN_SYNC, OUTDATED, ROOT, SPLIT, Entry, MetaError, check_name
 from gfvm.fm.metalog import MetaLog
 from gfvm.fm.peers import PeerError, PeerNet
-from gfvm.fm.store import CorruptData, LocalFile, LocalStore, MissingCopy, StoreError
+from gfvm.fm.store import MAX_FILE_SIZE, CorruptData, LocalFile, LocalStore, MissingCopy, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ class FileManager:
     async def set_replicas(self, ino: int, replicas: int | None) -> None:
         """Sets R for files created below directory `ino` from now on (None: inherit)."""
         if replicas is not None and not 1 <= replicas <= len(self.nodes):
-            raise UsageError(f"replicas must be between 1 and {len(self.nodes)}")
+            raise MetaError(errno.EINVAL, f"replicas must be between 1 and {len(self.nodes)}")
         await self._submit({"op": "set_replicas", "ino": ino, "replicas": replicas})
 
     def _prepare(self, req: dict) -> dict:
@@ -498,9 +499,10 @@ class FileManager:
         if e.master == self.node:
             fs = self.runtime(e.ino)
             try:
+                await self.master.ensure_ready(fs, e)  # a restarted master may be recovering
                 lf = await self.local(fs)
                 return lf.size, e.mtime_ns
-            except MissingCopy:
+            except (MissingCopy, Unavailable, StaleView):
                 pass
         elif self.can_read_locally(e, fs) and fs.lf is not None:
             return fs.lf.size, e.mtime_ns
@@ -508,7 +510,9 @@ class FileManager:
         async def remote():
             e2 = self.file_entry(e.ino)
             if e2.master == self.node:
-                lf = await self.local(self.runtime(e.ino))
+                fs2 = self.runtime(e.ino)
+                await self.master.ensure_ready(fs2, e2)
+                lf = await self.local(fs2)
                 return lf.size, e2.mtime_ns
             r = await self._to_master(e.ino, e2.master, m.FileStat(e.ino))
             return r.size, e2.mtime_ns
@@ -548,6 +552,8 @@ class FileManager:
         in-sync member applied it (RELIABILITY.md #1). EIO if that cannot be achieved."""
         if offset < 0:
             raise OSError(errno.EINVAL, "negative offset")
+        if offset + len(data) > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, f"write past the {MAX_FILE_SIZE}-byte file size limit")
         mv = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
         done = 0
         while done < len(mv) or (done == 0 and len(mv) == 0):
@@ -572,6 +578,8 @@ class FileManager:
 
         Same guarantees as `write`. Large batches are split into frames of up to 256 pages."""
         mv = memoryview(data).cast("B")
+        if offsets and max(offsets) + 4096 > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, f"page past the {MAX_FILE_SIZE}-byte file size limit")
         if len(mv) != 4096 * len(offsets):
             raise OSError(errno.EINVAL, f"{len(offsets)} pages need {4096 * len(offsets)} bytes")
         per = m.MAX_CHUNK_PAGES
@@ -593,6 +601,8 @@ class FileManager:
         invalidation from inside the request would deadlock)."""
         if size < 0:
             raise OSError(errno.EINVAL, "negative size")
+        if size > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, f"size past the {MAX_FILE_SIZE}-byte limit")
 
         async def attempt():
             e = self.file_entry(ino)
@@ -748,9 +758,3 @@ class FileManager:
     async def _stream(self, peer: str, msg) -> None:
         await self.master.handle_stream(peer, msg)
 
-
-class StaleView(GfvmError):
-    """Our metadata is behind the peer's (or the other way round): retry after catching up."""
-
-    errno = errno.ESTALE
-    kind = "stale"

@@ -6,9 +6,13 @@ Rules of this layer:
   (MetaError/GfvmError/OSError carry theirs; Unavailable and anything stale become EIO, never
   ENOENT; an unexpected exception is logged and becomes EIO, so the main loop survives).
 - Root-only: mounted without allow_other, so only root reaches it; files are 0600 at most.
-- Caching (writeback cache on, as PLATFORM.md measured): a node that holds an up-to-date copy
-  (master or confirmed in-sync member) opens with keep_cache, and the File Manager invalidates
-  the kernel's pages whenever the copy changes other than through this kernel (replication, a
+- No writeback cache, on purpose: in writeback mode the kernel owns i_size and mtime of every
+  regular file it has an inode for (fs/fuse: fuse_get_cache_mask), so a size changed by another
+  node is never seen while the inode stays cached (a test caught exactly that). Without it,
+  write(2) reaches the daemon synchronously, which is also what promise 1 says of a plain
+  write. The kernel still caches reads: a node that holds an up-to-date copy (master or
+  confirmed in-sync member) opens with keep_cache, and the File Manager invalidates the
+  kernel's pages whenever the copy changes other than through this kernel (replication, a
   forwarded or same-node-API write) before acknowledging that change. Any other node opens
   with direct_io, so its kernel never caches data it would not be told about.
 - Blocking work never runs here: FileManager does file I/O in worker threads.
@@ -35,6 +39,7 @@ from gfvm.fm.store import LocalFile, MissingCopy
 log = logging.getLogger(__name__)
 
 ENTRY_TIMEOUT = 1.0
+REPLICAS_XATTR = b"user.gfvm.replicas"
 ATTR_TIMEOUT = 1.0
 
 
@@ -225,6 +230,38 @@ class FmOperations(pyfuse3.Operations):
         s.f_favail = st.f_favail
         s.f_namemax = 255
         return s
+
+    # -- extended attributes: user.gfvm.replicas on a directory sets R for new files below --
+
+    @_fuse_errors
+    async def setxattr(self, inode, name, value, ctx):
+        if name != REPLICAS_XATTR:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if not self.fm.entry(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        try:
+            r = int(value.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        await self.fm.set_replicas(inode, r)
+
+    @_fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        e = self.fm.entry(inode)
+        if name != REPLICAS_XATTR or e.replicas is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return str(e.replicas).encode()
+
+    @_fuse_errors
+    async def listxattr(self, inode, ctx):
+        return [REPLICAS_XATTR] if self.fm.entry(inode).replicas is not None else []
+
+    @_fuse_errors
+    async def removexattr(self, inode, name, ctx):
+        e = self.fm.entry(inode)
+        if name != REPLICAS_XATTR or not e.is_dir or e.replicas is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        await self.fm.set_replicas(inode, None)
 
     # -- files --
 

@@ -39,6 +39,7 @@ import trio
 
 from gfvm.errors import GfvmError, Unavailable, UsageError
 from gfvm.fm import messages as m
+from gfvm.fm.errors import StaleView
 from gfvm.fm.meta import IN_SYNC, OUTDATED, SPLIT, Entry, MetaError
 from gfvm.fm.peers import PeerError
 from gfvm.fm.store import CHUNK_SHIFT, CorruptData, LocalFile, MissingCopy, StoreError, atomic_write, chunks_of
@@ -46,12 +47,12 @@ from gfvm.fm.store import CHUNK_SHIFT, CorruptData, LocalFile, MissingCopy, Stor
 log = logging.getLogger(__name__)
 
 CATCHING_UP = "catching_up"
+FRAME_PIECE = 256 * 1024  # replication frames of a big write
 RESYNC_WINDOW = 8  # chunks in flight per resync
 
 
-class NotMaster(GfvmError):
-    errno = errno.ESTALE
-    kind = "stale"
+class NotMaster(StaleView):
+    """This node is not (or no longer) the file's master in the epoch the caller assumed."""
 
 
 class Master:
@@ -91,14 +92,19 @@ class Master:
                 bm.update(chunks)
 
     def _send(self, fs, make, *, only_in_sync: bool = False) -> dict:
-        """Queues one frame per target (`make(token)` builds it); returns node -> (kind, waiter)."""
+        """Queues frames to every target: `make(token)` builds one frame, or a list of such
+        builders several (in order). Returns node -> (kind, [waiters])."""
+        makers = make if isinstance(make, list) else [make]
         waits = {}
         for node, kind in list(fs.targets.items()):
             if only_in_sync and kind != IN_SYNC:
                 continue
             link = self.fm.net.link(node)
-            token = link.next_token()
-            waits[node] = (kind, link.send_stream(make(token), token))
+            ws = []
+            for mk in makers:
+                token = link.next_token()
+                ws.append(link.send_stream(mk(token), token))
+            waits[node] = (kind, ws)
         return waits
 
     async def _await_acks(self, fs, e: Entry, waits: dict) -> list[str]:
@@ -106,10 +112,11 @@ class Master:
         Returns the nodes that failed."""
         failed: list[tuple[str, str, str]] = []
 
-        async def one(node, kind, w):
+        async def one(node, kind, ws):
             with trio.move_on_after(self.fm.timing.write_timeout) as cs:
                 try:
-                    await w.wait()
+                    for w in ws:
+                        await w.wait()
                     return
                 except GfvmError as exc:
                     failed.append((node, kind, str(exc)))
@@ -118,8 +125,8 @@ class Master:
                 failed.append((node, kind, f"no ack within {self.fm.timing.write_timeout:g} s"))
 
         async with trio.open_nursery() as n:
-            for node, (kind, w) in waits.items():
-                n.start_soon(one, node, kind, w)
+            for node, (kind, ws) in waits.items():
+                n.start_soon(one, node, kind, ws)
         for node, kind, reason in failed:
             if kind == IN_SYNC:
                 await self.drop(fs, node, reason)
@@ -291,6 +298,27 @@ class Master:
         if cs.cancelled_caught:
             raise Unavailable(f"{node} did not acknowledge resync frames in time")
 
+    async def _restore_members(self, fid: int, chunks: set[int], waits: dict) -> None:
+        """After a write that failed here but may have been applied by members: send them our
+        version of those chunks, so every in-sync copy is identical again (or drop them)."""
+        fs = self.fm.files.get(fid)
+        for node, (kind, ws) in waits.items():
+            with trio.move_on_after(self.fm.timing.write_timeout):
+                for w in ws:
+                    try:
+                        await w.wait()
+                    except GfvmError:
+                        pass
+        if fs is None:
+            return
+        e = self.fm.file_entry(fid)
+        lf = await self.fm.local(fs)
+        for node in [n for n in e.in_sync() if n != self.node]:
+            try:
+                await self._push(fs, e, lf, node, set(chunks), full=False, final_flush=True)
+            except (GfvmError, OSError) as exc:
+                await self.drop(fs, node, f"could not restore it after a failed write: {exc}")
+
     def _flush_id(self, fs) -> int:
         fs.flush_counter = getattr(fs, "flush_counter", 0) + 1
         return (self.fm.store.incarnation << 32) | fs.flush_counter
@@ -348,9 +376,17 @@ class Master:
             return await self.fm.io(lf.read, offset, length)
 
     async def write(self, fs, e: Entry, offset: int, data, *, from_kernel: bool = False) -> None:
+        # big writes travel as several frames, so a member starts applying the first piece
+        # while the next ones are still being encrypted and sent
+        mv = memoryview(data)
+        pieces = [(offset + i, mv[i : i + FRAME_PIECE]) for i in range(0, max(len(mv), 1), FRAME_PIECE)]
+
+        def frames(seqs):
+            return [(lambda token, o=o, p=p, q=q: m.ReplWrite(fs.fid, e.epoch, q, token, o, p))
+                    for (o, p), q in zip(pieces, seqs)]
+
         await self._ordered(fs, e, chunks_of(offset, len(data)), lambda lf: lf.write(offset, data),
-                            lambda seq: (lambda token: m.ReplWrite(fs.fid, e.epoch, seq, token, offset, data)),
-                            from_kernel)
+                            frames, from_kernel, nseq=len(pieces))
 
     async def write_pages(self, fs, e: Entry, offsets: list[int], data, *, from_kernel: bool = False) -> None:
         chunks = {off >> CHUNK_SHIFT for off in offsets}
@@ -365,7 +401,10 @@ class Master:
                             lambda seq: (lambda token: m.ReplTruncate(fs.fid, e.epoch, seq, token, size)),
                             from_kernel)
 
-    async def _ordered(self, fs, e: Entry, chunks, apply_local, make_frame, from_kernel: bool) -> None:
+    async def _ordered(self, fs, e: Entry, chunks, apply_local, make_frame, from_kernel: bool,
+                       *, nseq: int = 0) -> None:
+        """One change, in order: `make_frame(seq)` builds its frame (or, with `nseq`, takes a list
+        of nseq seqs and builds that many frames); `apply_local(lf)` applies it here."""
         fm = self.fm
         await self.ensure_ready(fs, e)
         lf = await fm.local(fs)
@@ -373,11 +412,19 @@ class Master:
         async with fs.lock:
             self._still_master(fs, epoch)
             await fm.faults.hit("master.before_local_write")
-            seq = self._seq(fs)
-            await fm.io(apply_local, lf)
+            seq = [self._seq(fs) for _ in range(nseq)] if nseq else self._seq(fs)
             self._mark(fs, chunks)
-            await fm.faults.hit("master.after_local_write")
+            # queue the frames first, so the members apply while we apply locally (the lock keeps
+            # our local order; the frames are in seq order on every member's stream)
             waits = self._send(fs, make_frame(seq))
+            try:
+                await fm.io(apply_local, lf)
+            except OSError as exc:
+                # nothing is acknowledged; members that applied it get our version back
+                log.warning("file %d: local write failed (%s); restoring the members' copies", fs.fid, exc)
+                fm.spawn(self._restore_members, fs.fid, set(chunks), waits)
+                raise
+            await fm.faults.hit("master.after_local_write")
         if not from_kernel:
             await fm.invalidate_kernel(fs)
         await fm.faults.hit("master.after_send")

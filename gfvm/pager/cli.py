@@ -76,13 +76,8 @@ def add_commands(sub) -> None:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_ls)
 
-    st = sub.add_parser(
-        "status",
-        help="the cluster (no ID) or one managed process",
-        description="Without ID: every node as this node sees it (alive, metadata leader, disk "
-        "use). With ID: details of one managed process of this node.",
-    )
-    st.add_argument("id", metavar="ID", nargs="?", help="gfvm id (or name)")
+    st = sub.add_parser("status", help="details of one managed process")
+    st.add_argument("id", metavar="ID", help="gfvm id (or name)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
 
@@ -190,10 +185,6 @@ def _lag(seconds: float | None) -> str:
 
 
 def _status(args) -> int:
-    if args.id is None:
-        from gfvm.fm.cli import cluster_status
-
-        return cluster_status(args)
     s = control.call(_socket(), "status", {"id": args.id})
     if args.json:
         _print(s)

@@ -93,8 +93,8 @@ class Pager:
         self.cluster = daemon.config.name if daemon.config else "local"
         section = daemon.config.sections.get("pager") if daemon.config else None
         self.settings = settings or settings_from_config(section)
-        # With a File Manager in this gfvmd, paging files live in /gfvm (FmBacking, set in
-        # `serve`, which knows the trio token); without one, in a local directory.
+        # With a File Manager in this gfvmd, paging files live in /gfvm (its FmBacking, ready
+        # once it serves); without one, in a local directory.
         self._fm = getattr(daemon, "fm", None)
         self.backing: PagingBacking = backing or LocalBacking(self.paths.state / "pager-local")
         self._backing_given = backing is not None
@@ -125,10 +125,8 @@ class Pager:
         ):
             self.daemon.control.register(op, handler)
         if self._fm is not None and not self._backing_given:
-            from gfvm.pager.fmbacking import FmBacking
-
             await self._fm.fm.ready.wait()
-            self.backing = FmBacking(self._fm.files, trio.lowlevel.current_trio_token())
+            self.backing = self._fm.backing  # gfvm.fm.backing.FmBacking, set by its serve()
         try:
             await self._thread(self.open_blocking)
             task_status.started()

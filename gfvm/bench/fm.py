@@ -1,0 +1,165 @@
+"""`gfvm bench fm`: File Manager throughput on a 3-node namespace cluster (not a test).
+
+Measured in one run, on the same machine and filesystem:
+- sequential 1 MiB writes + one fsync: to a plain file on the node's local disk (its state
+  directory), to /gfvm with R=1, and to /gfvm with R=2 (master + one replica, parallel); and,
+  for comparison, R=2 through the same-node API with 4 writes in flight (FUSE write(2) is
+  synchronous: one request at a time per writer);
+- random 4 KiB reads of a file whose in-sync copy is on the reading node (a replica): through
+  the FUSE mount, through the same-node API inside gfvmd (verified `LocalReader.read_page`, and
+  `pread` on `FmFile.local_fd`), and plain `pread` of the copy's backing file. Every read offset
+  is distinct, so each FUSE read reaches the daemon; the backing file is in the page cache for all.
+
+Prints a table and writes JSON to bench-results/fm-<time>.json. Needs root (namespace cluster).
+Targets (issue 3): R=2 >= 50% of the local-disk write throughput; same-node API reads >= 80% of
+plain pread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+MIB = 1 << 20
+
+
+def _write_seq(path: str, size_mib: int) -> float:
+    """Seconds to write `size_mib` MiB in 1 MiB writes, then fsync (blocking)."""
+    block = os.urandom(MIB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        t = time.perf_counter()
+        for i in range(size_mib):
+            os.write(fd, block)
+        os.fsync(fd)
+        return time.perf_counter() - t
+    finally:
+        os.close(fd)
+
+
+def _random_reads(path: str, slots: list[int]) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t = time.perf_counter()
+        for s in slots:
+            os.pread(fd, 4096, s * 4096)
+        return time.perf_counter() - t
+    finally:
+        os.close(fd)
+
+
+def measure(size_mib: int = 512, reads: int = 20000, out_dir: Path = Path("bench-results")) -> dict:
+    from gfvm import control
+    from gfvm.cluster import Cluster
+
+    name = f"fb{os.getpid() % 100000}"[:8]
+    c = Cluster.up(3, name=name, replicas=2, start_daemons=False)
+    try:
+        for n in c.nodes:
+            c.start_daemon(n)
+        for n in c.nodes:
+            c.wait_daemon(n)
+
+        def call(node, op, args=None, timeout=600):
+            return control.call(c.control_socket(node), op, args or {}, timeout=timeout)
+
+        deadline = time.monotonic() + 60
+        while not all(call(n, "fm.status")["lease"] for n in c.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not settle (no metadata leader)")
+            time.sleep(0.2)
+        mount = {n: f"/proc/{c.node(n).anchor_pid}/root/gfvm" for n in c.nodes}
+        state = {n: c.dirs(n).state for n in c.nodes}
+        res: dict = {"size_mib": size_mib, "reads": reads, "nodes": 3}
+
+        res["local_s"] = _write_seq(str(state["n1"] / "bench-local"), size_mib)
+        os.unlink(state["n1"] / "bench-local")
+        for r in (1, 2):
+            d = f"{mount['n1']}/bench-r{r}"
+            os.mkdir(d)
+            os.setxattr(d, "user.gfvm.replicas", str(r).encode())
+            res[f"r{r}_s"] = _write_seq(f"{d}/f", size_mib)
+            w = call("n1", "fm.where", {"path": f"bench-r{r}/f"})
+            res[f"r{r}_members"] = sorted(w["members"])
+            assert len(w["in_sync"]) == r, w
+
+        res["api_r2_s"] = call("n1", "fm.bench_write", {"path": "bench-r2/api", "size_mib": size_mib,
+                                                        "inflight": 4})["seconds"]
+        w = call("n1", "fm.where", {"path": "bench-r2/f"})
+        replica = next(n for n in w["members"] if n != w["master"])
+        res["read_node"] = replica
+        slots = random.Random(1).sample(range(size_mib * 256), min(reads, size_mib * 256))
+        backing = str(state[replica] / "fm" / "files" / str(w["fid"]) / "data")
+        _random_reads(backing, slots)  # warm the page cache of the copy
+        res["pread_s"] = _random_reads(backing, slots)
+        api = call(replica, "fm.bench_read", {"path": "bench-r2/f", "count": reads, "seed": 1})
+        res["api_verified_s"], res["api_fd_s"] = api["api_verified_s"], api["api_fd_pread_s"]
+        res["fuse_s"] = _random_reads(f"{mount[replica]}/bench-r2/f", slots)
+        res["pread_again_s"] = _random_reads(backing, slots)
+    finally:
+        Cluster.down(name)
+
+    mb = size_mib * MIB / 1e6
+    n = len(slots)
+    pread_us = min(res["pread_s"], res["pread_again_s"]) / n * 1e6
+    res["results"] = {
+        "write_MBps": {"local": mb / res["local_s"], "R=1": mb / res["r1_s"], "R=2": mb / res["r2_s"],
+                       "R=2 same-node API, 4 in flight": mb / res["api_r2_s"]},
+        "read_us_per_4k": {"plain pread": pread_us, "API pread(local_fd)": res["api_fd_s"] / n * 1e6,
+                           "API LocalReader (verified)": res["api_verified_s"] / n * 1e6,
+                           "FUSE": res["fuse_s"] / n * 1e6},
+    }
+    w_ = res["results"]["write_MBps"]
+    r_ = res["results"]["read_us_per_4k"]
+    res["targets"] = {
+        "R=2 / local write": w_["R=2"] / w_["local"],
+        "API verified / pread": pread_us / r_["API LocalReader (verified)"],
+        "API local_fd / pread": pread_us / r_["API pread(local_fd)"],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"fm-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(res, indent=2))
+    res["json"] = str(out)
+    return res
+
+
+def print_table(res: dict) -> None:
+    w, r, t = res["results"]["write_MBps"], res["results"]["read_us_per_4k"], res["targets"]
+    print(f"sequential 1 MiB writes + fsync, {res['size_mib']} MiB")
+    for k, v in w.items():
+        print(f"  {k:<28} {v:8.0f} MB/s   ({v / w['local']:.0%} of local)")
+    print(f"random 4 KiB reads on {res['read_node']} (holds an in-sync replica), {res['reads']} distinct pages")
+    for k, v in r.items():
+        print(f"  {k:<28} {v:8.2f} us    ({r['plain pread'] / v:.0%} of plain pread speed)")
+    print("targets: R=2 >= 50% of local: "
+          f"{t['R=2 / local write']:.0%}; same-node API >= 80% of pread: verified "
+          f"{t['API verified / pread']:.0%}, local_fd {t['API local_fd / pread']:.0%}")
+    print(f"JSON: {res['json']}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size-mib", type=int, default=512, help="bytes written per case (default 512 MiB)")
+    p.add_argument("--reads", type=int, default=20000, help="random 4 KiB reads per case")
+    p.add_argument("--out", default="bench-results", help="directory for the JSON result")
+
+
+def run(args) -> int:
+    """`gfvm bench fm` (gfvm.bench's protocol): measures, prints the table; 0 unless it failed."""
+    print_table(measure(args.size_mib, args.reads, Path(args.out)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gfvm bench fm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
