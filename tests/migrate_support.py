@@ -106,6 +106,8 @@ class MCluster:
         self._n += 1
         statedir = self.tmp / f"wl{self._n}"
         statedir.mkdir(parents=True, exist_ok=True)
+        for stale in ("port", "result"):
+            (statedir / stale).unlink(missing_ok=True)
         argv = wl.argv(self.binary, statedir, mib=mib, hot_mib=hot_mib, rate=rate, check_s=check_s)
         summary = self.call(node, "run", {"cmd": extra_cmd or argv})
         client = wl.WorkloadClient(statedir, self.c.node(node).netns_path)

@@ -78,7 +78,10 @@ def check_fault(mc, p, point: str, action: str) -> None:
     assert p.client.verify() >= steps  # its whole memory, as the process sees it
     now = p.client.status().steps
     wait_for(lambda: p.client.status().steps > now + 500, 30, "progress")
-    # and it can still migrate (nothing left half-done)
+    # and it can still migrate (nothing left half-done), once its files have a second in-sync
+    # copy again (a node that crashed resyncs first)
+    wait_for(lambda: all(len(mc.where(p, f)["in_sync"]) >= 2 for f in ("pages", "index")), 90,
+             "a second in-sync copy of the paging file")
     mc.migrate(p, "auto")
     assert p.client.verify() > now
 

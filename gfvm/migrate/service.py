@@ -112,6 +112,11 @@ class MigrationService:
         self._roots: set[int] = set()  # restored tree roots we must reap
         self._unresolved = False
         daemon.migration = self
+        # A tree caught mid-migration by a gfvmd restart is taken back by `reconcile`, once it
+        # is known where the process lives; and a node whose process moved away must not
+        # delete the paging file the target now uses.
+        daemon.pager.defer_takeover = self._defer_takeover
+        daemon.pager.may_remove_files = self._may_remove_files
 
     @property
     def pager(self):
@@ -314,6 +319,22 @@ class MigrationService:
 
     # ------------------------------------------------------------------ recovery
 
+    def _defer_takeover(self, gfvm_id: str) -> bool:
+        """Pager hook (blocking): a journal names this tree, so reconcile decides first."""
+        return any(gfvm_id in self.journal.load_all(side) for side in ("out", "in"))
+
+    def _may_remove_files(self, gfvm_id: str) -> bool:
+        """Pager hook (worker thread): the paging file of an ended tree may be deleted only when
+        no migration is in flight and `owner` names this node or nobody."""
+        if self._defer_takeover(gfvm_id) or gfvm_id in self.target.incoming:
+            return False
+        try:
+            owner = trio.from_thread.run(read_owner, self.files, f"procs/{gfvm_id}",
+                                         trio_token=self.daemon.fm.backing.token)
+        except Exception:  # noqa: BLE001 - unknown: keep the file
+            return False
+        return owner in ("", self.node)
+
     async def _reconcile_guarded(self) -> None:
         try:
             await self.reconcile()
@@ -327,7 +348,11 @@ class MigrationService:
         for gfvm_id, rec in (await trio.to_thread.run_sync(self.journal.load_all, "in")).items():
             if gfvm_id in self.target.incoming:
                 continue  # ours, live: not a leftover
-            await self._reconcile_in(gfvm_id, rec)
+            try:
+                await self._reconcile_in(gfvm_id, rec)
+            except GfvmError as exc:
+                log.warning("%s: cannot settle the interrupted restore yet: %s", gfvm_id, exc)
+                unresolved = True
         for gfvm_id, rec in (await trio.to_thread.run_sync(self.journal.load_all, "out")).items():
             if gfvm_id in self.outgoing:
                 continue
@@ -342,76 +367,89 @@ class MigrationService:
     async def _reconcile_in(self, gfvm_id: str, rec: dict) -> None:
         phase = rec.get("phase")
         paging_dir = f"procs/{gfvm_id}"
+        pager = self.pager
         if phase == "committed":
-            # We committed to running it (owner names us): the pager took it back; let it run.
-            pids = [int(p) for p in rec.get("pids", [])]
+            # We committed to running it (owner names us): take it back, let it run.
             log.info("%s: resuming the restored process after a gfvmd restart", gfvm_id)
-            for pid in pids:
-                try:
-                    os.kill(pid, 18)  # SIGCONT
-                except ProcessLookupError:
-                    pass
+            if gfvm_id not in pager.trees:
+                await trio.to_thread.run_sync(pager.retake, gfvm_id)
+            await trio.to_thread.run_sync(_resume_pids, [int(p) for p in rec.get("pids", [])])
         elif phase in ("restoring", "restored"):
-            owner = ""
-            try:
-                owner = await read_owner(self.files, paging_dir)
-            except GfvmError:
-                pass
-            if owner != self.node:
-                log.info("%s: dropping a restore that never committed", gfvm_id)
-                if gfvm_id in self.pager.trees:
-                    await trio.to_thread.run_sync(self.pager.abandon, gfvm_id)
-                root = int(rec.get("root_pid") or 0)
-                if root:
-                    await trio.to_thread.run_sync(kill_tree_root, root, rec.get("root_start"))
+            owner = await read_owner(self.files, paging_dir)  # Unavailable: retried later
+            if owner == self.node:
+                raise GfvmError(f"{gfvm_id}: owner names us but the journal says {phase}")
+            log.info("%s: dropping a restore that never committed", gfvm_id)
+            await trio.to_thread.run_sync(pager.forget_record, gfvm_id)
+            root = int(rec.get("root_pid") or 0)
+            if root:
+                await trio.to_thread.run_sync(kill_tree_root, root, rec.get("root_start"))
         await trio.to_thread.run_sync(self.journal.remove, "in", gfvm_id)
 
     async def _reconcile_out(self, gfvm_id: str, rec: dict) -> bool:
         """True when settled (journal removed)."""
+        from pathlib import Path
+
         from gfvm.migrate.source import FILES, _kill_frozen
         from gfvm.pager.cgroup import TreeCgroup
+        from gfvm.pager.tracker import _pid_matches
 
-        tree = self.pager.trees.get(gfvm_id)
-        if tree is None:
-            await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
-            return True
+        pager = self.pager
         paging_dir = f"procs/{gfvm_id}"
         files = [f"{paging_dir}/{n}" for n in (*FILES, "ckpt", "owner")]
-        cgroup = TreeCgroup(tuple(__import__("pathlib").Path(p) for p in tree.rec.cgroup))
+        cgroup = TreeCgroup(tuple(Path(p) for p in rec.get("cgroup", [])))
         target = rec.get("target")
-        master = (await self.files.where(f"{paging_dir}/index"))["master"]
+        init_pid, init_start = int(rec.get("init_pid") or 0), int(rec.get("init_start") or 0)
+
+        async def drop_ours() -> bool:
+            await trio.to_thread.run_sync(pager.forget_record, gfvm_id)
+            await trio.to_thread.run_sync(_kill_frozen, cgroup)
+            await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
+            return True
+
+        if not _pid_matches(init_pid, init_start):
+            log.info("%s: the process is gone here; nothing to settle", gfvm_id)
+            await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
+            return True
         owner = await read_owner(self.files, paging_dir)
         if owner and owner != self.node:
             log.info("%s: %s runs it since the interrupted migration: dropping our copy",
                      gfvm_id, owner)
-            await trio.to_thread.run_sync(self.pager.abandon, gfvm_id)
-            await trio.to_thread.run_sync(_kill_frozen, cgroup)
-            await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
-            return True
-        if master != self.node:
-            if target:
-                try:
-                    await self.fm.net.request(target, MigAbort(gfvm_id, "source restarted"),
-                                              timeout=10)
-                except GfvmError as exc:
-                    log.info("%s: abort on %s: %s", gfvm_id, target, exc)
-            owner = await take_back(self, gfvm_id, files)
-            if owner and owner != self.node:
-                await promote_all(self, files, owner)
-                await trio.to_thread.run_sync(self.pager.abandon, gfvm_id)
-                await trio.to_thread.run_sync(_kill_frozen, cgroup)
-                await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
-                return True
-        elif target:
+            return await drop_ours()
+        master = (await self.files.where(f"{paging_dir}/index"))["master"]
+        if target:
             try:
-                await self.fm.net.request(target, MigAbort(gfvm_id, "source restarted"), timeout=10)
+                await self.fm.net.request(target, MigAbort(gfvm_id, "source restarted"),
+                                          timeout=10)
             except GfvmError as exc:
                 log.info("%s: abort on %s: %s", gfvm_id, target, exc)
-        log.info("%s: rolling back the interrupted migration: thawing it on %s", gfvm_id,
+        if master != self.node:
+            owner = await take_back(self, gfvm_id, files)
+            if owner and owner != self.node:
+                try:
+                    await promote_all(self, files, owner)
+                except GfvmError as exc:
+                    log.warning("%s: giving the files back to %s: %s", gfvm_id, owner, exc)
+                return await drop_ours()
+        log.info("%s: rolling back the interrupted migration: it runs on %s again", gfvm_id,
                  self.node)
+        if gfvm_id not in pager.trees:
+            await trio.to_thread.run_sync(pager.retake, gfvm_id)
+        tree = pager.trees.get(gfvm_id)
+        if tree is not None and tree.state == "released":
+            await trio.to_thread.run_sync(pager.reattach, gfvm_id)
         await trio.to_thread.run_sync(cgroup.thaw)
         await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
         return True
+
+
+def _resume_pids(pids: list[int]) -> None:
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 def _age(inc) -> float:

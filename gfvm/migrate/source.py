@@ -121,9 +121,12 @@ class SourceMigration:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.svc.limiter)
 
     def journal(self, phase: str) -> None:
+        rec = self.tree.rec
         self.svc.journal.save("out", self.id, {"phase": phase, "target": self.target,
                                                "handed_off": self.handed_off,
-                                               "remote": self.remote})
+                                               "remote": self.remote, "cgroup": rec.cgroup,
+                                               "init_pid": rec.init_pid,
+                                               "init_start": rec.init_start_time})
 
     async def index_size(self) -> int:
         f = await self.svc.files.open(f"{self.dir}/index")

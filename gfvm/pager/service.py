@@ -110,6 +110,11 @@ class Pager:
         self._limiter = trio.CapacityLimiter(8)
         self._launched: dict[str, subprocess.Popen] = {}
         self._unreaped: list[subprocess.Popen] = []  # launchers of trees given up (abandon)
+        # Hooks of the migration service (None without one). `defer_takeover(id)`: leave that
+        # tree to it at start; `may_remove_files(id)`: whether this node may delete the paging
+        # file of a tree that ended (not when another node runs the process now). Both block.
+        self.defer_takeover = None
+        self.may_remove_files = None
         self._keeper_checked = 0.0
 
     # ------------------------------------------------------------------ component protocol
@@ -632,6 +637,13 @@ class Pager:
             held = {}
         report = []
         for rec in records:
+            if self.defer_takeover is not None and self.defer_takeover(rec.id):
+                # Mid-migration: the migration service decides first where the process lives,
+                # then asks for `retake` (or `forget_record`). Its uffds stay with the keeper.
+                for k in [k for k in held if k.startswith(f"{rec.id}/")]:
+                    os.close(held.pop(k)[1])
+                report.append(f"{rec.id}: left to the interrupted migration to settle")
+                continue
             try:
                 report.append(self._recover_tree(rec, held))
             except Exception as exc:  # noqa: BLE001 - one bad tree must not stop the others
@@ -644,9 +656,49 @@ class Pager:
             log.info("takeover: %s", line)
         return report
 
+    def retake(self, ident: str) -> str:
+        """Takes back one tree of a previous gfvmd (whose takeover `defer_takeover` postponed)
+        from its state record and the keeper's uffds. Blocking. Raises what takeover raises."""
+        if ident in self.trees:
+            return f"{ident}: already managed"
+        records, _ = self.store.load_all()
+        rec = next((r for r in records if r.id == ident), None)
+        if rec is None:
+            raise NotFound(f"no state record of {ident} on {self.node}")
+        held = {key: (meta, fd) for key, meta, fd in self._keeper_call("take_all")
+                if key.startswith(f"{ident}/")}
+        try:
+            return self._recover_tree(rec, held)
+        finally:
+            for _meta, fd in held.values():
+                os.close(fd)
+
+    def forget_record(self, ident: str) -> None:
+        """Forgets a tree this node no longer runs (another node does): its state record and
+        the keeper's uffd copies go, its processes and paging file are not touched. Blocking."""
+        if ident in self.trees:
+            self.abandon(ident)
+            return
+        self.store.remove(ident)
+        try:
+            self._keeper_call("drop_prefix", f"{ident}/")
+        except GfvmError as exc:
+            log.warning("keeper: %s", exc)
+
     def _recover_tree(self, rec: TreeRecord, held: dict) -> str:
         prefix = f"{rec.id}/"
         mine = {k[len(prefix) :]: held.pop(k) for k in list(held) if k.startswith(prefix)}
+        try:
+            return self._recover_tree_with(rec, mine)
+        except BaseException:
+            for _meta, fd in mine.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+
+    def _recover_tree_with(self, rec: TreeRecord, mine: dict) -> str:
         alive_spaces = [s for s in rec.spaces if _pid_matches(s.host_pid, s.start_time)]
         if not alive_spaces and not _pid_matches(rec.init_pid, rec.init_start_time):
             for _meta, fd in mine.values():
@@ -656,6 +708,15 @@ class Pager:
         pf = PagingFile.open(self.backing, rec.paging_dir)
         tree = ManagedTree(rec, pf, self)
         tree.start()
+        try:
+            return self._take_back_spaces(rec, tree, mine)
+        except BaseException:
+            tree.request_stop()
+            tree.join(5)
+            pf.close()
+            raise
+
+    def _take_back_spaces(self, rec: TreeRecord, tree: ManagedTree, mine: dict) -> str:
         lost = []
         for s in rec.spaces:
             entry = mine.pop(str(s.asid), None)
@@ -700,10 +761,13 @@ class Pager:
             TreeCgroup(tuple(Path(p) for p in rec.cgroup)).remove()
         except OSError as exc:
             log.warning("removing cgroup of %s: %s", rec.id, exc)
-        try:
-            self.backing.remove_tree(rec.paging_dir)
-        except OSError as exc:
-            log.warning("removing paging file of %s: %s", rec.id, exc)
+        if self.may_remove_files is not None and not self.may_remove_files(rec.id):
+            log.info("%s: its paging file belongs to another node now; kept", rec.id)
+        else:
+            try:
+                self.backing.remove_tree(rec.paging_dir)
+            except OSError as exc:
+                log.warning("removing paging file of %s: %s", rec.id, exc)
         self.store.remove(rec.id)
         try:
             self._keeper_call("drop_prefix", f"{rec.id}/")
