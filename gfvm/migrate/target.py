@@ -72,6 +72,7 @@ class Incoming:
     result: dict = field(default_factory=dict)
     prefetch: dict = field(default_factory=dict)
     keeper: KeeperClient | None = None  # started at prepare: ~0.2 s we keep out of the freeze
+    prep: object = None  # pager.AdoptionPrep: the paging file opened and indexed at prepare
     committed: bool = False  # `owner` names us: from here on the process runs here, come what may
 
     def summary(self) -> dict:
@@ -129,7 +130,12 @@ class TargetSide:
         _check_spec(spec)
         inc = Incoming(gfvm_id, source, spec)
         self.incoming[gfvm_id] = inc
-        await trio.to_thread.run_sync(self._prepare_blocking, inc)
+        try:
+            await trio.to_thread.run_sync(self._prepare_blocking, inc)
+        except BaseException:
+            await trio.to_thread.run_sync(self._kill_restored, inc)
+            self.incoming.pop(gfvm_id, None)
+            raise
         self.svc.journal.save("in", gfvm_id, {"phase": "prepared", "source": source})
         return {"node": self.svc.node}
 
@@ -138,6 +144,9 @@ class TargetSide:
         shutil.rmtree(wd, ignore_errors=True)
         wd.mkdir(parents=True, mode=0o700)
         inc.keeper = KeeperClient.spawn(wd / "keeper.socket")
+        # The paging file, opened and indexed now: during the freeze only what the source
+        # appends meanwhile (its last flushes) is read and applied.
+        inc.prep = self.svc.pager.prepare_adoption(inc.gfvm_id)
         # CRIU reopens the tree's stdout/stderr by path: it must exist here (append-only, so
         # CRIU does not check its size). It gets the end of the source's copy.
         log_path = inc.spec.get("log_path")
@@ -244,9 +253,10 @@ class TargetSide:
         t1 = time.monotonic()
         pager = svc.pager
         paging_dir = f"procs/{inc.gfvm_id}"
-        source = await trio.to_thread.run_sync(_open_source, pager.backing, paging_dir)
-        t["open_paging_file"] = time.monotonic() - t1
-        log.info("%s: paging file opened", inc.gfvm_id)
+        source, inc.prep = inc.prep, None
+        await trio.to_thread.run_sync(source.refresh)
+        t["refresh_paging_file"] = time.monotonic() - t1
+        log.info("%s: paging file up to date", inc.gfvm_id)
         keeper, inc.keeper = inc.keeper, None
         server = None
         thread = None
@@ -298,8 +308,8 @@ class TargetSide:
                 t1 = time.monotonic()
                 asids = [int(a) for a in inc.spec.get("asids", [])]
                 host_pids = [inc.host_pids[a] for a in asids if a in inc.host_pids]
-                await trio.to_thread.run_sync(self._adopt, inc, host_pids, source)
-                source = None  # the pager's now
+                prepared, source = source, None  # the pager's now
+                await trio.to_thread.run_sync(self._adopt, inc, host_pids, prepared)
                 t["adopt"] = time.monotonic() - t1
                 log.info("%s: adopted by the pager", inc.gfvm_id)
                 await faults.hit("migrate.target.after_adopt")
@@ -358,14 +368,17 @@ class TargetSide:
                 await trio.to_thread.run_sync(source.close)
             log.info("%s: the remotely served process ended", inc.gfvm_id)
 
-    def _adopt(self, inc: Incoming, host_pids: list[int], source) -> None:
+    def _adopt(self, inc: Incoming, host_pids: list[int], prepared) -> None:
         pager = self.svc.pager
         spec = inc.spec
-        source.close()
-        pager.adopt_restored(
-            inc.gfvm_id, name=spec.get("name") or inc.gfvm_id, cmd=list(spec.get("cmd") or []),
-            init_pid=inc.root_pid, host_pids=host_pids, mem_limit=spec.get("mem_limit"),
-        )
+        try:
+            pager.adopt_restored(
+                inc.gfvm_id, name=spec.get("name") or inc.gfvm_id,
+                cmd=list(spec.get("cmd") or []), init_pid=inc.root_pid, host_pids=host_pids,
+                mem_limit=spec.get("mem_limit"), prepared=prepared,
+            )
+        finally:
+            prepared.close()  # spent by adopt_restored unless it failed before taking it
         tree = pager.tree(inc.gfvm_id)
         if spec.get("log_path"):
             tree.rec.log_path = spec["log_path"]
@@ -385,6 +398,9 @@ class TargetSide:
         if inc.keeper is not None:
             inc.keeper.release()
             inc.keeper = None
+        if inc.prep is not None:
+            inc.prep.close()
+            inc.prep = None
         self.svc.journal.remove("in", inc.gfvm_id)
 
     async def abort(self, gfvm_id: str, reason: str) -> dict:
@@ -546,12 +562,6 @@ def _unpack_and_verify(blob: bytes, images: Path):
     shutil.rmtree(images, ignore_errors=True)
     ckptfile.unpack(blob, images)
     return verify_manifest(images)
-
-
-def _open_source(backing, paging_dir: str):
-    from gfvm.pager.source import PagingFileSource
-
-    return PagingFileSource(backing, paging_dir)
 
 
 def _run_server(server: LazyPagesServer) -> None:

@@ -401,6 +401,47 @@ class PagingFile:
         pf._free_set = set(pf._free)
         return pf
 
+    def refresh(self) -> list[Record] | None:
+        """Brings a file opened on another node up to date with what its writer appended since
+        (a migration target, between its early open and the restore; nothing may have been
+        written through this object). Returns the records applied, or None when the writer
+        compacted the index meanwhile (then open the file again). Blocks."""
+        assert self._log is not None and self._pages is not None
+        if self._buffer or self._staged:
+            raise PagingFileError("refresh of a paging file this node has written to")
+        head = self._log.pread(HEADER.size, 0)
+        size = self._log.size()
+        _id, generation, _r, _v = parse_index(head)
+        if generation != self.generation or size < self._log_end:
+            return None
+        if size == self._log_end:
+            return []
+        tail = self._log.pread(size - self._log_end, self._log_end)
+        _id, _g, records, valid = parse_index(head + tail)
+        refs = self.index.refs
+        freed: list[int] = []
+        taken: set[int] = set()
+        for rec in records:
+            freed += self.index.apply(rec)
+            if rec.rtype == PUT:
+                taken.add(rec.b)
+            elif rec.rtype == PUTS:
+                taken.update(rec.payload[1])
+        self._log_end += valid - HEADER.size
+        self._log_records += sum(r.a if r.rtype == PUTS else 1 for r in records)
+        old_nslots = self._nslots
+        self._nslots = max(old_nslots, -(-self._pages.size() // PAGE_SIZE))
+        refs = self.index.refs
+        now_free = {s for s in freed if s >= len(refs) or refs[s] == 0}
+        now_free.update(s for s in range(old_nslots, self._nslots)
+                        if s >= len(refs) or refs[s] == 0)
+        now_free -= {s for s in taken if s < len(refs) and refs[s] > 0}
+        self._free_set -= taken
+        self._free_set |= now_free
+        self._free = list(self._free_set)
+        self._free_sorted = False
+        return records
+
     def read_meta(self) -> dict:
         """meta.json as a dict. Blocks."""
         return json.loads(self.backing.read_file(self._rel(META)))

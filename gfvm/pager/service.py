@@ -43,8 +43,10 @@ from gfvm.pager.keeper import KeeperClient
 from gfvm.pager.launch import start_tree
 from gfvm.pager.pagefile import PagingFile
 from gfvm.pager.state import StateStore, TreeRecord
+from gfvm.pager.backing import PAGE_SIZE
 from gfvm.pager.tracker import (
     FlushResult,
+    build_cindex,
     ManagedTree,
     PagerSettings,
     TreeDead,
@@ -304,6 +306,13 @@ class Pager:
         tree = self.tree(ident)
         return tree.call(tree.flush_all)
 
+    def release_cold(self, ident: str) -> int:
+        """Before a migration's freeze, the tree running: drops every clean page from memory
+        (they come back from the local paging file on touch). Returns the pages dropped.
+        Blocking."""
+        tree = self.tree(ident)
+        return tree.call(tree.release_cold)
+
     def release_memory(self, ident: str) -> int:
         """Migration step 5 (tree frozen, after flush_all): drops the tracked memory of every
         process so CRIU does not dump it; returns the pages dropped. Blocking."""
@@ -344,6 +353,14 @@ class Pager:
             log.warning("keeper: %s", exc)
         return tree.rec.paging_dir
 
+    def prepare_adoption(self, gfvm_id: str) -> AdoptionPrep:
+        """A migration target's early work, before the source freezes the process: opens the
+        paging file from this node's copy and builds the native indexes the fault loops will
+        use. `AdoptionPrep.refresh()` later applies what the source appended meanwhile, so the
+        work done during the freeze is proportional to that, not to the process's memory.
+        Blocking (a full index replay)."""
+        return AdoptionPrep(self.backing, f"procs/{gfvm_id}")
+
     def adopt_restored(
         self,
         gfvm_id: str,
@@ -353,6 +370,7 @@ class Pager:
         init_pid: int,
         host_pids: list[int],
         mem_limit: int | None = None,
+        prepared: AdoptionPrep | None = None,
     ) -> dict:
         """Target side of a migration: manage the restored tree `gfvm_id`, whose paging file is
         already here (local copy). Preconditions: every process in `host_pids` (the tree's
@@ -364,7 +382,10 @@ class Pager:
         if gfvm_id in self.trees:
             raise UsageError(f"{gfvm_id} is already managed here")
         paging_dir = f"procs/{gfvm_id}"
-        pf = PagingFile.open(self.backing, paging_dir)
+        if prepared is not None:
+            pf, cindexes = prepared.take()  # refreshed by the caller; the tree owns them now
+        else:
+            pf, cindexes = PagingFile.open(self.backing, paging_dir), {}
         cgroup = TreeCgroup.for_tree(self.cluster, self.node, gfvm_id)
         cgroup.create()
         rec = TreeRecord(
@@ -394,9 +415,11 @@ class Pager:
                 uffd = inject_while_frozen(
                     self.tracer, pid, lambda pid=pid: self.tracer.inject_userfaultfd(pid)
                 )
+                asid = procfs.inner_pid(pid)
                 tree.call(
-                    lambda pid=pid, uffd=uffd: tree.take_back_space(
-                        pid, uffd, procfs.inner_pid(pid), api_done=False
+                    lambda pid=pid, uffd=uffd, asid=asid: tree.take_back_space(
+                        pid, uffd, asid, api_done=False, check_stale=prepared is None,
+                        cindex=cindexes.get(asid),
                     )
                 )
             self.store.save(rec)
@@ -898,6 +921,94 @@ class Pager:
         except TreeDead as exc:
             raise NotFound(str(exc)) from None
         return asdict(result)
+
+
+class AdoptionPrep:
+    """A paging file opened early on a migration target (see Pager.prepare_adoption): the file
+    and one native page index per address space, kept up to date by `refresh`. Serves the
+    lazy-pages server during the restore (`native_sources`, `lookup`), then goes to the pager
+    (`take`). Blocking methods; one thread at a time."""
+
+    def __init__(self, backing: PagingBacking, directory: str) -> None:
+        self.backing = backing
+        self.directory = directory
+        self.pf = PagingFile.open(backing, directory)
+        self.cindexes = {a: build_cindex(e) for a, e in self.pf.index.spaces.items() if e}
+
+    def refresh(self) -> int:
+        """Applies what the writer appended since; returns the records applied (a compacted
+        file is opened again)."""
+        records = self.pf.refresh()
+        if records is None:
+            self.pf.close()
+            self.pf = PagingFile.open(self.backing, self.directory)
+            self.cindexes = {a: build_cindex(e) for a, e in self.pf.index.spaces.items() if e}
+            return -1
+        for rec in records:
+            self._apply(rec)
+        return len(records)
+
+    def _apply(self, rec) -> None:
+        from gfvm.pager.pagefile import CLONE, DROP, FORGET, MOVE, PUT, PUTS
+
+        ci = self.cindexes.get(rec.asid)
+        if rec.rtype in (PUT, PUTS) and ci is None:
+            ci = self.cindexes[rec.asid] = native.PageIndex()
+        if rec.rtype == PUT:
+            ci.set(rec.a << 12, rec.b)
+        elif rec.rtype == PUTS:
+            vp, sl, _ = rec.payload
+            ci.set_many([v << 12 for v in vp], list(sl))
+        elif rec.rtype == DROP and ci is not None:
+            ci.remove_range(rec.a << 12, (rec.a + rec.b) << 12)
+        elif rec.rtype == MOVE and ci is not None:
+            ci.remove_range(rec.b << 12, (rec.b + rec.c) << 12)
+            ci.move_range(rec.a << 12, rec.b << 12, rec.c << 12)
+        elif rec.rtype in (CLONE, FORGET):
+            target = rec.a if rec.rtype == CLONE else rec.asid
+            entries = self.pf.index.entries(target)
+            if entries:
+                self.cindexes[target] = build_cindex(entries)
+            else:
+                self.cindexes.pop(target, None)
+
+    # the lazy-pages server's page source (gfvm/migrate/pagesource.py's contract)
+    def lookup(self, inner_pid: int, vaddr: int) -> bytes | None:
+        return self.pf.read_page(inner_pid, vaddr // PAGE_SIZE)
+
+    def lookup_run(self, inner_pid: int, vaddr: int, max_pages: int) -> bytes | None:
+        first = self.lookup(inner_pid, vaddr)
+        if first is None:
+            return None
+        out = [first]
+        for i in range(1, max_pages):
+            page = self.lookup(inner_pid, vaddr + i * PAGE_SIZE)
+            if page is None:
+                break
+            out.append(page)
+        return b"".join(out)
+
+    def ranges(self, inner_pid: int) -> list[tuple[int, int]]:
+        from gfvm.pager.source import PagingFileSource
+
+        return PagingFileSource.ranges(self, inner_pid)  # type: ignore[arg-type]
+
+    def native_sources(self, inner_pid: int) -> list:
+        ci = self.cindexes.get(inner_pid)
+        if ci is None:
+            return []
+        return [native.Source(ci.clone(), self.pf.pages_read_fd())]
+
+    def take(self) -> tuple[PagingFile, dict]:
+        """Hands the file and the indexes over (to the pager); this object is spent."""
+        pf, cindexes = self.pf, self.cindexes
+        self.pf, self.cindexes = None, {}
+        return pf, cindexes
+
+    def close(self) -> None:
+        if self.pf is not None:
+            self.pf.close()
+            self.pf = None
 
 
 def _describe_status(rc: int) -> str:

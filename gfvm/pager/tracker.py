@@ -443,6 +443,7 @@ class ManagedTree:
         asid: int | None = None,
         keeper_key: str | None = None,
         wake: bool = False,
+        cindex: native.PageIndex | None = None,
     ) -> AddressSpace:
         """Starts tracking the process `host_pid` through `uffd`, a uffd created inside it.
         Runs on the worker. Order: API -> fault loop serves it -> keeper holds a copy ->
@@ -458,10 +459,8 @@ class ManagedTree:
                 )
         if asid is None:
             asid = procfs.inner_pid(host_pid)
-        cindex = native.PageIndex()
-        entries = self.pf.index.entries(asid)
-        if entries:
-            cindex.set_many([v << PAGE_SHIFT for v in entries], [p >> 32 for p in entries.values()])
+        if cindex is None:  # else: built ahead from the same file (a migration target)
+            cindex = build_cindex(self.pf.index.entries(asid))
         space = AddressSpace(asid, host_pid, uffd, cindex, -1)
         space.open_fds()
         space.loop_id = self.loop.add(
@@ -479,18 +478,24 @@ class ManagedTree:
         return space
 
     def take_back_space(
-        self, host_pid: int, uffd: native.Userfaultfd, asid: int, *, api_done: bool = True
+        self, host_pid: int, uffd: native.Userfaultfd, asid: int, *, api_done: bool = True,
+        check_stale: bool = True, cindex: native.PageIndex | None = None,
     ) -> AddressSpace:
         """Takeover after a gfvmd restart: serve `uffd` again (waking every range), treat every
         present page as dirty (the previous gfvmd's dirty set is lost), and drop index entries of
         pages that are neither present nor released by us (the process removed them while the
-        event was not yet logged). Runs on the worker."""
-        space = self.attach_space(host_pid, uffd, api_done=api_done, asid=asid, wake=True)
+        event was not yet logged). `check_stale=False` when no such event can exist (a restored
+        process that has not run yet). Runs on the worker."""
+        space = self.attach_space(host_pid, uffd, api_done=api_done, asid=asid, wake=True,
+                                  cindex=cindex)
         present: set[int] = set()
         for region in native.scan_present(space.pagemap_fd, 0, USER_END):
             present.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
         tracked = [(b >> PAGE_SHIFT, e >> PAGE_SHIFT) for b, e in space.registered]
         space.add_dirty({v for v in present if any(b <= v < e for b, e in tracked)}, self.tick)
+        if not check_stale:
+            self._wake_all(space)
+            return space
         released = self.pf.index.released.get(asid, set())
         stale = [v for v in self.pf.index.entries(asid) if v not in present and v not in released]
         for v in stale:
@@ -1167,6 +1172,55 @@ class ManagedTree:
 
     # ------------------------------------------------------------------ migration hand-off
 
+    def release_cold(self, chunk_pages: int = 16384) -> int:
+        """Before a migration's freeze, while the tree runs: drops from memory every page that
+        is clean (in the paging file, not dirty, not hot), in chunks of at most `chunk_pages`
+        (each chunk stops the process for one injected madvise). What the process touches
+        again comes back from the local paging file. Makes the release during the freeze
+        proportional to the recently written pages instead of the whole memory. Returns the
+        pages dropped. Worker only."""
+        total = 0
+        self._drain_events()
+        for space in list(self.spaces.values()):
+            if not space.resolved or not space.alive or space.cindex is None:
+                continue
+            entries = self.pf.index.entries(space.asid)
+            present = self._present_pages(space, sorted(space.registered))
+            candidates = sorted(
+                v for v in present if v in entries and v not in space.dirty and v not in space.hot
+            )
+            runs = _runs_to_ranges(candidates)
+            chunk: list[tuple[int, int]] = []
+            pages = 0
+            for i, (a, b) in enumerate(runs):
+                while a < b:
+                    take = min(b - a, (chunk_pages - pages) << PAGE_SHIFT)
+                    chunk.append((a, a + take))
+                    pages += take >> PAGE_SHIFT
+                    a += take
+                    if pages >= chunk_pages or (a >= b and i == len(runs) - 1):
+                        total += self._release_chunk(space, chunk)
+                        chunk, pages = [], 0
+            if chunk:
+                total += self._release_chunk(space, chunk)
+        self.pf.commit()
+        self.counters.pages_evicted += total
+        return total
+
+    def _release_chunk(self, space: AddressSpace, ranges: list[tuple[int, int]]) -> int:
+        try:
+            runs = native.evict_pages(
+                self.ctx.tracer, space.host_pid, ranges, loop=self.loop, uffd_id=space.loop_id,
+                uffd=space.uffd, index=space.cindex,
+            )
+        except ProcessLookupError:
+            return 0
+        n = 0
+        for a, b in runs:
+            self.pf.mark_released(space.asid, a >> PAGE_SHIFT, (b - a) >> PAGE_SHIFT)
+            n += (b - a) >> PAGE_SHIFT
+        return n
+
     def release_memory(self) -> int:
         """Migration step 5: with the tree frozen and flushed, drops every tracked page from the
         processes' memory so that CRIU does not dump it. Indexed pages are logged RELEASED (the
@@ -1202,7 +1256,13 @@ class ManagedTree:
                     "paging file (the tree is not frozen?)"
                 )
             if space.cindex is None:
-                raise GfvmError(f"pid {space.host_pid}: a forked child not fully tracked yet")
+                # A forked child: its loop still serves from the index cloned at the fork. Give
+                # it one built from the file (the tree is frozen: no event can race this), so
+                # that what comes back from now on is the file's current content.
+                space.cindex = build_cindex(entries)
+                self.loop.set_sources(
+                    space.loop_id, [native.Source(space.cindex, self.pf.pages_read_fd())]
+                )
             plan.append((space, ranges))
         by_pid = {space.host_pid: (space, ranges) for space, ranges in plan}
         self.state = "released"
@@ -1377,6 +1437,14 @@ def _zero_page(space: AddressSpace, vpage: int) -> bool:
     except OSError:
         return True
     return not any(buf)
+
+
+def build_cindex(entries: dict[int, int]) -> native.PageIndex:
+    """The native page index (address -> slot) of one address space's file entries."""
+    cindex = native.PageIndex(max(len(entries), 1))
+    if entries:
+        cindex.set_many([v << PAGE_SHIFT for v in entries], [p >> 32 for p in entries.values()])
+    return cindex
 
 
 def _minus_pages(ranges: list[tuple[int, int]], pages: set[int]) -> list[tuple[int, int]]:
