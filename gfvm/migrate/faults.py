@@ -14,7 +14,7 @@ from gfvm.fm.faults import Faults
 
 POINTS = {
     # source side, in the order of the sequence (DESIGN.md steps 1-9)
-    "migrate.after_pick": "source: target chosen and prepared, process still running",
+    "migrate.after_pick": "source: target chosen, process still running",
     "migrate.after_preflush": "source: pre-flush rounds done, process still running",
     "migrate.after_freeze": "source: process frozen, nothing flushed yet",
     "migrate.after_final_flush": "source: dirty pages durable on every replica",

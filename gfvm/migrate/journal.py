@@ -30,10 +30,10 @@ class Journal:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self._path(side, gfvm_id)
         tmp = path.with_suffix(".tmp")
+        # No fsync: the journal has to survive a crash of gfvmd (the kernel keeps the file),
+        # not of the machine (the processes it describes die with it).
         with open(tmp, "w") as f:
             json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def remove(self, side: str, gfvm_id: str) -> None:

@@ -7,7 +7,8 @@ The source's gfvmd drives a migration; the target's answers. One request per ste
     MigPrepare       source -> target       reserve the migration; what will be restored
     MigHandoffCheck  source -> target       do you hold an in-sync copy of these files, with the
                                             paging-file index at least this long? (before epoch+1)
-    MigRestore       source -> target       you own the files now: restore, serve, run it
+    MigRestore       source -> target       restore it (while the files are promoted to you)
+    MigCommit        source -> target       the handoff is done: commit and run it
     MigAbort         source -> target       forget it (kill what you restored, if anything)
     MigQuery         anyone -> target       what do you know about this migration? (recovery)
 
@@ -72,6 +73,14 @@ class MigRestore:
     spec: Bytes(MAX_JSON)
 
 
+@wire.request(0x200D)
+class MigCommit:
+    """The handoff is done (the receiver is master of the process's files): once restored, it
+    may commit and run the process."""
+
+    gfvm_id: Name
+
+
 @wire.request(0x2009)
 class MigAbort:
     gfvm_id: Name
@@ -95,6 +104,7 @@ __all__ = [
     "MigPrepare",
     "MigHandoffCheck",
     "MigRestore",
+    "MigCommit",
     "MigAbort",
     "MigQuery",
     "MigDone",

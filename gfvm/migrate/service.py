@@ -39,6 +39,7 @@ from gfvm.migrate.faults import POINTS, new_faults
 from gfvm.migrate.journal import Journal
 from gfvm.migrate.messages import (
     MigAbort,
+    MigCommit,
     MigDone,
     MigHandoffCheck,
     MigPrepare,
@@ -143,6 +144,7 @@ class MigrationService:
             MigPrepare: self._on_prepare,
             MigHandoffCheck: self._on_check,
             MigRestore: self._on_restore,
+            MigCommit: self._on_commit,
             MigAbort: self._on_abort,
             MigQuery: self._on_query,
         }
@@ -221,7 +223,7 @@ class MigrationService:
             other = self.outgoing[gfvm_id]
             raise UsageError(f"{gfvm_id} is already being migrated"
                              f"{' to ' + other.target if other.target else ''}: wait for it")
-        if tree.state not in ("running",):
+        if tree.state not in ("running", "starting"):
             raise UsageError(f"{gfvm_id} is {tree.state}: only a running process can migrate")
         mig = SourceMigration(self, tree, to=to, allow_remote=bool(args.get("allow_remote")),
                               prefetch=prefetch)
@@ -298,6 +300,10 @@ class MigrationService:
                 raise GfvmError(inc.error or "the restore failed")
             return _done(inc.result)
         return _done(await self.target.restore(msg.gfvm_id, _json(msg.spec)))
+
+    async def _on_commit(self, peer: str, msg: MigCommit):
+        self._from_source(peer, msg.gfvm_id)
+        return _done(self.target.commit(msg.gfvm_id))
 
     async def _on_abort(self, peer: str, msg: MigAbort):
         inc = self.target.incoming.get(msg.gfvm_id)

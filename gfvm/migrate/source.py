@@ -42,6 +42,7 @@ from gfvm.migrate.manifest import write_manifest
 from gfvm.migrate.target import OWNER, read_owner, write_owner
 from gfvm.migrate.messages import (
     MigAbort,
+    MigCommit,
     MigDone,
     MigHandoffCheck,
     MigPrepare,
@@ -173,9 +174,13 @@ class SourceMigration:
         # 1. target
         await self.pick()
         await faults.hit("migrate.after_pick")
-        # 2. pre-flush while running
+        # 2. pre-flush while running: clean pages out of memory, the dirty ones to the file
+        # until that stops shrinking, the target prepared, one more round
         self.step = "pre-flush"
-        hot_from = await self.preflush()
+        await self.release_cold()
+        await self.preflush()
+        await self.prepare_target()
+        hot_from = await self.preflush(final=True)
         await faults.hit("migrate.after_preflush")
         # 3. freeze
         self.step = "freeze"
@@ -244,35 +249,43 @@ class SourceMigration:
         await self.say(f"checkpoint committed in /gfvm/{self.ckpt_path} ({_kib(len(blob))}, on "
                        f"every replica) in {timings['image_replication'] * 1000:.0f} ms")
         await faults.hit("migrate.after_images")
-        # 7. handoff
+        # 7+8. handoff and restore, overlapping: the target restores (stopped, not yet
+        # committed) while every file is promoted to it; then it is told to commit and run.
         self.step = "handoff"
         t = time.monotonic()
         files = self.all_files()
         await self.request(self.target, MigHandoffCheck(self.id, files, f"{self.dir}/index",
                                                         index_bytes), timeout=30)
         await faults.hit("migrate.before_handoff")
-        if not self.remote:
-            await self.promote_all(files, self.target)
-        self.handed_off = True
-        self.journal("handed_off")
-        timings["handoff"] = time.monotonic() - t
-        await self.say(
-            f"handoff: {self.target} is master of the process's files (epoch {epoch + 1})"
-            if not self.remote else f"handoff: {self.target} will read the files remotely"
-        )
-        await faults.hit("migrate.after_handoff")
-        # 8. restore on the target
-        self.step = "restore"
-        t = time.monotonic()
-        restored = await self.request(
-            self.target,
-            MigRestore(self.id, json.dumps({"ckpt": self.ckpt_path, "hot_from": hot_from,
-                                            "prefetch": self.prefetch}).encode()),
-            timeout=svc.settings.restore_timeout,
-        )
+        self.journal("handing_off")
+        restored: dict = {}
+
+        async def restore() -> None:
+            restored.update(await self.request(
+                self.target,
+                MigRestore(self.id, json.dumps({"ckpt": self.ckpt_path, "hot_from": hot_from,
+                                                "prefetch": self.prefetch}).encode()),
+                timeout=svc.settings.restore_timeout,
+            ))
+
+        async def handoff() -> None:
+            if not self.remote:
+                await self.promote_all(files, self.target)
+            self.handed_off = True
+            self.journal("handed_off")
+            timings["handoff"] = time.monotonic() - t
+            await self.say(
+                f"handoff: {self.target} is master of the process's files (epoch {epoch + 1})"
+                if not self.remote else f"handoff: {self.target} will read the files remotely"
+            )
+            await faults.hit("migrate.after_handoff")
+            self.step = "restore"
+            await self.request(self.target, MigCommit(self.id), timeout=30)
+
+        await run_both(restore, handoff)
+        timings["restore"] = time.monotonic() - t - timings["handoff"]
         self.running_on_target = True
         t_end = time.monotonic()
-        timings["restore"] = t_end - t
         net1 = await self.thread(nodeinfo.network_bytes)
         freeze = t_end - t_freeze
         timings["other"] = freeze - sum(timings.values())
@@ -368,6 +381,13 @@ class SourceMigration:
                             "candidates": {c: probes[c] for c in candidates}})
         await self.say(f"target {self.target}: {why}")
         self.journal("picked")
+        self._need = (need_memory, need_disk)
+
+    async def prepare_target(self) -> None:
+        """MigPrepare: the target reserves the migration and opens and indexes the paging file
+        (proportional to the process's memory: done here, before the freeze)."""
+        svc = self.svc
+        need_memory, need_disk = self._need
         log_tail = await self.thread(_log_tail, self.tree.rec.log_path)
         spec = {
             "name": self.tree.rec.name, "cmd": self.tree.rec.cmd,
@@ -378,18 +398,37 @@ class SourceMigration:
         }
         await write_owner(svc.files, self.dir, svc.node)
         self.prepared = True
+        t0 = time.monotonic()
+        # The checkpoint's file exists before the freeze (creating one is a metadata commit).
+        await svc.files.open(self.ckpt_path, create=True)
         await self.request(self.target, MigPrepare(self.id, svc.node, json.dumps(spec).encode()),
-                           timeout=30)
+                           timeout=120)
+        await self.say(f"{self.target} prepared (paging file opened and indexed there in "
+                       f"{time.monotonic() - t0:.2f} s)")
 
     # ------------------------------------------------------------------ 2. pre-flush
 
-    async def preflush(self) -> int:
-        """Flushes while the process runs until the dirty set stops shrinking. Returns the index
-        length before the last round: what was flushed after it is the recent hot set."""
-        rounds: list[int] = []
+    async def release_cold(self) -> None:
+        """Clean pages leave memory now, while the process runs (it gets back from the local
+        file what it touches): the release in the freeze then has only hot pages to drop."""
+        t1 = time.monotonic()
+        try:
+            cold = await self.thread(self.svc.pager.release_cold, self.id)
+        except TreeDead:
+            raise ProcessExited(f"process {self.id} exited during the migration") from None
+        cold_s = time.monotonic() - t1
+        self.report["released_early"] = {"pages": cold, "seconds": round(cold_s, 4)}
+        await self.say(f"{cold} clean pages ({_mib(cold * 4096)}) left memory in {cold_s:.2f} s "
+                       "(process running)")
+
+    async def preflush(self, final: bool = False) -> int:
+        """Flushes while the process runs until the dirty set stops shrinking (`final`: one
+        more round). Returns the index length before the last round: what was flushed after
+        it is the recent hot set."""
+        rounds: list[int] = self.report.get("preflush", {}).get("rounds", []) if final else []
         t0 = time.monotonic()
         mark = await self.index_size()
-        for _ in range(self.svc.settings.preflush_rounds):
+        for _ in range(1 if final else self.svc.settings.preflush_rounds):
             self.check_alive()
             mark = await self.index_size()
             try:
@@ -402,19 +441,12 @@ class SourceMigration:
             ):
                 break
         seconds = time.monotonic() - t0
-        # Clean pages leave memory now, while the process runs (it gets back from the local
-        # file what it touches): the release in the freeze then only has the hot pages to drop.
-        t1 = time.monotonic()
-        try:
-            cold = await self.thread(self.svc.pager.release_cold, self.id)
-        except TreeDead:
-            raise ProcessExited(f"process {self.id} exited during the migration") from None
-        cold_s = time.monotonic() - t1
-        self.report["preflush"] = {"rounds": rounds, "seconds": round(seconds, 4),
-                                   "pages_released_early": cold, "release_seconds": round(cold_s, 4)}
+        if final:
+            self.report["preflush"]["rounds"] = rounds
+            return mark
+        self.report["preflush"] = {"rounds": rounds, "seconds": round(seconds, 4)}
         await self.say(f"pre-flush: {len(rounds)} rounds, dirty pages per round "
-                       f"{' -> '.join(map(str, rounds))} ({seconds:.2f} s); {cold} clean pages "
-                       f"({_mib(cold * 4096)}) left memory in {cold_s:.2f} s; process running")
+                       f"{' -> '.join(map(str, rounds))} ({seconds:.2f} s, process running)")
         return mark
 
     # ------------------------------------------------------------------ 7. handoff
@@ -555,6 +587,25 @@ class SourceMigration:
         reads `owner` as the master, which no one else can change any more: the node that
         committed to running the process ("" or us: nobody did)."""
         return await take_back(self.svc, self.id, self.all_files())
+
+
+async def run_both(first, second) -> None:
+    """Runs two async functions concurrently; the first failure cancels the other and is raised
+    as itself (not wrapped in an exception group)."""
+    errors: list[BaseException] = []
+
+    async with trio.open_nursery() as n:
+        async def guarded(fn) -> None:
+            try:
+                await fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+                n.cancel_scope.cancel()
+
+        n.start_soon(guarded, first)
+        n.start_soon(guarded, second)
+    if errors:
+        raise errors[0]
 
 
 async def promote_all(svc, files: list[str], node: str) -> None:

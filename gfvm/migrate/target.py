@@ -74,6 +74,8 @@ class Incoming:
     keeper: KeeperClient | None = None  # started at prepare: ~0.2 s we keep out of the freeze
     prep: object = None  # pager.AdoptionPrep: the paging file opened and indexed at prepare
     committed: bool = False  # `owner` names us: from here on the process runs here, come what may
+    go: trio.Event = field(default_factory=trio.Event)  # MigCommit (or an abort) arrived
+    aborted: bool = False
 
     def summary(self) -> dict:
         return {
@@ -316,7 +318,15 @@ class TargetSide:
 
             # The commit point: `owner` names us, durable on every replica. Only the master of
             # the files can write it (a demoted node's write gets no acks), and a source that
-            # takes its files back reads it before it thaws its own copy.
+            # takes its files back reads it before it thaws its own copy. The source says when
+            # the handoff (which ran while we restored) is done.
+            t1 = time.monotonic()
+            with trio.move_on_after(svc.settings.restore_timeout):
+                await inc.go.wait()
+            if inc.aborted or not inc.go.is_set():
+                raise GfvmError("aborted by the source" if inc.aborted
+                                else "the source did not complete the handoff")
+            t["wait_handoff"] = time.monotonic() - t1
             t1 = time.monotonic()
             if not remote:
                 w = await svc.files.where(f"{paging_dir}/index")
@@ -411,6 +421,9 @@ class TargetSide:
         if inc is None:
             return {"state": "running" if gfvm_id in self.svc.pager.trees else "unknown"}
         if inc.phase == "restoring":
+            if not inc.committed:
+                inc.aborted = True
+                inc.go.set()  # a restore waiting for the handoff gives up now
             await inc.done.wait()
         if inc.phase == "running":
             return {"state": "running"}
@@ -421,6 +434,14 @@ class TargetSide:
             shutil.rmtree, work_dir(self.svc.daemon.paths.run, gfvm_id), True
         )
         return {"state": "aborted"}
+
+    def commit(self, gfvm_id: str) -> dict:
+        """MigCommit: the handoff is done; the restore may commit once it is ready."""
+        inc = self._get(gfvm_id, "restoring", "running")
+        if inc.aborted:
+            raise UsageError(f"the migration of {gfvm_id} to {self.svc.node} was aborted")
+        inc.go.set()
+        return {"state": inc.phase}
 
     def query(self, gfvm_id: str) -> dict:
         inc = self.incoming.get(gfvm_id)

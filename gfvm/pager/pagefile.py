@@ -297,8 +297,10 @@ class PageIndex:
 
     @staticmethod
     def _keys_in(keys, vpage: int, npages: int) -> list[int]:
-        if npages <= len(keys):
-            return [v for v in range(vpage, vpage + npages) if v in keys]
+        span = range(vpage, vpage + npages)
+        if npages <= 4 * len(keys):  # the intersection runs in C: ~30 ns per page
+            found = keys.keys() & span if isinstance(keys, dict) else keys.intersection(span)
+            return list(found)
         return [v for v in keys if vpage <= v < vpage + npages]
 
     def apply(self, rec: Record) -> list[int]:

@@ -1263,7 +1263,9 @@ class ManagedTree:
                 self.loop.set_sources(
                     space.loop_id, [native.Source(space.cindex, self.pf.pages_read_fd())]
                 )
-            plan.append((space, ranges))
+            # Only what is present needs dropping (release_cold took the rest out already):
+            # the work here is proportional to that, not to the whole address space.
+            plan.append((space, _runs_to_ranges(sorted(present))))
         by_pid = {space.host_pid: (space, ranges) for space, ranges in plan}
         self.state = "released"
 
@@ -1290,6 +1292,16 @@ class ManagedTree:
         except BaseException:
             self.state = "running"  # nothing was unregistered: missing pages are served again
             raise
+        # Pages dropped earlier (release_cold, the memory limit) carry write-protect markers,
+        # which /proc/PID/pagemap shows as swapped pages: CRIU would dump them, faulting every
+        # one back in. Tracking pauses anyway: unprotect everything (what is still present then
+        # counts as written: flushed again after a rollback, harmless).
+        for space, _ in plan:
+            for start, end in sorted(space.registered):
+                try:
+                    space.uffd.writeprotect(start, end - start, protect=False)
+                except OSError as exc:
+                    log.debug("unprotect %#x-%#x: %s", start, end, exc)
         dropped = 0
         for (space, _), runs in zip(plan, evicted, strict=True):
             for a, b in runs:
