@@ -21,7 +21,7 @@ value the receiver acts on is re-checked there (gfvm/migrate/service.py).
 from __future__ import annotations
 
 from gfvm import wire
-from gfvm.wire import U64, Bool, Bytes, List, Name, NodeName, RelPath, Text
+from gfvm.wire import U64, Bool, Bytes, List, Name, NodeName, RelPath, Text  # noqa: F401
 
 MAX_JSON = 1 << 20
 
@@ -108,6 +108,4 @@ __all__ = [
     "MigAbort",
     "MigQuery",
     "MigDone",
-    "NodeName",
-    "U64",
 ]

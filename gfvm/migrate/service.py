@@ -4,7 +4,8 @@
     control ops   migrate {id | pid, to, allow_remote, prefetch}   (gfvm migrate, with progress)
                   migrate.fault {name, action}                      (arm a fault point)
                   migrate.state {}                                  (what is in flight here)
-    peer requests MigProbe, MigPrepare, MigHandoffCheck, MigRestore, MigAbort, MigQuery
+    peer requests MigProbe, MigPrepare, MigHandoffCheck, MigRestore, MigCommit, MigAbort,
+                  MigQuery
                   (on the File Manager's authenticated channels)
 
 Needs the File Manager and the pager of the same gfvmd (`daemon.fm`, `daemon.pager`).

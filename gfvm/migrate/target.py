@@ -159,7 +159,8 @@ class TargetSide:
             with open(p, "wb") as f:
                 f.write(tail)
 
-    async def check(self, gfvm_id: str, paths: list[str], index_path: str, index_bytes: int) -> dict:
+    async def check(self, gfvm_id: str, paths: list[str], index_path: str,
+                    index_bytes: int) -> dict:
         inc = self._get(gfvm_id, "prepared")
         files = self.svc.files
         if inc.spec.get("remote"):
@@ -567,7 +568,8 @@ def hot_pages(index_data: bytes, mark: int) -> dict[int, set[int]]:
 
 def _check_spec(spec: dict) -> None:
     """The JSON a source sends: types checked before anything acts on it."""
-    if not isinstance(spec.get("cmd", []), list) or not all(isinstance(c, str) for c in spec.get("cmd", [])):
+    cmd = spec.get("cmd", [])
+    if not isinstance(cmd, list) or not all(isinstance(c, str) for c in cmd):
         raise UsageError("migration spec: cmd must be a list of strings")
     if not isinstance(spec.get("asids", []), list) or not all(
         isinstance(a, int) and 0 < a < 1 << 22 for a in spec.get("asids", [])

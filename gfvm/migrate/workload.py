@@ -31,9 +31,8 @@ def build(directory: Path) -> Path:
     if cc is None:
         raise FeatureMissing("a C compiler (gcc) is needed to build the migration workload")
     out = Path(directory) / "gfvm-migrate-workload"
-    subprocess.run(
-        [cc, "-O2", "-Wall", "-pthread", "-o", str(out), str(SOURCE)], check=True, capture_output=True
-    )
+    subprocess.run([cc, "-O2", "-Wall", "-pthread", "-o", str(out), str(SOURCE)], check=True,
+                   capture_output=True)
     return out
 
 
