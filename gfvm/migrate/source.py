@@ -422,13 +422,14 @@ class SourceMigration:
                        "(process running)")
 
     async def preflush(self, final: bool = False) -> int:
-        """Flushes while the process runs until the dirty set stops shrinking (`final`: one
-        more round). Returns the index length before the last round: what was flushed after
-        it is the recent hot set."""
-        rounds: list[int] = self.report.get("preflush", {}).get("rounds", []) if final else []
+        """Flushes while the process runs until the dirty set stops shrinking (again, with
+        `final`, after the target's preparation let pages pile up). Returns the index length
+        before the last round: what was flushed after it is the recent hot set."""
+        rounds: list[int] = []
+        before = self.report.get("preflush", {}).get("rounds", []) if final else []
         t0 = time.monotonic()
         mark = await self.index_size()
-        for _ in range(1 if final else self.svc.settings.preflush_rounds):
+        for _ in range(self.svc.settings.preflush_rounds):
             self.check_alive()
             mark = await self.index_size()
             try:
@@ -442,7 +443,8 @@ class SourceMigration:
                 break
         seconds = time.monotonic() - t0
         if final:
-            self.report["preflush"]["rounds"] = rounds
+            self.report["preflush"]["rounds"] = before + rounds
+            self.report["preflush"]["seconds"] += round(seconds, 4)
             return mark
         self.report["preflush"] = {"rounds": rounds, "seconds": round(seconds, 4)}
         await self.say(f"pre-flush: {len(rounds)} rounds, dirty pages per round "

@@ -234,6 +234,9 @@ class TargetSide:
         self.svc.journal.remove("in", inc.gfvm_id)
         if inc.phase == "running":
             self.svc.spawn(self._prefetch_task, inc)
+        if not (inc.phase == "running" and inc.spec.get("remote")):  # else its server reads it
+            await trio.to_thread.run_sync(
+                shutil.rmtree, work_dir(self.svc.daemon.paths.run, inc.gfvm_id), True)
 
     async def _restore(self, inc: Incoming) -> dict:
         svc = self.svc
@@ -377,6 +380,8 @@ class TargetSide:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_stop_server, server, thread, keeper)
                 await trio.to_thread.run_sync(source.close)
+                await trio.to_thread.run_sync(
+                    shutil.rmtree, work_dir(self.svc.daemon.paths.run, inc.gfvm_id), True)
             log.info("%s: the remotely served process ended", inc.gfvm_id)
 
     def _adopt(self, inc: Incoming, host_pids: list[int], prepared) -> None:
