@@ -39,7 +39,7 @@ import trio
 from gfvm.errors import GfvmError, NotFound, Unavailable, UsageError
 from gfvm.migrate import ckptfile, criu, nodeinfo
 from gfvm.migrate.manifest import write_manifest
-from gfvm.migrate.target import OWNER, read_owner, write_owner
+from gfvm.migrate.target import CRIU_VERBOSITY, OWNER, read_owner, write_owner
 from gfvm.migrate.messages import (
     MigAbort,
     MigCommit,
@@ -225,7 +225,7 @@ class SourceMigration:
         try:
             dump = await criu.dump(
                 self.tree.rec.init_pid, images, work_dir=self.stage, leave_running=True,
-                freeze_cgroup=str(self.cgroup.paths[0]),
+                freeze_cgroup=str(self.cgroup.paths[0]), verbosity=CRIU_VERBOSITY,
             )
         except criu.CriuError:
             self.check_alive()
