@@ -93,11 +93,24 @@ class MCluster:
         self.wait_ready()
 
     def ensure_daemons(self) -> None:
-        """Restarts any gfvmd a previous test killed (fault points crash them)."""
-        dead = [n for n in self.nodes if not self.c.daemon_alive(n)]
-        for n in dead:
+        """Restarts any gfvmd a previous test (or a fault point) killed, including one that is
+        still on its way out (its control socket closes before the process is gone)."""
+        from gfvm.cluster import sysutil
+
+        restarted = False
+        for n in self.nodes:
+            try:
+                self.call(n, "ping", timeout=5)
+                continue
+            except Exception:  # noqa: BLE001 - not answering: dead or dying
+                pass
+            pid = self.c.node(n).daemon_pid
+            if pid:
+                sysutil.wait_gone([pid], 10)
+            self.c.stop_daemon(n, signal.SIGKILL)  # forgets the pid (kills it if it hung)
             self.c.start_daemon(n)
-        if dead:
+            restarted = True
+        if restarted:
             self.wait_ready()
 
     def start(self, node: str = "n1", *, mib: int = 64, hot_mib: int = 8, rate: int = 20000,
