@@ -33,11 +33,13 @@ import signal
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("gfvm-keeper")
 
 MAX_MSG = 65536
+IDLE_EXIT = 60.0  # seconds without a client and without a uffd before the keeper exits
 
 
 def _peer_uid(sock: socket.socket) -> int:
@@ -130,8 +132,16 @@ class Keeper:
         os.replace(tmp, path)
         conns: list[socket.socket] = []
         running = True
+        idle_since = time.monotonic()
         while running:
-            ready, _, _ = select.select([listener, *conns], [], [])
+            ready, _, _ = select.select([listener, *conns], [], [], IDLE_EXIT / 4)
+            if self.held or conns:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > IDLE_EXIT:
+                # Holding nothing and nobody connected (its gfvmd died with no managed process,
+                # e.g. in a test): nothing to keep. A gfvmd that needs one starts a new keeper.
+                log.info("keeper: idle, exiting")
+                break
             for s in ready:
                 if s is listener:
                     conn, _ = listener.accept()
