@@ -65,6 +65,7 @@ from gfvm.wire.errors import (
 from gfvm.wire.frames import DEFAULT_MAX_FRAME
 from gfvm.wire.messages import ErrorReply, Kind, spec_of
 from gfvm.wire.state import Role, State
+from gfvm.wire.tls import TlsStream
 
 log = logging.getLogger(__name__)
 
@@ -507,7 +508,7 @@ class _suppress_transport_errors:
         )
 
 
-async def _tls_handshake(stream: trio.SSLStream) -> str:
+async def _tls_handshake(stream: TlsStream) -> str:
     try:
         await stream.do_handshake()
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -577,7 +578,7 @@ async def open_peer(
         with trio.fail_after(options.handshake_timeout):
             tcp = await trio.open_tcp_stream(address, port)
             capped = _PreauthCap(tcp, options.preauth_max_bytes)
-            stream = trio.SSLStream(capped, ssl_ctx, server_side=False)
+            stream = TlsStream(capped, ssl_ctx, server_side=False)
             identity = await _tls_handshake(stream)
             if identity != expected_node:
                 raise _HandshakeFailed(
@@ -688,7 +689,7 @@ async def _serve_authenticated(
         conn = None
         with trio.move_on_after(options.handshake_timeout):
             capped = _PreauthCap(tcp, options.preauth_max_bytes)
-            stream = trio.SSLStream(capped, ssl_ctx, server_side=True)
+            stream = TlsStream(capped, ssl_ctx, server_side=True)
             identity = await _tls_handshake(stream)
             conn = Connection(
                 Role.SERVER,
