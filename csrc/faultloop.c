@@ -23,6 +23,9 @@
  * (move entries) to every source index itself, serves a forked child at once (new entry whose
  * indexes are clones of the parent's, taken while the parent still waits in fork()), and queues
  * every event for Python, signalling the eventfd `notify_fd` (readable while events are queued).
+ * The kernel releases the process from an event as soon as the message is *read*, i.e. a moment
+ * before the loop has applied and queued it: gfvm_faultloop_sync() waits for that moment (the
+ * loop holds the entry's mutex from read() to the end of the batch).
  *
  * Contract for stopping (stop(), remove(), errors, death of the daemon): the loop never reads a
  * fault it does not serve or wake. Faults not yet read stay queued in the uffd. A thread that
@@ -515,6 +518,43 @@ int gfvm_faultloop_expect_remove(struct gfvm_faultloop *loop, uint32_t id, const
     e->n_evict = n;
     pthread_mutex_unlock(&e->mu);
     put_ref(loop, e);
+    return 0;
+}
+
+/* Returns once the loop thread has finished with every message it has read so far from uffd `id`
+ * (0: from every uffd): events applied to the indexes and queued, faults served. Needed because
+ * the kernel lets a process return from madvise/munmap/mremap/fork as soon as the loop *reads*
+ * the event, a moment before the loop has applied and queued it. The loop holds e->mu from the
+ * read to the end of the batch, so taking and releasing it is the barrier. */
+int gfvm_faultloop_sync(struct gfvm_faultloop *loop, uint32_t id)
+{
+    if (id != 0) {
+        struct entry *e = find_ref(loop, id);
+        if (!e)
+            return -ENOENT;
+        pthread_mutex_lock(&e->mu);
+        pthread_mutex_unlock(&e->mu);
+        put_ref(loop, e);
+        return 0;
+    }
+    pthread_mutex_lock(&loop->lock);
+    size_t n = loop->n_entries;
+    struct entry **v = malloc((n ? n : 1) * sizeof(*v));
+    if (!v) {
+        pthread_mutex_unlock(&loop->lock);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < n; i++) {
+        v[i] = loop->entries[i];
+        v[i]->refs++;
+    }
+    pthread_mutex_unlock(&loop->lock);
+    for (size_t i = 0; i < n; i++) {
+        pthread_mutex_lock(&v[i]->mu);
+        pthread_mutex_unlock(&v[i]->mu);
+        put_ref(loop, v[i]);
+    }
+    free(v);
     return 0;
 }
 

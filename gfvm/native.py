@@ -1091,6 +1091,21 @@ class FaultLoop:
             raise KeyError(uffd_id)
         check(rc, "FaultLoop.expect_eviction")
 
+    def sync(self, uffd_id: int = 0) -> None:
+        """Returns once the loop has finished with every message it has read so far from that
+        uffd (0: from every uffd): events applied to the indexes and queued, faults served.
+
+        Why: the kernel lets a process return from madvise/munmap/mremap/fork as soon as the loop
+        *reads* the event, a moment before the loop has applied it and queued it. So "the process
+        said its munmap returned" does not yet mean "pop_events() has it"; after sync() it does
+        (and with every thread of the process stopped, the indexes then reflect every event the
+        process completed). Blocks for at most the batch being served (microseconds, or a
+        window's reads). KeyError for an unknown id."""
+        rc = lib.gfvm_faultloop_sync(self._ptr(), uffd_id)
+        if rc == -errno.ENOENT:
+            raise KeyError(uffd_id)
+        check(rc, "FaultLoop.sync")
+
     def state(self, uffd_id: int) -> tuple[str, int]:
         """("active" | "exited" | "failed", errno of the failure or 0)."""
         st, err = ffi.new("int *"), ffi.new("int *")

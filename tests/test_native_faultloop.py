@@ -189,6 +189,8 @@ def test_dontneed_by_the_process_means_zeros_not_old_data(start_target, manage, 
     m.flush()
     m.evict()
     assert t.cmd("dontneed 8 8") == "ok"  # the process discards pages that have slots
+    # Its madvise returned when the loop *read* the event; sync() waits until it is applied.
+    loop.sync(m.id)
     events = loop.pop_events()
     removes = [(e.start, e.end, e.evicted) for e in events if e.kind == "remove"]
     assert removes == [(t.addr, t.end, True), (t.page(8), t.page(16), False)]
@@ -202,6 +204,7 @@ def test_munmap_drops_index_entries(start_target, manage, loop):
     m.flush()
     m.evict()
     assert t.cmd("munmap 48 16") == "ok"
+    loop.sync(m.id)
     assert [(e.kind, e.start, e.end) for e in loop.pop_events() if e.kind == "unmap"] == [
         ("unmap", t.page(48), t.page(64))
     ]
@@ -217,6 +220,7 @@ def test_mremap_moves_index_entries(start_target, manage, loop):
     word, new = t.cmd("mremap").split()
     new = int(new, 16)
     assert word == "ok"
+    loop.sync(m.id)
     remaps = [e for e in loop.pop_events() if e.kind == "remap"]
     assert [(e.start, e.end, e.to) for e in remaps] == [(t.addr, t.end, new)]
     assert m.index.items() == [(new + i * PAGE, i) for i in range(64)]
@@ -229,6 +233,7 @@ def test_forked_child_is_served_from_a_copy_of_the_index(start_target, manage, l
     m.flush()
     m.evict()
     assert t.cmd("fork") == "child 0"  # the child checked every page, then wrote page 0
+    loop.sync(m.id)
     forks = [e for e in loop.pop_events() if e.kind == "fork"]
     assert len(forks) == 1 and forks[0].child_id != 0 and forks[0].uffd is not None
     forks[0].uffd.close()

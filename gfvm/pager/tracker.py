@@ -1030,6 +1030,7 @@ class ManagedTree:
         every tracked page (pages never written are not in the file and read as zeros)."""
         total = FlushResult()
         t0 = time.monotonic()
+        self.loop.sync()  # events the (frozen) processes completed are applied and queued
         self._drain_events()
         for space in list(self.spaces.values()):
             if not space.resolved or not space.alive:
@@ -1169,6 +1170,7 @@ class ManagedTree:
         madvise(MADV_DONTNEED) over them. Indexed pages are logged RELEASED (the target serves
         them from the paging file). Tracking stops until `reattach()` (rollback) or the Pager's
         hand_over(). Refuses while dirty pages remain. Returns the pages dropped. Worker only."""
+        self.loop.sync()
         self._drain_events()
         dirty = self.dirty_pages()
         if dirty:
