@@ -521,6 +521,35 @@ int gfvm_faultloop_expect_remove(struct gfvm_faultloop *loop, uint32_t id, const
     return 0;
 }
 
+/* The sources entry `id` serves from (for a forked child: the clones the loop made at the fork).
+ * out[i].index carries a new reference and out[i].fd a new descriptor (-1: none), both the
+ * caller's; map/map_len are the mapping as given. Returns how many (at most max), or -errno. */
+int gfvm_faultloop_sources(struct gfvm_faultloop *loop, uint32_t id, struct gfvm_fl_source *out, uint32_t max)
+{
+    struct entry *e = find_ref(loop, id);
+    if (!e)
+        return -ENOENT;
+    int rc = 0;
+    uint32_t n = 0;
+    pthread_mutex_lock(&e->mu);
+    for (; n < e->nsources && n < max; n++) {
+        out[n] = e->sources[n];
+        if (out[n].fd >= 0 && (out[n].fd = fcntl(out[n].fd, F_DUPFD_CLOEXEC, 3)) < 0) {
+            rc = -errno;
+            break;
+        }
+        gfvm_pageindex_ref(out[n].index);
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (rc < 0)
+        for (uint32_t i = 0; i < n; i++) {
+            close_fd(&out[i].fd);
+            gfvm_pageindex_unref(out[i].index);
+        }
+    put_ref(loop, e);
+    return rc < 0 ? rc : (int)n;
+}
+
 /* Returns once the loop thread has finished with every message it has read so far from uffd `id`
  * (0: from every uffd): events applied to the indexes and queued, faults served. Needed because
  * the kernel lets a process return from madvise/munmap/mremap/fork as soon as the loop *reads*

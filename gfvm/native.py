@@ -32,7 +32,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Self
 
 try:
@@ -831,11 +831,26 @@ class Source:
     """Where a FaultLoop reads pages from: `index` maps a page to a slot, the page's bytes are
     at slot * 4096 of `fd` (pread) or of `mapping` (any buffer, e.g. an mmap of the file; slots
     beyond it fall back to `fd`). The loop dups `fd`; it keeps `mapping` exported (so it cannot
-    be closed) until FaultLoop.close(), since forked children inherit their parent's sources."""
+    be closed) until FaultLoop.close(), since forked children inherit their parent's sources.
+    A Source returned by FaultLoop.sources() owns its `fd` (closed when the Source goes away)."""
 
     index: PageIndex
     fd: int = -1
     mapping: Any = None
+    _fd_owner: Any = field(default=None, repr=False, compare=False)
+
+
+class _OwnedFd:
+    """Closes an fd when garbage-collected (the fd of a Source from FaultLoop.sources())."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(frozen=True)
@@ -1063,6 +1078,35 @@ class FaultLoop:
         """Replaces the sources of an entry (takes effect from the next window)."""
         arr, n = self._source_array(sources)
         check(lib.gfvm_faultloop_set_sources(self._ptr(), uffd_id, arr, n), "FaultLoop.set_sources")
+
+    def sources(self, uffd_id: int) -> list[Source]:
+        """The sources the loop serves entry `uffd_id` from, in order. For a forked child these
+        are the clones of its parent's indexes the loop made at the fork: the very PageIndex
+        objects the loop reads, so the caller can update them (set_many after its own flushes)
+        or evict with them (evict_pages). Each Source owns a new dup of the loop's fd and keeps
+        the mapping object the parent's Source was given. Never blocks beyond a mutex (waits for
+        the window being served). KeyError for an unknown id."""
+        out = ffi.new("struct gfvm_fl_source[]", lib.GFVM_FL_MAX_SOURCES)
+        rc = lib.gfvm_faultloop_sources(self._ptr(), uffd_id, out, lib.GFVM_FL_MAX_SOURCES)
+        if rc == -errno.ENOENT:
+            raise KeyError(uffd_id)
+        n = check(rc, "FaultLoop.sources")
+        mappings = {int(ffi.cast("uintptr_t", view)): obj for view, obj in self._keep}
+        result = []
+        for i in range(n):
+            fd = int(out[i].fd)
+            mapping = None
+            if out[i].map != ffi.NULL:
+                mapping = mappings.get(int(ffi.cast("uintptr_t", out[i].map)))
+            result.append(
+                Source(
+                    PageIndex(_ptr=out[i].index),  # the reference C gave us
+                    fd,
+                    mapping,
+                    _OwnedFd(fd) if fd >= 0 else None,
+                )
+            )
+        return result
 
     def set_process(self, uffd_id: int, pid: int = 0, pidfd: int = -1) -> None:
         """Tells the loop which process an entry serves (a forked child's, typically)."""

@@ -242,6 +242,34 @@ def test_forked_child_is_served_from_a_copy_of_the_index(start_target, manage, l
     assert t.cmd("verify") == "ok 64"
 
 
+def test_sources_of_a_forked_child_are_the_clones_the_loop_reads(start_target, manage, loop):
+    t = start_target(64)
+    m = manage(t)
+    m.flush()
+    m.evict()
+    assert t.cmd("fork") == "child 0"
+    loop.sync(m.id)
+    (fork,) = [e for e in loop.pop_events() if e.kind == "fork"]
+    fork.uffd.close()
+    (mine,) = loop.sources(m.id)
+    assert mine.index.cdata == m.index.cdata  # the parent's own index, not a copy
+    assert os.path.samestat(os.fstat(mine.fd), os.fstat(m.file.fileno()))
+    (child,) = loop.sources(fork.child_id)
+    assert child.index.cdata != m.index.cdata
+    assert child.index.items() == m.index.items()  # cloned at the fork
+    assert os.path.samestat(os.fstat(child.fd), os.fstat(m.file.fileno()))
+    # Changes made through it are what the loop serves the child from.
+    child.index.remove(t.page(3))
+    assert t.page(3) not in loop.sources(fork.child_id)[0].index
+    assert t.page(3) in m.index
+    fd = child.fd
+    del child
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the Source owned its dup
+    with pytest.raises(KeyError):
+        loop.sources(12345)
+
+
 def test_process_death_is_reported_and_nothing_hangs(start_target, manage, loop):
     t = start_target(16)
     m = manage(t)

@@ -35,10 +35,10 @@ flight when such an event touched it is not indexed (it stays dirty and is flush
 index numbers its range changes; the flush takes that number before reading, drains (and logs)
 every event up to then, and stores the slots with `set_many(unless_changed_since=seq)`, which skips
 atomically every page changed after it; only the pages stored are logged as PUT. So the file's log
-has every event and PUT in the order the C index applied them. A forked child whose C index the
-native layer does not expose gets no C updates (its index stays the clone the loop made at the
-fork, which serves it correctly as long as the pager does not evict its pages); its flushes are
-checked against the events drained after its read instead (`_index_batch`).
+has every event and PUT in the order the C index applied them. A forked child's C index is the
+clone the loop made at the fork (FaultLoop.sources), updated and evicted like any other; only a
+native layer without sources() leaves it without C updates (then its pages are not evicted and
+its flushes are checked against the events drained after its read instead, `_index_batch`).
 
 Events never drop dirtiness (a page written after a REMOVE must still be flushed): a dirty page that
 turns out unmapped (read fails) or not present any more (scan) is dropped at flush time. REMAP moves
