@@ -30,7 +30,9 @@ import errno
 import functools
 import os
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Self
@@ -1586,21 +1588,127 @@ class Tracer:
         """Creates a userfaultfd inside `pid` (O_CLOEXEC|O_NONBLOCK, never USER_MODE_ONLY),
         copies it out with pidfd_getfd and closes it in the target, all in one stop. The
         returned uffd acts on the target's memory; call api() on it next."""
-        flags = os.O_CLOEXEC | os.O_NONBLOCK
+        return self.call(self._with_session, pid, tid, _make_uffd_in(pid))
 
-        def body(s: _Session) -> Userfaultfd:
-            remote = check(s.syscall(SYS_userfaultfd, flags), f"injected userfaultfd() in {pid}")
-            try:
-                # The fd table of the thread that made it (the leader may have exited).
-                pidfd = pidfd_open(s.tid, PIDFD_THREAD if s.tid != pid else 0)
-                try:
-                    return Userfaultfd(pidfd_getfd(pidfd, remote))
-                finally:
-                    os.close(pidfd)
-            finally:
-                check(s.syscall(SYS_close, remote), f"injected close({remote}) in {pid}")
+    def inject_userfaultfd_at_exec(
+        self, pid: int, resume: Callable[[], None], *, timeout: float = 10.0
+    ) -> Userfaultfd:
+        """Creates a userfaultfd in the program `pid` is about to exec, before that program's
+        first instruction: for a task that stopped itself (SIGSTOP) right before an exec, e.g.
+        a shell shim `kill -STOP $$; exec CMD`.
 
-        return self.call(self._with_session, pid, tid, body)
+        Seizes `pid` with PTRACE_O_TRACEEXEC|PTRACE_O_EXITKILL (if this process dies meanwhile,
+        the task is killed rather than left half-attached), waits for its stop, calls `resume()`
+        (the caller sends SIGCONT: `lambda: os.kill(pid, signal.SIGCONT)`), continues it through
+        signal-delivery stops (signals are delivered as usual) until PTRACE_EVENT_EXEC, lets the
+        exec complete up to the signal-path stop just before the new program's first
+        instruction, injects userfaultfd() there, copies it out with pidfd_getfd, closes it in
+        the target and detaches. The returned uffd acts on the new program's memory; call api()
+        next. The task must be single-threaded (a shim is). A job-control stop that arrives
+        between resume() and the exec is not honoured (the task is continued); one that arrives
+        at the final stop is (the task stays stopped after the detach).
+
+        Raises ProcessLookupError if the task exits before it execs (the message has its exit
+        status, e.g. 127 for a command the shell did not find), TimeoutError if it does not stop
+        (within stop_timeout) or exec (within `timeout` seconds after resume()), PermissionError
+        if it cannot be traced (or, e.g., a seccomp filter forbids userfaultfd at that point),
+        OSError(EBUSY) if this tracer holds it already. Any exception from resume() is
+        re-raised after the task is released (still stopped). Blocks until done.
+        """
+        return self.call(self._uffd_at_exec, pid, resume, timeout)
+
+    def _uffd_at_exec(self, pid: int, resume: Callable[[], None], timeout: float) -> Userfaultfd:
+        if pid in self._stopped:
+            raise OSError(errno.EBUSY, f"process {pid} is already stopped by this tracer")
+        check(
+            lib.gfvm_ptrace_seize_opts(pid, lib.PTRACE_O_TRACEEXEC | lib.PTRACE_O_EXITKILL),
+            f"PTRACE_SEIZE {pid}",
+        )
+        at_stop = False  # whether the task sits in a ptrace stop we have seen (can be detached)
+        try:
+            # 1. Seizing a stopped task traps it in its group stop. A task that has not acted on
+            #    its SIGSTOP yet shows a signal-delivery stop first: deliver it.
+            deadline = time.monotonic() + self.stop_timeout
+            while True:
+                kind, sig = self._next_stop(pid, deadline, "stop")
+                if kind == "group-stop":
+                    break
+                check(lib.gfvm_ptrace_cont(pid, sig if kind == "signal" else 0), f"PTRACE_CONT {pid}")
+            at_stop = True
+            resume()
+            # 2. Run to the exec, delivering signals (SIGCONT first). Continuing from the group
+            #    stop only after resume() keeps it stopped until the caller lets it go.
+            deadline = time.monotonic() + timeout
+            kind, sig = "group-stop", 0
+            while kind != "exec":
+                check(lib.gfvm_ptrace_cont(pid, sig if kind == "signal" else 0), f"PTRACE_CONT {pid}")
+                at_stop = False
+                kind, sig = self._next_stop(pid, deadline, "exec")
+                at_stop = True
+            # 3. The exec-event stop is inside execve(): let it return (the new program's
+            #    registers) into the signal path, where injection restores registers exactly.
+            check(lib.gfvm_ptrace_interrupt(pid), f"PTRACE_INTERRUPT {pid}")
+            check(lib.gfvm_ptrace_cont(pid, 0), f"PTRACE_CONT {pid}")
+            at_stop = False
+            stop_sig = ffi.new("int *")
+            rc = lib.gfvm_ptrace_wait_stop(pid, self._ms(self.stop_timeout), stop_sig)
+            if rc == -errno.ESRCH:
+                raise ProcessLookupError(errno.ESRCH, f"process {pid} died during its exec")
+            check(rc, f"waiting for {pid} after its exec")
+            at_stop = True
+            ip = ffi.new("uint64_t *")
+            check(lib.gfvm_find_syscall_insn(pid, ip), f"finding a syscall instruction in {pid}")
+            self._stopped[pid] = {pid: int(stop_sig[0])}
+            self._syscall_ip[pid] = int(ip[0])
+            return self._with_session(pid, pid, _make_uffd_in(pid))
+        finally:
+            if pid in self._stopped:
+                self._release(pid)  # restores nothing more (the session did), detaches
+            elif at_stop:
+                lib.gfvm_ptrace_detach(pid)
+            else:
+                self._give_up_running(pid)
+
+    def _next_stop(self, pid: int, deadline: float, waiting_for: str) -> tuple[str, int]:
+        """The next stop of a seized task: ("exec" | "group-stop" | "signal" | "other", signal).
+        Raises ProcessLookupError when it exited, TimeoutError at `deadline`."""
+        status = ffi.new("int *")
+        left = max(0, int((deadline - time.monotonic()) * 1000))
+        rc = lib.gfvm_ptrace_wait_status(pid, left, status)
+        if rc == -errno.ETIMEDOUT:
+            raise TimeoutError(errno.ETIMEDOUT, f"process {pid} did not {waiting_for} in time")
+        if rc == -errno.ESRCH:
+            raise ProcessLookupError(errno.ESRCH, f"process {pid} is gone")
+        check(rc, f"waiting for {pid}")
+        st = int(status[0])
+        if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+            how = (
+                f"exit status {os.WEXITSTATUS(st)}"
+                if os.WIFEXITED(st)
+                else f"killed by signal {os.WTERMSIG(st)}"
+            )
+            raise ProcessLookupError(errno.ESRCH, f"process {pid} ended ({how}) before it exec'd")
+        sig, event = os.WSTOPSIG(st), st >> 16
+        if event == lib.PTRACE_EVENT_EXEC:
+            return "exec", 0
+        if event == lib.PTRACE_EVENT_STOP:
+            stopping = sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+            return ("group-stop" if stopping else "other"), sig
+        if event == 0:
+            return "signal", sig
+        return "other", sig
+
+    def _give_up_running(self, pid: int) -> None:
+        """Releases a seized task that runs: interrupt it and detach it once it stops (now or,
+        if it takes longer, before a later job: see _release_late_stoppers)."""
+        if lib.gfvm_ptrace_interrupt(pid) < 0:
+            return  # gone
+        stop_sig = ffi.new("int *")
+        rc = lib.gfvm_ptrace_wait_stop(pid, 100, stop_sig)
+        if rc == 0:
+            lib.gfvm_ptrace_detach(pid)
+        elif rc == -errno.ETIMEDOUT:
+            self._late.add(pid)
 
     def inject_madvise(
         self,
@@ -1669,6 +1777,25 @@ class Tracer:
                 lib.gfvm_ptrace_detach(tid)  # its process was released meanwhile
 
         self.call(run)
+
+
+def _make_uffd_in(pid: int) -> Callable[[_Session], Userfaultfd]:
+    """The injection that creates a uffd in `pid` and copies it out (see inject_userfaultfd)."""
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
+
+    def body(s: _Session) -> Userfaultfd:
+        remote = check(s.syscall(SYS_userfaultfd, flags), f"injected userfaultfd() in {pid}")
+        try:
+            # The fd table of the thread that made it (the leader may have exited).
+            pidfd = pidfd_open(s.tid, PIDFD_THREAD if s.tid != pid else 0)
+            try:
+                return Userfaultfd(pidfd_getfd(pidfd, remote))
+            finally:
+                os.close(pidfd)
+        finally:
+            check(s.syscall(SYS_close, remote), f"injected close({remote}) in {pid}")
+
+    return body
 
 
 def evict_pages(

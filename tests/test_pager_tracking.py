@@ -22,6 +22,9 @@ from pager_support import (
 )
 
 
+pytest_plugins = ["native_fixtures"]  # early_binary
+
+
 @pytest.fixture(scope="module")
 def workload_bin(tmp_path_factory):
     require_root()
@@ -194,6 +197,27 @@ def test_exec_is_tracked_again(pager, workload_bin, tmp_path):
         assert conn2.cmd("verify") == "ok 128"
     finally:
         wl.close()
+
+
+def test_run_attaches_before_the_first_instruction(pager, early_binary):
+    """tests/native_early.c writes a marker into a page in its first instructions and then
+    forbids userfaultfd() (seccomp): `gfvm run` must have made its uffd at the exec stop (a later
+    injection fails with EPERM), and the page written first is tracked and paged out."""
+    from pathlib import Path
+
+    summary = pager.run_blocking([str(early_binary)], "early", None)
+    tree = pager.tree(summary["id"])
+    log = Path(tree.rec.log_path)
+    wait_for(lambda: b"early " in log.read_bytes(), what="the program's first line")
+    first = int(log.read_bytes().split()[1], 16)
+    marker = (0x6766766D65617231).to_bytes(8, "little")
+
+    def paged_out() -> bool:
+        page = tree.call(lambda: tree.pf.read_page(2, first >> 12))
+        return page is not None and page[:8] == marker
+
+    wait_for(paged_out, what="the first page written to be paged out")
+    assert tree.snapshot()["last_error"] is None
 
 
 def test_run_of_a_missing_command_says_why(pager):
