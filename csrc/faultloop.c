@@ -9,6 +9,13 @@
  * page does not count as written; zero pages are then a COPY of zeros, see csrc/uffd.c) or,
  * without WP tracking, UFFDIO_ZEROPAGE for zero runs.
  *
+ * Checksums (corruption is never served): an index entry may carry the page's CRC-32 (zlib's).
+ * After reading such a page the loop checks it; a page that fails is not installed but poisoned
+ * (UFFDIO_POISON: an access raises SIGBUS, never wrong data; in a WP-tracked range the page's
+ * write-protect marker is dropped first, since POISON refuses to replace even a marker), and an
+ * ERROR event with errno EBADMSG names the page, the slot and the source; the uffd stays served.
+ * Entries without a CRC (e.g. CRIU's own image pages) are served unchecked.
+ *
  * errno triage (as in Firecracker's handler): EEXIST = page already there, skip it and go on;
  * EAGAIN with no progress = the mm is changing, read the pending events first and redo the
  * window (re-reading the index: a REMOVE may just have dropped entries); ENOENT = the window
@@ -38,6 +45,7 @@
  * Only the loop thread reads messages from a uffd it serves: callers must not read() it. A uffd
  * says nothing when its process exits; the optional pidfd per uffd lets the loop notice (EXIT). */
 #include "kernel_abi.h"
+#include "checksum.h"
 #include "faultloop.h"
 #include "pageindex.h"
 #include "uffd.h"
@@ -616,35 +624,63 @@ int gfvm_faultloop_dup_uffd(struct gfvm_faultloop *loop, uint32_t id)
 
 enum install_result { INSTALLED = 0, NEED_DRAIN = 1, HIT_ENOENT = 2, MM_GONE = 3 };
 
-struct tally {
-    uint64_t copied, zeros; /* pages installed with data / as zeros */
-    int fault_present;      /* the faulting page turned out to be there already */
+/* Page classes in a window's slots[]: >= 0 data from a source, else: */
+#define SLOT_NONE (-1)   /* in no source: zeros (or left alone) */
+#define SLOT_POISON (-2) /* its bytes failed their checksum: poisoned, never served */
+
+/* What one window looked up and read: per page its slot (or class), source, checksum (-1: none)
+ * and, for poisoned pages, the slot that failed. The data is in loop->buf. */
+struct window {
+    uint64_t start, n;
+    int64_t slots[GFVM_FL_MAX_WINDOW];
+    int64_t crcs[GFVM_FL_MAX_WINDOW];
+    int64_t bad_slot[GFVM_FL_MAX_WINDOW];
+    uint8_t src[GFVM_FL_MAX_WINDOW];
 };
 
-static void count_installed(struct tally *t, const int64_t *slots, uint64_t first, uint64_t n)
+struct tally {
+    uint64_t copied, zeros, poisoned;              /* pages installed with data / as zeros / poisoned */
+    uint64_t from_source[GFVM_FL_MAX_SOURCES];     /* copied, per source */
+    int fault_present;                             /* the faulting page turned out to be there already */
+};
+
+static void count_installed(struct tally *t, const struct window *w, uint64_t first, uint64_t n)
 {
     for (uint64_t i = first; i < first + n; i++) {
-        if (slots && slots[i] >= 0)
+        if (w->slots[i] >= 0) {
             t->copied++;
-        else
+            t->from_source[w->src[i]]++;
+        } else {
             t->zeros++;
+        }
     }
 }
 
-/* Installs [start, start + n pages) from src (NULL: UFFDIO_ZEROPAGE), slots[i] telling which
- * page has data (NULL: none). Skips pages that are already present. Returns an install_result
- * or -errno (fatal). */
-static int install(struct gfvm_faultloop *loop, struct entry *e, uint64_t start, uint64_t n, const char *src,
-                   const int64_t *slots, uint64_t fault, struct tally *t)
+static void bump_tally(struct gfvm_faultloop *loop, struct entry *e, const struct tally *t)
+{
+    BUMP(e, loop, pages_copied, t->copied);
+    BUMP(e, loop, pages_zero, t->zeros);
+    BUMP(e, loop, pages_poisoned, t->poisoned);
+    for (uint32_t s = 0; s < GFVM_FL_MAX_SOURCES; s++)
+        if (t->from_source[s])
+            BUMP(e, loop, from_source[s], t->from_source[s]);
+}
+
+/* Installs pages [first, first + n) of the window from loop->buf (data: true) or as zeros
+ * (UFFDIO_ZEROPAGE). Skips pages that are already present. Returns an install_result or -errno
+ * (fatal). */
+static int install(struct gfvm_faultloop *loop, struct entry *e, const struct window *w, uint64_t first,
+                   uint64_t n, int data, uint64_t fault, struct tally *t)
 {
     static const char zero_page[PAGE] __attribute__((aligned(PAGE)));
-    uint64_t end = start + n * PAGE, pos = start;
+    uint64_t start = w->start + first * PAGE, end = start + n * PAGE, pos = start;
+    const char *src = data ? loop->buf + first * PAGE : NULL;
     uint64_t mode = (e->flags & GFVM_FL_WP) ? UFFDIO_COPY_MODE_WP : 0;
     while (pos < end) {
         int64_t done = 0;
         int rc = src ? gfvm_uffd_copy(e->uffd, pos, src + (pos - start), end - pos, mode, &done)
                      : gfvm_uffd_zeropage(e->uffd, pos, end - pos, 0, &done);
-        count_installed(t, slots, (pos - start) / PAGE, (uint64_t)done / PAGE);
+        count_installed(t, w, (pos - w->start) / PAGE, (uint64_t)done / PAGE);
         pos += (uint64_t)done;
         if (rc == 0)
             break;
@@ -678,20 +714,79 @@ static int install(struct gfvm_faultloop *loop, struct entry *e, uint64_t start,
     return INSTALLED;
 }
 
-/* Reads the pages of a window that have a slot into loop->buf. slots[i] / src[i] per page. */
-static int read_sources(struct gfvm_faultloop *loop, struct entry *e, uint64_t n, const int64_t *slots,
-                        const uint8_t *src)
+/* Page i of the window failed its checksum: UFFDIO_POISON it (an access raises SIGBUS, never
+ * wrong data) and tell Python (ERROR event, errno EBADMSG, naming the page and the slot). If
+ * poisoning itself fails for good, the error is fatal for the uffd (its faults then wait). */
+static int poison(struct gfvm_faultloop *loop, struct entry *e, const struct window *w, uint64_t i, uint64_t fault,
+                  struct tally *t)
 {
-    uint64_t i = 0;
+    uint64_t addr = w->start + i * PAGE;
+    int64_t done = 0;
+    int rc = gfvm_uffd_poison(e->uffd, addr, PAGE, 0, &done);
+    if (rc == -EEXIST &&
+        gfvm_uffd_writeprotect(e->uffd, addr, PAGE, UFFDIO_WRITEPROTECT_MODE_DONTWAKE) == 0)
+        /* POISON refuses to replace even a write-protect marker (a missing page in a WP-tracked
+         * range, e.g. after an eviction), where COPY would not: drop the marker, then poison.
+         * (Fails with EINVAL where the range is not WP-registered: then the page is present.) */
+        rc = gfvm_uffd_poison(e->uffd, addr, PAGE, 0, &done);
+    if (rc == -EAGAIN)
+        return NEED_DRAIN;
+    if (rc == -ENOENT)
+        return HIT_ENOENT;
+    if (rc == -ESRCH)
+        return MM_GONE;
+    if (rc == -EEXIST) { /* present already (installed before the slot went bad): not ours */
+        BUMP(e, loop, eexist, 1);
+        if (addr == fault)
+            t->fault_present = 1;
+        return INSTALLED;
+    }
+    if (rc == 0)
+        t->poisoned++;
+    struct gfvm_fl_event ev = {.kind = GFVM_FL_ERROR, .uffd_id = e->id, .start = addr, .end = addr + PAGE,
+                               .slot = (uint64_t)w->bad_slot[i], .source = w->src[i], .error = EBADMSG,
+                               .fd = -1};
+    queue_event(loop, &ev);
+    return rc == 0 ? INSTALLED : rc;
+}
+
+/* Looks the window's pages up in the sources (the first source that has a page wins). Returns
+ * how many pages have data. */
+static uint64_t lookup_window(struct entry *e, struct window *w)
+{
+    int64_t tmp[GFVM_FL_MAX_WINDOW], tmp_crc[GFVM_FL_MAX_WINDOW];
+    uint64_t found = 0;
+    for (uint64_t i = 0; i < w->n; i++)
+        w->slots[i] = SLOT_NONE;
+    for (uint32_t s = 0; s < e->nsources; s++) {
+        if (gfvm_pageindex_lookup_run(e->sources[s].index, w->start, w->n, tmp, tmp_crc) == 0)
+            continue;
+        for (uint64_t i = 0; i < w->n; i++)
+            if (w->slots[i] < 0 && tmp[i] >= 0) {
+                w->slots[i] = tmp[i];
+                w->crcs[i] = tmp_crc[i];
+                w->src[i] = (uint8_t)s;
+                found++;
+            }
+    }
+    return found;
+}
+
+/* Reads the pages of a window that have a slot into loop->buf and verifies their checksums: a
+ * page that fails becomes SLOT_POISON (bad_slot keeps its slot). */
+static int read_sources(struct gfvm_faultloop *loop, struct entry *e, struct window *w)
+{
+    uint64_t i = 0, n = w->n;
+    const int64_t *slots = w->slots;
     while (i < n) {
         if (slots[i] < 0) {
             i++;
             continue;
         }
         uint64_t j = i + 1; /* one read for a run of consecutive slots of one source */
-        while (j < n && slots[j] == slots[j - 1] + 1 && src[j] == src[i])
+        while (j < n && slots[j] == slots[j - 1] + 1 && w->src[j] == w->src[i])
             j++;
-        const struct gfvm_fl_source *s = &e->sources[src[i]];
+        const struct gfvm_fl_source *s = &e->sources[w->src[i]];
         uint64_t off = (uint64_t)slots[i] * PAGE, len = (j - i) * PAGE;
         char *dst = loop->buf + i * PAGE;
         if (s->map && off + len <= s->map_len) {
@@ -713,7 +808,44 @@ static int read_sources(struct gfvm_faultloop *loop, struct entry *e, uint64_t n
         }
         i = j;
     }
+    for (i = 0; i < n; i++)
+        if (w->slots[i] >= 0 && w->crcs[i] >= 0 && gfvm_crc32_page(loop->buf + i * PAGE) != (uint32_t)w->crcs[i]) {
+            w->bad_slot[i] = w->slots[i];
+            w->slots[i] = SLOT_POISON;
+        }
     return 0;
+}
+
+/* Installs a window that read_sources filled: data pages by COPY, failed ones by POISON, pages in
+ * no source as zeros -- with WP tracking in the same COPY as their neighbours (zeros that go in
+ * write-protected), else by ZEROPAGE -- or, with `zeros` 0, not at all. */
+static int install_window(struct gfvm_faultloop *loop, struct entry *e, struct window *w, int zeros,
+                          uint64_t fault, struct tally *t)
+{
+    int one_copy = zeros && (e->flags & GFVM_FL_WP);
+    int rc = INSTALLED;
+    for (uint64_t i = 0; i < w->n && rc == INSTALLED;) {
+        uint64_t j = i + 1;
+        if (w->slots[i] == SLOT_POISON) {
+            rc = poison(loop, e, w, i, fault, t);
+        } else if (one_copy) {
+            while (j < w->n && w->slots[j] != SLOT_POISON)
+                j++;
+            for (uint64_t k = i; k < j; k++)
+                if (w->slots[k] < 0)
+                    memset(loop->buf + k * PAGE, 0, PAGE);
+            rc = install(loop, e, w, i, j - i, 1, fault, t);
+        } else {
+            while (j < w->n && w->slots[j] != SLOT_POISON && (w->slots[j] >= 0) == (w->slots[i] >= 0))
+                j++;
+            if (w->slots[i] >= 0)
+                rc = install(loop, e, w, i, j - i, 1, fault, t);
+            else if (zeros)
+                rc = install(loop, e, w, i, j - i, 0, fault, t);
+        }
+        i = j;
+    }
+    return rc;
 }
 
 /* The VMA holding `page`, via PROCMAP_QUERY. Returns 0, -ENOENT (no VMA there) or another -errno
@@ -735,6 +867,7 @@ static int query_vma(struct entry *e, uint64_t page, uint64_t *vs, uint64_t *ve)
 static int serve_window(struct gfvm_faultloop *loop, struct entry *e, const struct fault *f, int single,
                         uint64_t *w_start, uint64_t *w_end)
 {
+    static __thread struct window w;
     uint64_t page = f->addr & ~(PAGE - 1);
     uint64_t n = single ? 1 : loop->window;
     uint64_t ws = page - ((page / PAGE) % n) * PAGE, we = ws + n * PAGE;
@@ -753,61 +886,27 @@ static int serve_window(struct gfvm_faultloop *loop, struct entry *e, const stru
             return MM_GONE;
         }
     }
-    n = (we - ws) / PAGE;
+    w.start = ws;
+    w.n = (we - ws) / PAGE;
     *w_start = ws;
     *w_end = we;
-
-    int64_t slots[GFVM_FL_MAX_WINDOW], tmp[GFVM_FL_MAX_WINDOW];
-    uint8_t src[GFVM_FL_MAX_WINDOW];
-    for (uint64_t i = 0; i < n; i++)
-        slots[i] = -1;
-    for (uint32_t s = 0; s < e->nsources; s++) {
-        if (gfvm_pageindex_lookup_run(e->sources[s].index, ws, n, tmp) == 0)
-            continue;
-        for (uint64_t i = 0; i < n; i++)
-            if (slots[i] < 0 && tmp[i] >= 0) {
-                slots[i] = tmp[i];
-                src[i] = (uint8_t)s;
-            }
-    }
+    lookup_window(e, &w);
     uint64_t fi = (page - ws) / PAGE;
     int defer = (e->flags & GFVM_FL_DEFER_MISSING) != 0;
-    if (defer && slots[fi] < 0) {
+    if (defer && w.slots[fi] < 0) {
         struct gfvm_fl_event ev = {.kind = GFVM_FL_FAULT, .uffd_id = e->id, .start = f->addr,
                                    .flags = f->flags, .tid = f->tid, .fd = -1};
         BUMP(e, loop, deferred, 1);
         queue_event(loop, &ev);
         return INSTALLED; /* the faulting page is Python's; neighbours wait for their own faults */
     }
-    int rc = read_sources(loop, e, n, slots, src);
+    int rc = read_sources(loop, e, &w);
     if (rc < 0)
         return rc;
-
-    int wp = (e->flags & GFVM_FL_WP) != 0;
-    struct tally t = {0, 0, 0};
-    if (wp && !defer) {
-        /* One COPY for the whole window, pages with and without slot alike (zeros by COPY too,
-         * so that they go in write-protected). */
-        for (uint64_t i = 0; i < n; i++)
-            if (slots[i] < 0)
-                memset(loop->buf + i * PAGE, 0, PAGE);
-        rc = install(loop, e, ws, n, loop->buf, slots, page, &t);
-    } else {
-        /* Runs: COPY for pages with data, ZEROPAGE (or nothing, when deferring) for the rest. */
-        rc = INSTALLED;
-        for (uint64_t i = 0; i < n && rc == INSTALLED;) {
-            uint64_t j = i + 1;
-            while (j < n && (slots[j] >= 0) == (slots[i] >= 0))
-                j++;
-            if (slots[i] >= 0)
-                rc = install(loop, e, ws + i * PAGE, j - i, loop->buf + i * PAGE, slots + i, page, &t);
-            else if (!defer)
-                rc = install(loop, e, ws + i * PAGE, j - i, NULL, NULL, page, &t);
-            i = j;
-        }
-    }
-    BUMP(e, loop, pages_copied, t.copied);
-    BUMP(e, loop, pages_zero, t.zeros);
+    struct tally t;
+    memset(&t, 0, sizeof(t));
+    rc = install_window(loop, e, &w, !defer, page, &t);
+    bump_tally(loop, e, &t);
     if (rc != INSTALLED)
         return rc;
     if (t.fault_present)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import signal
 import time
 
 import pytest
@@ -29,31 +30,34 @@ def loop():
 class Managed:
     """A target under a pager-like setup: injected WP-tracking uffd, paging file, index, loop."""
 
-    def __init__(self, target, tracer, loop, tmp_path, *, defer_missing=False):
+    def __init__(self, target, tracer, loop, tmp_path, *, defer_missing=False, wp=True):
         self.t, self.tracer, self.loop = target, tracer, loop
-        self.uffd = inject_uffd(tracer, target, native.PAGER_FEATURES, missing=True, wp=True)
+        self.uffd = inject_uffd(tracer, target, native.PAGER_FEATURES, missing=True, wp=wp)
         self.pidfd = native.pidfd_open(target.pid)
         # Kept open across methods, closed by close().
         self.file = open(tmp_path / f"paging-{target.pid}", "w+b")  # noqa: SIM115
         self.index = native.PageIndex()
+        self.uffd_wp = wp
         self.id = loop.add(
             self.uffd,
             [native.Source(self.index, self.file.fileno())],
-            wp=True,
+            wp=wp,
             pid=target.pid,
             pidfd=self.pidfd,
             defer_missing=defer_missing,
         )
 
-    def flush(self, first=0, count=None):
+    def flush(self, first=0, count=None, *, crcs=True):
         """Saves pages [first, first + count) at slot = page number, the way a pager does:
-        re-protect (scan) first, then read and store, then index."""
+        re-protect (scan) first, then read and store, then index (with the pages' CRC-32s
+        unless crcs=False)."""
         count = self.t.npages - first if count is None else count
-        pm = native.open_pagemap(self.t.pid)
-        try:
-            native.scan_written(pm, self.t.page(first), self.t.page(first + count))
-        finally:
-            os.close(pm)
+        if self.uffd_wp:
+            pm = native.open_pagemap(self.t.pid)
+            try:
+                native.scan_written(pm, self.t.page(first), self.t.page(first + count))
+            finally:
+                os.close(pm)
         buf = bytearray(count * PAGE)
         assert native.read_ranges(
             self.t.pid, [(self.t.page(first), self.t.page(first + count))], buf
@@ -62,11 +66,31 @@ class Managed:
         self.file.write(buf)
         self.file.flush()
         self.index.set_many(
-            [self.t.page(i) for i in range(first, first + count)], range(first, first + count)
+            [self.t.page(i) for i in range(first, first + count)],
+            range(first, first + count),
+            crcs=native.crc32_pages(buf) if crcs else None,
         )
+
+    def corrupt(self, slot):
+        """Flips one bit of a slot in the paging file (on disk)."""
+        self.file.seek(slot * PAGE + 100)
+        b = self.file.read(1)
+        self.file.seek(slot * PAGE + 100)
+        self.file.write(bytes([b[0] ^ 0x10]))
+        self.file.flush()
 
     def evict(self, first=0, count=None):
         count = self.t.npages - first if count is None else count
+        if not self.uffd_wp:
+            # Without WP tracking evict_pages would find every page written: drop them directly.
+            self.loop.expect_eviction(self.id, [(self.t.page(first), self.t.page(first + count))])
+            try:
+                self.tracer.inject_madvise(
+                    self.t.pid, [(self.t.page(first), self.t.page(first + count))]
+                )
+            finally:
+                self.loop.expect_eviction(self.id, [])
+            return
         return native.evict_pages(
             self.tracer,
             self.t.pid,
@@ -268,6 +292,37 @@ def test_sources_of_a_forked_child_are_the_clones_the_loop_reads(start_target, m
         os.fstat(fd)  # the Source owned its dup
     with pytest.raises(KeyError):
         loop.sources(12345)
+
+
+@pytest.mark.parametrize("wp", [True, False], ids=["wp-tracked", "missing-only"])
+def test_corrupt_slot_is_poisoned_never_served(start_target, manage, loop, wp):
+    """A slot whose bytes no longer match the index's CRC-32: the loop does not serve it, it
+    poisons the page (the process gets SIGBUS when it touches it, never the wrong bytes) and
+    reports the page and the slot; the other pages are served as usual."""
+    t = start_target(64)
+    m = manage(t, wp=wp)
+    m.flush()
+    m.evict()
+    m.corrupt(5)
+    t.send("verify")  # pages in order: 0..4 fine, page 5 poisoned
+    assert t.proc.wait(timeout=10) == -signal.SIGBUS  # not "bad 5 ...": never the bad bytes
+    (err,) = [e for e in loop.pop_events() if e.kind == "error"]
+    assert err.corrupt and (err.uffd_id, err.start, err.end) == (m.id, t.page(5), t.page(6))
+    assert (err.slot, err.source) == (5, 0)
+    c = loop.counters(m.id)
+    assert c.pages_poisoned == 1 and c.errors == 0
+    assert c.pages_copied >= 5 and c.from_source[0] == c.pages_copied
+
+
+def test_pages_without_a_checksum_are_served_unchecked(start_target, manage, loop):
+    """Entries set without CRCs (e.g. CRIU's own image pages) are served as they are."""
+    t = start_target(16)
+    m = manage(t)
+    m.flush(crcs=False)
+    m.evict()
+    m.corrupt(5)
+    assert t.cmd("verify").startswith("bad 5 ")
+    assert loop.counters(m.id).pages_poisoned == 0
 
 
 def test_process_death_is_reported_and_nothing_hangs(start_target, manage, loop):

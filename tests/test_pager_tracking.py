@@ -220,6 +220,30 @@ def test_run_attaches_before_the_first_instruction(pager, early_binary):
     assert tree.snapshot()["last_error"] is None
 
 
+def test_corrupt_page_in_the_paging_file_is_never_served(pager, workload_bin, tmp_path):
+    """A page whose slot is corrupted on disk after it was evicted: the fault loop checks the
+    CRC-32 the pager gave it, poisons the page instead of serving it (the workload gets SIGBUS
+    and never reports wrong bytes) and the pager learns which page and slot (fail-stop)."""
+    wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=256)
+    try:
+        conn.cmd("fill 0 256 2")
+        frozen_flush_and_check(pager, tree)
+        assert tree.call(tree.evict) >= 256
+        vpage = (conn.region >> 12) + 100
+        slot, _crc = tree.pf.index.lookup(2, vpage)
+        with open(pager.backing.path(f"{tree.rec.paging_dir}/pages"), "r+b") as f:
+            f.seek(slot * 4096 + 8)
+            byte = f.read(1)
+            f.seek(slot * 4096 + 8)
+            f.write(bytes([byte[0] ^ 1]))
+        conn.send("verify")
+        assert conn.f.readline() == ""  # died (SIGBUS / fail-stop), never "bad 100 ..."
+        wait_for(lambda: "fails its checksum" in (tree.last_error or ""), what="the error")
+        assert f"page {vpage << 12:#x}" in tree.last_error and f"slot {slot}" in tree.last_error
+    finally:
+        wl.close()
+
+
 def test_run_of_a_missing_command_says_why(pager):
     from gfvm.errors import GfvmError
 

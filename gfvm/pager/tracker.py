@@ -457,10 +457,7 @@ class ManagedTree:
                 )
         if asid is None:
             asid = procfs.inner_pid(host_pid)
-        cindex = native.PageIndex()
-        entries = self.pf.index.entries(asid)
-        if entries:
-            cindex.set_many([v << PAGE_SHIFT for v in entries], [p >> 32 for p in entries.values()])
+        cindex = _c_index(self.pf.index.entries(asid))
         space = AddressSpace(asid, host_pid, uffd, cindex, -1)
         space.open_fds()
         space.loop_id = self.loop.add(
@@ -510,9 +507,7 @@ class ManagedTree:
         self._tmp_next = max(self._tmp_next, tmp - TMP_ASID_BASE + 1)
         if not self.pf.index.entries(tmp):
             self.pf.clone(parent.asid, tmp)
-        entries = self.pf.index.entries(tmp)
-        cindex = native.PageIndex()
-        cindex.set_many([v << PAGE_SHIFT for v in entries], [p >> 32 for p in entries.values()])
+        cindex = _c_index(self.pf.index.entries(tmp))
         loop_id = self.loop.add(uffd, [native.Source(cindex, self.pf.pages_read_fd())], wp=True)
         child = _child_space(tmp, uffd, cindex, loop_id, parent)
         self._add_space(child)
@@ -637,6 +632,12 @@ class ManagedTree:
             space.uffd.wake(ev.start & ~(PAGE_SIZE - 1), PAGE_SIZE)
         elif ev.kind == "exit":
             self._forget_space(space, "exited")
+        elif ev.kind == "error" and ev.corrupt:
+            # The page was poisoned, not served (the process gets SIGBUS if it touches it).
+            self._fail_stop(
+                f"page {ev.start:#x} of pid {space.host_pid} fails its checksum in the paging "
+                f"file (slot {ev.slot}): not served"
+            )
         elif ev.kind == "error":
             self._fail_stop(
                 f"fault service for pid {space.host_pid} failed: "
@@ -991,6 +992,7 @@ class ManagedTree:
                     space.cindex.set_many(
                         [v << PAGE_SHIFT for v in staged.vpages],
                         staged.slots,
+                        crcs=staged.crcs,  # the fault loop verifies them before serving
                         unless_changed_since=seq,
                     )
                 )
@@ -1256,6 +1258,20 @@ class ManagedTree:
             self.pf.commit()
         except Exception:  # noqa: BLE001
             log.exception("final commit")
+
+
+def _c_index(entries: dict[int, int]) -> native.PageIndex:
+    """The fault loop's index of one address space from the paging file's {vpage: slot << 32 |
+    crc}, checksums included (the loop verifies them before serving a page)."""
+    cindex = native.PageIndex(len(entries))
+    if entries:
+        packed = list(entries.values())
+        cindex.set_many(
+            [v << PAGE_SHIFT for v in entries],
+            [p >> 32 for p in packed],
+            crcs=[p & 0xFFFFFFFF for p in packed],
+        )
+    return cindex
 
 
 def _child_space(
