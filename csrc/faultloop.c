@@ -42,6 +42,11 @@
  * (PLATFORM.md). A successor that takes over a uffd whose server died must UFFDIO_WAKE all
  * ranges: faults the dead server had read are never sent again.
  *
+ * Prefetch (gfvm_faultloop_prefetch): per uffd a queue of ranges whose pages the loop installs
+ * from the sources when no fault or event waits (epoll polled with timeout 0 while there is
+ * such work), one chunk of up to 256 pages of one VMA per step, never zeros ahead; a PREFETCHED
+ * event reports each finished queue. Its copies are ordered with the events like the faults'.
+ *
  * Only the loop thread reads messages from a uffd it serves: callers must not read() it. A uffd
  * says nothing when its process exits; the optional pidfd per uffd lets the loop notice (EXIT). */
 #include "kernel_abi.h"
@@ -82,6 +87,12 @@ struct entry {
     struct gfvm_fl_counters c;                          /* updated with atomics */
     uint64_t *evict;                                    /* [start, end) pairs, see expect_remove */
     uint32_t n_evict;
+    /* Prefetch queue (gfvm_faultloop_prefetch): [start, end) pairs, pf_head the one in work. */
+    uint64_t *pf;
+    uint32_t pf_n, pf_cap, pf_head;
+    uint32_t pf_single;   /* pages of the current range to do one by one (a VMA edge was hit) */
+    uint64_t pf_done;     /* pages installed since the queue started */
+    int pf_pending;       /* queue not empty (atomic: also read under loop->lock) */
 };
 
 struct gfvm_faultloop {
@@ -99,6 +110,8 @@ struct gfvm_faultloop {
     struct gfvm_fl_counters total;
     uint64_t hist[GFVM_FL_HIST_BUCKETS];
     char *buf; /* window buffer: only the loop thread uses it */
+    int pf_any;        /* some entry may have prefetch work (under lock; atomic reads) */
+    size_t pf_next;    /* round robin over entries with prefetch work */
 };
 
 struct fault {
@@ -153,6 +166,7 @@ static void free_entry(struct entry *e)
     close_fd(&e->maps_fd);
     drop_sources(e);
     free(e->evict);
+    free(e->pf);
     pthread_mutex_destroy(&e->mu);
     free(e);
 }
@@ -221,6 +235,21 @@ static void epoll_forget(struct gfvm_faultloop *loop, struct entry *e)
         epoll_ctl(loop->epfd, EPOLL_CTL_DEL, e->pidfd, NULL);
 }
 
+/* Ends an entry's prefetch queue (done, or given up with `err`): PREFETCHED event with the pages
+ * it installed. Caller holds e->mu. */
+static void end_prefetch(struct gfvm_faultloop *loop, struct entry *e, int err)
+{
+    if (!__atomic_load_n(&e->pf_pending, __ATOMIC_RELAXED))
+        return;
+    free(e->pf);
+    e->pf = NULL;
+    e->pf_n = e->pf_cap = e->pf_head = e->pf_single = 0;
+    __atomic_store_n(&e->pf_pending, 0, __ATOMIC_RELEASE);
+    struct gfvm_fl_event ev = {.kind = GFVM_FL_PREFETCHED, .uffd_id = e->id, .count = e->pf_done, .error = err,
+                               .fd = -1};
+    queue_event(loop, &ev);
+}
+
 /* The entry's process is gone: stop reading its uffd, tell Python (once). Caller holds e->mu. */
 static void mark_exited(struct gfvm_faultloop *loop, struct entry *e)
 {
@@ -228,6 +257,7 @@ static void mark_exited(struct gfvm_faultloop *loop, struct entry *e)
         return;
     e->state = GFVM_FL_EXITED;
     epoll_forget(loop, e);
+    end_prefetch(loop, e, ESRCH);
     struct gfvm_fl_event ev = {.kind = GFVM_FL_EXIT, .uffd_id = e->id, .fd = -1};
     queue_event(loop, &ev);
 }
@@ -242,6 +272,7 @@ static void mark_failed(struct gfvm_faultloop *loop, struct entry *e, int err, c
     e->state = GFVM_FL_FAILED;
     e->error = err;
     epoll_forget(loop, e);
+    end_prefetch(loop, e, err);
     for (int i = 0; i < n_unserved; i++)
         gfvm_uffd_wake(e->uffd, unserved[i].addr & ~(PAGE - 1), PAGE);
     BUMP(e, loop, errors, 1);
@@ -470,6 +501,7 @@ int gfvm_faultloop_remove(struct gfvm_faultloop *loop, uint32_t id)
     pthread_mutex_lock(&e->mu);
     e->listed = 0;
     epoll_forget(loop, e);
+    end_prefetch(loop, e, ECANCELED);
     pthread_mutex_unlock(&e->mu);
     put_ref(loop, e);
     return 0;
@@ -1121,6 +1153,190 @@ static int serve_batch(struct gfvm_faultloop *loop, struct entry *e)
     return n;
 }
 
+/* ------------------------------------------------------------------ prefetch */
+
+#define PREFETCH_CHUNK 256       /* pages per UFFDIO_COPY run at most */
+#define PREFETCH_EMPTY_CHUNKS 64 /* chunks without data skipped per step at most (faults wait) */
+
+/* One step of an entry's prefetch queue: installs the next chunk (up to PREFETCH_CHUNK pages of
+ * one VMA) of pages that some source has -- never zeros for the others -- or skips chunks that
+ * have none. Pages already present are left alone (EEXIST). Called between faults only, on the
+ * loop thread, with e->mu held: like the faults' copies, every prefetch copy is ordered with the
+ * events the loop reads (a copy never lands in a range the process already dropped). */
+static void prefetch_chunk(struct gfvm_faultloop *loop, struct entry *e)
+{
+    static __thread struct window w;
+    for (int empty = 0; empty < PREFETCH_EMPTY_CHUNKS;) {
+        if (e->state != GFVM_FL_ACTIVE || !e->listed) {
+            end_prefetch(loop, e, e->state == GFVM_FL_FAILED ? e->error : ESRCH);
+            return;
+        }
+        if (e->pf_head == e->pf_n) {
+            end_prefetch(loop, e, 0);
+            return;
+        }
+        uint64_t *r = &e->pf[2 * e->pf_head];
+        if (r[0] >= r[1]) {
+            e->pf_head++;
+            e->pf_single = 0;
+            continue;
+        }
+        uint64_t start = r[0], end = r[1];
+        uint64_t n = (end - start) / PAGE < PREFETCH_CHUNK ? (end - start) / PAGE : PREFETCH_CHUNK;
+        if (e->pf_single) {
+            n = 1;
+        } else if (e->maps_fd >= 0) {
+            /* Keep the chunk in one VMA; jump over holes. */
+            struct procmap_query q = {.size = sizeof(q), .query_flags = PROCMAP_QUERY_COVERING_OR_NEXT_VMA,
+                                      .query_addr = start};
+            if (ioctl(e->maps_fd, PROCMAP_QUERY, &q) < 0) {
+                if (errno == ENOENT) { /* no VMA at or after start */
+                    r[0] = end;
+                    continue;
+                }
+                if (errno == ESRCH) {
+                    mark_exited(loop, e);
+                    return;
+                }
+                /* otherwise do without: ENOENT from the copy cuts the chunk down */
+            } else if (q.vma_start >= end) {
+                r[0] = end;
+                continue;
+            } else if (q.vma_start > start) {
+                r[0] = q.vma_start;
+                continue;
+            } else if (start + n * PAGE > q.vma_end) {
+                n = (q.vma_end - start) / PAGE;
+            }
+        }
+        w.start = start;
+        w.n = n;
+        if (lookup_window(e, &w) == 0) {
+            r[0] = start + n * PAGE;
+            if (e->pf_single)
+                e->pf_single--;
+            empty++;
+            continue;
+        }
+        int rc = read_sources(loop, e, &w);
+        if (rc < 0) {
+            mark_failed(loop, e, -rc, NULL, 0);
+            return;
+        }
+        struct tally t;
+        memset(&t, 0, sizeof(t));
+        rc = install_window(loop, e, &w, 0, UINT64_MAX, &t);
+        bump_tally(loop, e, &t);
+        BUMP(e, loop, pages_prefetched, t.copied);
+        e->pf_done += t.copied;
+        if (rc == INSTALLED || (rc == HIT_ENOENT && n == 1)) {
+            r[0] = start + n * PAGE; /* a single page that is not mapped (any more): skipped */
+            if (e->pf_single)
+                e->pf_single--;
+        } else if (rc == HIT_ENOENT) {
+            e->pf_single = (uint32_t)n; /* crossed a VMA edge: this chunk again, page by page */
+        } else if (rc == NEED_DRAIN) {
+            serve_batch(loop, e); /* the mm is changing: read the events (and faults) first */
+        } else if (rc == MM_GONE) {
+            mark_exited(loop, e);
+        } else {
+            mark_failed(loop, e, -rc, NULL, 0);
+        }
+        return; /* one chunk per step: faults come first */
+    }
+}
+
+/* Runs one prefetch step for the next entry (round robin) that has prefetch work. When none has
+ * any, clears pf_any: the loop then waits for events again without polling. */
+static void prefetch_step(struct gfvm_faultloop *loop)
+{
+    struct entry *e = NULL;
+    pthread_mutex_lock(&loop->lock);
+    size_t n = loop->n_entries;
+    for (size_t k = 0; k < n && !e; k++) {
+        struct entry *c = loop->entries[(loop->pf_next + k) % n];
+        if (__atomic_load_n(&c->pf_pending, __ATOMIC_ACQUIRE)) {
+            e = c;
+            e->refs++;
+            loop->pf_next = (loop->pf_next + k + 1) % n;
+        }
+    }
+    if (!e)
+        __atomic_store_n(&loop->pf_any, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&loop->lock);
+    if (!e)
+        return;
+    pthread_mutex_lock(&e->mu);
+    if (__atomic_load_n(&e->pf_pending, __ATOMIC_RELAXED))
+        prefetch_chunk(loop, e);
+    pthread_mutex_unlock(&e->mu);
+    put_ref(loop, e);
+}
+
+/* Queues [starts[i], ends[i]) ranges (rounded out to pages) for prefetch on entry `id`: the loop
+ * installs the pages its sources have there, between faults, and queues a PREFETCHED event when
+ * the entry's queue is done. -ESRCH if the entry no longer serves (process gone or failed). */
+int gfvm_faultloop_prefetch(struct gfvm_faultloop *loop, uint32_t id, const uint64_t *starts, const uint64_t *ends,
+                            uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (ends[i] < starts[i])
+            return -EINVAL;
+    struct entry *e = find_ref(loop, id);
+    if (!e)
+        return -ENOENT;
+    int rc = 0;
+    pthread_mutex_lock(&e->mu);
+    if (e->state != GFVM_FL_ACTIVE) {
+        rc = -ESRCH;
+    } else {
+        if (e->pf_head > 0) { /* drop the ranges done */
+            memmove(e->pf, e->pf + 2 * e->pf_head, 2 * (e->pf_n - e->pf_head) * sizeof(*e->pf));
+            e->pf_n -= e->pf_head;
+            e->pf_head = 0;
+        }
+        if (e->pf_n + n > e->pf_cap) {
+            uint32_t cap = e->pf_cap ? e->pf_cap : 16;
+            while (cap < e->pf_n + n)
+                cap *= 2;
+            uint64_t *v = realloc(e->pf, 2 * (size_t)cap * sizeof(*v));
+            if (!v)
+                rc = -ENOMEM;
+            else {
+                e->pf = v;
+                e->pf_cap = cap;
+            }
+        }
+        if (rc == 0 && n > 0) {
+            for (uint32_t i = 0; i < n; i++) {
+                e->pf[2 * (e->pf_n + i)] = starts[i] & ~(PAGE - 1);
+                e->pf[2 * (e->pf_n + i) + 1] = (ends[i] + PAGE - 1) & ~(PAGE - 1);
+            }
+            e->pf_n += n;
+            if (!__atomic_load_n(&e->pf_pending, __ATOMIC_RELAXED))
+                e->pf_done = 0;
+            __atomic_store_n(&e->pf_pending, 1, __ATOMIC_RELEASE);
+        }
+    }
+    int queued = rc == 0 && __atomic_load_n(&e->pf_pending, __ATOMIC_RELAXED);
+    if (rc == 0 && !queued) {
+        /* Nothing to do (no ranges): say so right away, as for a queue that ran out. */
+        struct gfvm_fl_event ev = {.kind = GFVM_FL_PREFETCHED, .uffd_id = e->id, .fd = -1};
+        queue_event(loop, &ev);
+    }
+    pthread_mutex_unlock(&e->mu);
+    put_ref(loop, e);
+    if (queued) {
+        pthread_mutex_lock(&loop->lock);
+        __atomic_store_n(&loop->pf_any, 1, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&loop->lock);
+        uint64_t one = 1;
+        ssize_t w = write(loop->ctl_fd, &one, sizeof(one)); /* the thread may sit in epoll_wait */
+        (void)w;
+    }
+    return rc;
+}
+
 /* ------------------------------------------------------------------ the thread */
 
 static void serve_entry(struct gfvm_faultloop *loop, uint32_t id, int tag)
@@ -1147,9 +1363,13 @@ static void *loop_main(void *arg)
     struct gfvm_faultloop *loop = arg;
     struct epoll_event evs[64];
     while (!__atomic_load_n(&loop->stop_requested, __ATOMIC_ACQUIRE)) {
-        int n = epoll_wait(loop->epfd, evs, 64, -1);
+        /* With prefetch work, poll: faults and events first, a prefetch chunk when none waits. */
+        int prefetching = __atomic_load_n(&loop->pf_any, __ATOMIC_ACQUIRE);
+        int n = epoll_wait(loop->epfd, evs, 64, prefetching ? 0 : -1);
         if (n < 0)
             continue; /* EINTR */
+        if (n == 0 && prefetching)
+            prefetch_step(loop);
         for (int i = 0; i < n; i++) {
             uint64_t tag = evs[i].data.u64 & 0xff;
             uint32_t id = (uint32_t)(evs[i].data.u64 >> 8);

@@ -98,6 +98,8 @@ int gfvm_faultloop_expect_remove(struct gfvm_faultloop *loop, uint32_t id, const
                                  const uint64_t *ends, uint32_t n);
 int gfvm_faultloop_sources(struct gfvm_faultloop *loop, uint32_t id, struct gfvm_fl_source *out, uint32_t max);
 int gfvm_faultloop_sync(struct gfvm_faultloop *loop, uint32_t id);
+int gfvm_faultloop_prefetch(struct gfvm_faultloop *loop, uint32_t id, const uint64_t *starts, const uint64_t *ends,
+                            uint32_t n);
 int gfvm_faultloop_state(struct gfvm_faultloop *loop, uint32_t id, int *state, int *error);
 int gfvm_faultloop_dup_uffd(struct gfvm_faultloop *loop, uint32_t id);
 int gfvm_faultloop_counters(struct gfvm_faultloop *loop, uint32_t id, struct gfvm_fl_counters *out);

@@ -1206,6 +1206,30 @@ class FaultLoop:
             raise KeyError(uffd_id)
         check(rc, "FaultLoop.expect_eviction")
 
+    def prefetch(self, uffd_id: int, ranges: Iterable[tuple[int, int]]) -> None:
+        """Queues a background push of the pages the entry's sources have within `ranges`
+        ([start, end), rounded out to pages): the loop thread installs them between faults
+        (faults and events always first), in chunks of up to 256 pages inside one VMA, with the
+        same checksum verification and WP mode as faults; pages in no source are skipped (never
+        zero-filled ahead), pages already present are left alone. Every copy stays on the loop
+        thread, ordered with the events it reads. When the entry's queue is done (or given up:
+        process gone, entry removed or failed) a "prefetched" LoopEvent says how many pages it
+        installed (`count`; `error` 0, or why it stopped). Calls add to the queue. Never blocks
+        beyond a mutex. KeyError for an unknown id, ProcessLookupError if the entry no longer
+        serves (its process exited, or it failed)."""
+        pairs = list(ranges)
+        for a, e in pairs:
+            if e < a:
+                raise ValueError(f"prefetch range {a:#x}-{e:#x} ends before it starts")
+        starts = ffi.new("uint64_t[]", [a for a, _ in pairs] or [0])
+        ends = ffi.new("uint64_t[]", [e for _, e in pairs] or [0])
+        rc = lib.gfvm_faultloop_prefetch(self._ptr(), uffd_id, starts, ends, len(pairs))
+        if rc == -errno.ENOENT:
+            raise KeyError(uffd_id)
+        if rc == -errno.ESRCH:
+            raise ProcessLookupError(errno.ESRCH, f"fault loop entry {uffd_id} no longer serves")
+        check(rc, "FaultLoop.prefetch")
+
     def sync(self, uffd_id: int = 0) -> None:
         """Returns once the loop has finished with every message it has read so far from that
         uffd (0: from every uffd): events applied to the indexes and queued, faults served.

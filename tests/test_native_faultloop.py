@@ -30,7 +30,7 @@ def loop():
 class Managed:
     """A target under a pager-like setup: injected WP-tracking uffd, paging file, index, loop."""
 
-    def __init__(self, target, tracer, loop, tmp_path, *, defer_missing=False, wp=True):
+    def __init__(self, target, tracer, loop, tmp_path, *, defer_missing=False, wp=True, pid=True):
         self.t, self.tracer, self.loop = target, tracer, loop
         self.uffd = inject_uffd(tracer, target, native.PAGER_FEATURES, missing=True, wp=wp)
         self.pidfd = native.pidfd_open(target.pid)
@@ -42,7 +42,7 @@ class Managed:
             self.uffd,
             [native.Source(self.index, self.file.fileno())],
             wp=wp,
-            pid=target.pid,
+            pid=target.pid if pid else 0,
             pidfd=self.pidfd,
             defer_missing=defer_missing,
         )
@@ -421,6 +421,8 @@ def test_second_source_serves_what_the_first_lacks(start_target, tracer, loop, t
             tracer, t.pid, [(t.addr, t.end)], loop=loop, uffd_id=uid, uffd=uffd, index=second
         )
         assert t.cmd("verify") == "ok 32"
+        wait_for(lambda: loop.counters(uid).pages_copied == 32)
+        assert loop.counters(uid).from_source == (16, 16, 0, 0)
     uffd.close()
 
 
@@ -496,3 +498,90 @@ async def test_events_wake_a_trio_task(start_target, manage, loop):
         events = await loop.wait_events()
     assert [(e.kind, e.start, e.end) for e in events] == [("remove", t.page(0), t.page(2))]
     assert t.read_line() == "ok"
+
+
+def wait_event(loop, kind, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        seen += loop.pop_events()
+        found = [e for e in seen if e.kind == kind]
+        if found:
+            return found[0], seen
+        assert time.monotonic() < deadline, f"no {kind} event (got {seen})"
+        select.select([loop.notify_fd], [], [], 0.05)
+
+
+@pytest.mark.parametrize("pid", [True, False], ids=["vma-clamped", "no-pid"])
+def test_prefetch_installs_what_the_sources_have_and_nothing_else(start_target, manage, loop, pid):
+    t = start_target(512)
+    m = manage(t, pid=pid)
+    m.flush()
+    m.evict()
+    assert t.cmd("dontneed 256 256") == "ok"  # in no source now: must not be installed ahead
+    assert t.cmd("munmap 100 10") == "ok"  # a hole: two VMAs
+    loop.sync(m.id)
+    loop.pop_events()
+    loop.prefetch(m.id, [(t.addr, t.end)])
+    done, _ = wait_event(loop, "prefetched")
+    assert (done.uffd_id, done.count, done.error) == (m.id, 246, 0)
+    assert m.present_pages() == 246  # pages 256-511 still missing: never zero-filled ahead
+    c = loop.counters(m.id)
+    assert c.faults == 0 and c.pages_prefetched == c.pages_copied == 246 and c.pages_zero == 0
+    # Installed write-protected, like faults (emptied pages read as written: PLATFORM.md).
+    assert all(a >= t.page(256) for a, _ in m.written())
+    assert t.cmd("verify") == "ok 502"  # 256-511 fault in as zeros
+    assert loop.counters(m.id).pages_prefetched == 246
+
+
+def test_prefetch_runs_between_faults(start_target, manage, loop):
+    t = start_target(4096)
+    m = manage(t)
+    m.flush()
+    m.evict()
+    loop.prefetch(m.id, [(t.addr, t.end)])
+    assert t.cmd("pverify 4") == "ok"  # faults served meanwhile, from the same thread
+    done, _ = wait_event(loop, "prefetched")
+    c = loop.counters(m.id)
+    assert done.count == c.pages_prefetched and c.pages_copied == 4096
+    assert c.errors == 0 and m.present_pages() == 4096
+    assert t.cmd("verify") == "ok 4096"
+
+
+def test_prefetch_never_serves_a_corrupt_page(start_target, manage, loop):
+    t = start_target(64)
+    m = manage(t)
+    m.flush()
+    m.evict()
+    m.corrupt(9)
+    loop.prefetch(m.id, [(t.addr, t.end)])
+    done, seen = wait_event(loop, "prefetched")
+    assert done.count == 63
+    (bad,) = [e for e in seen if e.kind == "error"]
+    assert bad.corrupt and (bad.start, bad.slot) == (t.page(9), 9)
+    assert loop.counters(m.id).pages_poisoned == 1
+    t.send("verify")  # page 9 is poisoned: SIGBUS, never the corrupt bytes
+    assert t.proc.wait(timeout=10) == -signal.SIGBUS
+
+
+def test_prefetch_of_a_removed_entry_reports_it(start_target, manage, loop):
+    t = start_target(64)
+    m = manage(t)
+    m.flush()
+    m.evict()
+    loop.stop()
+    loop.prefetch(m.id, [(t.addr, t.end)])
+    loop.remove(m.id)
+    done, _ = wait_event(loop, "prefetched")
+    assert (done.uffd_id, done.count, done.error) == (m.id, 0, errno.ECANCELED)
+    loop.start()
+    with pytest.raises(KeyError):
+        loop.prefetch(m.id, [(t.addr, t.end)])
+
+
+def test_prefetch_of_nothing_is_done_at_once(start_target, manage, loop):
+    t = start_target(16)
+    m = manage(t)
+    loop.prefetch(m.id, [])
+    done, _ = wait_event(loop, "prefetched")
+    assert (done.uffd_id, done.count, done.error) == (m.id, 0, 0)
