@@ -189,6 +189,12 @@ def test_crc32_pages_is_zlibs_crc32():
     import os
     import zlib
 
+    # Random pages, and pages that stress the folding (all ones, one bit set at either end).
+    data = bytearray(os.urandom(2000 * P))
+    specials = [b"\xff" * P, b"\x01" + bytes(P - 1), bytes(P - 1) + b"\x80", bytes(P)]
+    data += b"".join(specials)
+    got = native.crc32_pages(data)
+    assert list(got) == [zlib.crc32(data[i * P : (i + 1) * P]) for i in range(2004)]
     data = bytearray(os.urandom(7 * P)) + bytes(P)
     got = native.crc32_pages(data)
     assert got.typecode == "I" and len(got) == 8
