@@ -1731,7 +1731,9 @@ class Tracer:
                 kind, sig = self._next_stop(pid, deadline, "stop")
                 if kind == "group-stop":
                     break
-                check(lib.gfvm_ptrace_cont(pid, sig if kind == "signal" else 0), f"PTRACE_CONT {pid}")
+                check(
+                    lib.gfvm_ptrace_cont(pid, sig if kind == "signal" else 0), f"PTRACE_CONT {pid}"
+                )
             at_stop = True
             resume()
             # 2. Run to the exec, delivering signals (SIGCONT first). Continuing from the group
@@ -1739,7 +1741,9 @@ class Tracer:
             deadline = time.monotonic() + timeout
             kind, sig = "group-stop", 0
             while kind != "exec":
-                check(lib.gfvm_ptrace_cont(pid, sig if kind == "signal" else 0), f"PTRACE_CONT {pid}")
+                check(
+                    lib.gfvm_ptrace_cont(pid, sig if kind == "signal" else 0), f"PTRACE_CONT {pid}"
+                )
                 at_stop = False
                 kind, sig = self._next_stop(pid, deadline, "exec")
                 at_stop = True

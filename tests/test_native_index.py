@@ -168,7 +168,9 @@ def test_checksums_travel_with_their_entries():
     seq = index.change_seq
     index.remove_range(BASE + 100 * P, BASE + 101 * P)
     skipped = index.set_many(
-        [BASE + 100 * P, BASE + 101 * P], [5, 6], crcs=array.array("I", [5, 6]),
+        [BASE + 100 * P, BASE + 101 * P],
+        [5, 6],
+        crcs=array.array("I", [5, 6]),
         unless_changed_since=seq,
     )
     assert skipped == [BASE + 100 * P] and index.get_crc(BASE + 101 * P) == 6

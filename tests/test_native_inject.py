@@ -524,7 +524,8 @@ def test_uffd_at_exec_releases_the_task_when_resume_fails(early_binary, shims, t
         tracer.inject_userfaultfd_at_exec(s.pid, resume)
     assert tracer_pid(s.pid) == 0  # released...
     deadline = time.monotonic() + 5
-    while task_state(s.pid, s.pid) != "T":  # ...and back in its stop (it runs a moment to get there)
+    # ...and back in its stop (it runs a moment to get there)
+    while task_state(s.pid, s.pid) != "T":
         assert time.monotonic() < deadline, "the released task did not stay stopped"
         time.sleep(0.002)
     time.sleep(0.1)
