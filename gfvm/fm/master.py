@@ -376,6 +376,13 @@ class Master:
             return await self.fm.io(lf.read, offset, length)
 
     async def write(self, fs, e: Entry, offset: int, data, *, from_kernel: bool = False) -> None:
+        """Applies `data` at `offset` here and on every target; returns once acknowledged."""
+        await (await self.begin_write(fs, e, offset, data, from_kernel=from_kernel))()
+
+    async def begin_write(self, fs, e: Entry, offset: int, data, *, from_kernel: bool = False):
+        """The ordered half of `write`: returns once the write has its place in the file's
+        order (applied here, frames queued); the returned coroutine function waits for the
+        acknowledgements (see `_ordered`)."""
         # big writes travel as several frames, so a member starts applying the first piece
         # while the next ones are still being encrypted and sent
         mv = memoryview(data)
@@ -385,26 +392,35 @@ class Master:
             return [(lambda token, o=o, p=p, q=q: m.ReplWrite(fs.fid, e.epoch, q, token, o, p))
                     for (o, p), q in zip(pieces, seqs)]
 
-        await self._ordered(fs, e, chunks_of(offset, len(data)), lambda lf: lf.write(offset, data),
-                            frames, from_kernel, nseq=len(pieces))
+        return await self._ordered(fs, e, chunks_of(offset, len(data)), lambda lf: lf.write(offset, data),
+                                   frames, from_kernel, nseq=len(pieces))
 
     async def write_pages(self, fs, e: Entry, offsets: list[int], data, *, from_kernel: bool = False) -> None:
+        await (await self.begin_write_pages(fs, e, offsets, data, from_kernel=from_kernel))()
+
+    async def begin_write_pages(self, fs, e: Entry, offsets: list[int], data, *, from_kernel: bool = False):
+        """The ordered half of `write_pages` (as `begin_write`)."""
         chunks = {off >> CHUNK_SHIFT for off in offsets}
-        await self._ordered(fs, e, chunks, lambda lf: lf.write_pages(offsets, data),
-                            lambda seq: (lambda token: m.ReplPages(fs.fid, e.epoch, seq, token, offsets, data)),
-                            from_kernel)
+        return await self._ordered(
+            fs, e, chunks, lambda lf: lf.write_pages(offsets, data),
+            lambda seq: (lambda token: m.ReplPages(fs.fid, e.epoch, seq, token, offsets, data)), from_kernel)
 
     async def truncate(self, fs, e: Entry, size: int, *, from_kernel: bool = False) -> None:
         lf = await self.fm.local(fs)
         lo, hi = sorted((lf.size, size))
-        await self._ordered(fs, e, chunks_of(lo, max(hi - lo, 1)), lambda lf: lf.truncate(size),
-                            lambda seq: (lambda token: m.ReplTruncate(fs.fid, e.epoch, seq, token, size)),
-                            from_kernel)
+        await (await self._ordered(fs, e, chunks_of(lo, max(hi - lo, 1)), lambda lf: lf.truncate(size),
+                                   lambda seq: (lambda token: m.ReplTruncate(fs.fid, e.epoch, seq, token, size)),
+                                   from_kernel))()
 
     async def _ordered(self, fs, e: Entry, chunks, apply_local, make_frame, from_kernel: bool,
-                       *, nseq: int = 0) -> None:
+                       *, nseq: int = 0):
         """One change, in order: `make_frame(seq)` builds its frame (or, with `nseq`, takes a list
-        of nseq seqs and builds that many frames); `apply_local(lf)` applies it here."""
+        of nseq seqs and builds that many frames); `apply_local(lf)` applies it here.
+
+        Returns once the change is applied here and its frames are queued to every target
+        (so changes started one after the other are ordered); the returned coroutine function
+        then waits for the acknowledgements and raises if too few copies have the change. The
+        caller must await it: a change counts as written only when it returned."""
         fm = self.fm
         await self.ensure_ready(fs, e)
         lf = await fm.local(fs)
@@ -425,11 +441,15 @@ class Master:
                 fm.spawn(self._restore_members, fs.fid, set(chunks), waits)
                 raise
             await fm.faults.hit("master.after_local_write")
-        if not from_kernel:
-            await fm.invalidate_kernel(fs)
-        await fm.faults.hit("master.after_send")
-        await self._await_acks(fs, e, waits)
-        self._check_copies(fs, epoch)
+
+        async def acknowledged() -> None:
+            if not from_kernel:
+                await fm.invalidate_kernel(fs)
+            await fm.faults.hit("master.after_send")
+            await self._await_acks(fs, e, waits)
+            self._check_copies(fs, epoch)
+
+        return acknowledged
 
     async def fsync(self, fs, e: Entry) -> None:
         fm = self.fm
