@@ -4,7 +4,8 @@ Measured in one run, on the same machine and filesystem:
 - sequential 1 MiB writes + one fsync: to a plain file on the node's local disk (its state
   directory), to /gfvm with R=1, and to /gfvm with R=2 (master + one replica, parallel); and,
   for comparison, R=2 through the same-node API with 4 writes in flight (FUSE write(2) is
-  synchronous: one request at a time per writer);
+  synchronous: one request at a time per writer); and R=2 the way the pager pages out
+  (`fm.bench_pages`: one worker thread, FmBacking.write_pages of 8 MiB batches, then fsync);
 - random 4 KiB reads of a file whose in-sync copy is on the reading node (a replica): through
   the FUSE mount, through the same-node API inside gfvmd (verified `LocalReader.read_page`, and
   `pread` on `FmFile.local_fd`), and plain `pread` of the copy's backing file. Every read offset
@@ -12,7 +13,7 @@ Measured in one run, on the same machine and filesystem:
 
 Prints a table and writes JSON to bench-results/fm-<time>.json. Needs root (namespace cluster).
 Targets (issue 3): R=2 >= 50% of the local-disk write throughput; same-node API reads >= 80% of
-plain pread.
+plain pread; (issue 4) the pager's page-out at R=2 >= 400 MB/s.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def measure(size_mib: int = 512, reads: int = 20000, out_dir: Path = Path("bench
 
         res["api_r2_s"] = call("n1", "fm.bench_write", {"path": "bench-r2/api", "size_mib": size_mib,
                                                         "inflight": 4})["seconds"]
+        res["pages_r2_s"] = call("n1", "fm.bench_pages", {"path": "bench-r2/pages", "size_mib": size_mib,
+                                                          "batch_pages": 2048})["seconds"]
         w = call("n1", "fm.where", {"path": "bench-r2/f"})
         replica = next(n for n in w["members"] if n != w["master"])
         res["read_node"] = replica
@@ -109,7 +112,8 @@ def measure(size_mib: int = 512, reads: int = 20000, out_dir: Path = Path("bench
     pread_us = min(res["pread_s"], res["pread_again_s"]) / n * 1e6
     res["results"] = {
         "write_MBps": {"local": mb / res["local_s"], "R=1": mb / res["r1_s"], "R=2": mb / res["r2_s"],
-                       "R=2 same-node API, 4 in flight": mb / res["api_r2_s"]},
+                       "R=2 same-node API, 4 in flight": mb / res["api_r2_s"],
+                       "R=2 pager page-out (API)": mb / res["pages_r2_s"]},
         "read_us_per_4k": {"plain pread": pread_us, "API pread(local_fd)": res["api_fd_s"] / n * 1e6,
                            "API LocalReader (verified)": res["api_verified_s"] / n * 1e6,
                            "FUSE": res["fuse_s"] / n * 1e6},
@@ -118,6 +122,7 @@ def measure(size_mib: int = 512, reads: int = 20000, out_dir: Path = Path("bench
     r_ = res["results"]["read_us_per_4k"]
     res["targets"] = {
         "R=2 / local write": w_["R=2"] / w_["local"],
+        "R=2 page-out MB/s": w_["R=2 pager page-out (API)"],
         "API verified / pread": pread_us / r_["API LocalReader (verified)"],
         "API local_fd / pread": pread_us / r_["API pread(local_fd)"],
     }
@@ -137,7 +142,8 @@ def print_table(res: dict) -> None:
     for k, v in r.items():
         print(f"  {k:<28} {v:8.2f} us    ({r['plain pread'] / v:.0%} of plain pread speed)")
     print("targets: R=2 >= 50% of local: "
-          f"{t['R=2 / local write']:.0%}; same-node API >= 80% of pread: verified "
+          f"{t['R=2 / local write']:.0%}; R=2 page-out >= 400 MB/s: {t['R=2 page-out MB/s']:.0f} MB/s; "
+          "same-node API >= 80% of pread: verified "
           f"{t['API verified / pread']:.0%}, local_fd {t['API local_fd / pread']:.0%}")
     print(f"JSON: {res['json']}")
 
