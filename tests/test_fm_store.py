@@ -261,3 +261,17 @@ def test_a_page_whose_crc_is_zero_is_stored_and_read_back(store):
     assert lf.read(0, 4 * PAGE) == b"".join(pages)
     assert lf.read(8 * PAGE, PAGE) == pages[0]
     assert 0 not in lf.sums[:4]
+
+
+def test_write_pages_in_runs_and_out_of_order(store):
+    store.create(5, "g1")
+    lf = store.open(5)
+    slots = [7, 8, 9, 3, 100, 101, 2, (1 << 12) * 5]  # runs, a step back, a far page (2nd extent)
+    data = os.urandom(len(slots) * PAGE)
+    lf.write_pages([s * PAGE for s in slots], data)
+    for i, s in enumerate(slots):
+        assert lf.read(s * PAGE, PAGE) == data[i * PAGE : (i + 1) * PAGE]
+    assert lf.read(4 * PAGE, PAGE) == bytes(PAGE)  # untouched pages stay holes
+    assert lf.hot.extents == {0, 5 * PAGE * (1 << 12) >> HOT_SHIFT}
+    with pytest.raises(OSError):
+        lf.write_pages([PAGE + 1], bytes(PAGE))

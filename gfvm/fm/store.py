@@ -128,6 +128,23 @@ def chunks_of(offset: int, length: int) -> range:
     return range(offset >> CHUNK_SHIFT, ((offset + length - 1) >> CHUNK_SHIFT) + 1)
 
 
+def _runs(offsets) -> list[tuple[int, int]]:
+    """Index ranges [i, j) of `offsets` (page-aligned) whose pages are adjacent on disk, in order."""
+    n = len(offsets)
+    first = offsets[0]
+    if offsets[-1] == first + (n - 1) * PAGE and list(offsets) == list(range(first, first + n * PAGE, PAGE)):
+        return [(0, n)]  # the pager's usual batch: consecutive slots
+    runs = []
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and offsets[j] == offsets[j - 1] + PAGE:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -429,41 +446,43 @@ class LocalFile:
 
         Offsets must be page-aligned; adjacent pages are written with one pwrite."""
         mv = memoryview(data)
-        if len(mv) != len(offsets) * PAGE:
-            raise OSError(errno.EINVAL, f"{len(offsets)} pages need {len(offsets) * PAGE} bytes")
-        for off in offsets:
-            if off % PAGE or off < 0 or off + PAGE > MAX_FILE_SIZE:
-                raise OSError(errno.EINVAL, f"page offset {off} is not page-aligned or too large")
+        n = len(offsets)
+        if len(mv) != n * PAGE:
+            raise OSError(errno.EINVAL, f"{n} pages need {n * PAGE} bytes")
         if not offsets:
             return
-        new_sums = page_sums(mv, len(offsets))
+        lo_off, hi_off = min(offsets), max(offsets)
+        if lo_off < 0 or hi_off + PAGE > MAX_FILE_SIZE or any(off & (PAGE - 1) for off in offsets):
+            bad = next(o for o in offsets if o % PAGE or o < 0 or o + PAGE > MAX_FILE_SIZE)
+            raise OSError(errno.EINVAL, f"page offset {bad} is not page-aligned or too large")
+        new_sums = page_sums(mv, n)
+        runs = _runs(offsets)
         with self.lock:
             self.wnum += 1
-            self.hot.mark({hot_extent(off) for off in offsets}, self.wnum)
-            i, n = 0, len(offsets)
-            while i < n:  # one pwrite per run of adjacent pages
-                j = i + 1
-                while j < n and offsets[j] == offsets[j - 1] + PAGE:
-                    j += 1
+            hot = set()
+            for i, j in runs:
+                hot.update(range(hot_extent(offsets[i]), hot_extent(offsets[j - 1]) + 1))
+            self.hot.mark(hot, self.wnum)
+            for i, j in runs:  # one pwrite per run of adjacent pages
                 run = mv[i * PAGE : j * PAGE]
                 if os.pwrite(self.fd, run, offsets[i]) != len(run):
                     raise OSError(errno.EIO, "short write")
-                i = j
-            end = max(offsets) + PAGE
+            end = hi_off + PAGE
             if end > self.size:
                 self.size = end
             self._ensure_sums(end >> PAGE_SHIFT)
             sums = self.sums
-            for off, v in zip(offsets, new_sums):
-                sums[off >> PAGE_SHIFT] = v
-            lo = min(offsets) >> PAGE_SHIFT
-            hi = (max(offsets) >> PAGE_SHIFT) + 1
+            for i, j in runs:
+                p = offsets[i] >> PAGE_SHIFT
+                sums[p : p + j - i] = new_sums[i:j]
+            lo = lo_off >> PAGE_SHIFT
+            hi = (hi_off >> PAGE_SHIFT) + 1
             if hi - lo <= 4 * n:  # one write of the covering span of sums
                 os.pwrite(self.sums_fd, sums[lo:hi].tobytes(), lo * 4)
             else:
-                for off in offsets:
-                    p = off >> PAGE_SHIFT
-                    os.pwrite(self.sums_fd, sums[p : p + 1].tobytes(), p * 4)
+                for i, j in runs:
+                    p = offsets[i] >> PAGE_SHIFT
+                    os.pwrite(self.sums_fd, sums[p : p + j - i].tobytes(), p * 4)
 
     def _update_sums(self, start: int, end: int, whole: array.array | None) -> None:
         """Recomputes the sums of the pages in [start, end) after a write there, and writes them.
