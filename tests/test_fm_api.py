@@ -218,3 +218,39 @@ async def test_a_failing_piece_fails_the_whole_write_after_the_pieces_in_flight(
         assert len(got) == 3 << 20
         _, copy = await _member_copy(nodes, "big", len(data))
         assert copy == got
+
+
+async def test_frames_applied_together_fail_like_one_by_one(tmp_path):
+    """A member applies queued frames in one go; a frame that fails there (a real EFBIG from
+    RLIMIT_FSIZE) fails alone, the ones before it are applied, the ones after it refused."""
+    import resource
+    import signal
+
+    from gfvm.fm import messages as m
+
+    async with trio_cluster(tmp_path) as nodes:
+        f = await nodes["n1"].open("runs", create=True)
+        await f.write(0, b"first")
+        w = await nodes["n1"].where("runs")
+        member = nodes[next(n for n in w["in_sync"] if n != w["master"])].fm
+        fs = member.runtime(w["fid"])
+        base = fs.applied[1]
+        page = os.urandom(PAGE)
+        frames = [m.ReplWrite(w["fid"], w["epoch"], base + 1, 1, 0, page),
+                  m.ReplPages(w["fid"], w["epoch"], base + 2, 2, [PAGE], page),
+                  m.ReplWrite(w["fid"], w["epoch"], base + 3, 3, 64 << 20, page),  # past the limit
+                  m.ReplWrite(w["fid"], w["epoch"], base + 4, 4, 2 * PAGE, page)]
+        old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 20, old_limit[1]))
+        try:
+            outcomes = await member.master.handle_frames(w["master"], frames)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+        assert outcomes[:2] == [None, None]
+        assert isinstance(outcomes[2], OSError)
+        assert "earlier frame failed" in str(outcomes[3])
+        assert fs.broken and fs.applied[1] == base + 2
+        assert fs.lf.read(0, 2 * PAGE) == page * 2
+        assert fs.lf.size == 2 * PAGE  # the refused frame was not applied

@@ -815,6 +815,6 @@ class FileManager:
             return m.NodeStatusReply(json.dumps(await self.status()).encode(), rid=m.PENDING)
         return await self.master.handle_request(peer, msg)
 
-    async def _stream(self, peer: str, msg) -> None:
-        await self.master.handle_stream(peer, msg)
+    async def _stream(self, peer: str, frames: list) -> list:
+        return await self.master.handle_frames(peer, frames)
 

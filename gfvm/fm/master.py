@@ -47,6 +47,7 @@ from gfvm.fm.store import CHUNK_SHIFT, CorruptData, LocalFile, MissingCopy, Stor
 log = logging.getLogger(__name__)
 
 CATCHING_UP = "catching_up"
+_DATA_FRAMES = (m.ReplWrite, m.ReplPages)
 FRAME_PIECE = 256 * 1024  # replication frames of a big write
 RESYNC_WINDOW = 8  # chunks in flight per resync
 
@@ -817,6 +818,95 @@ class Master:
         if epoch > e.epoch:
             raise Unavailable(f"file {fid}: epoch {epoch} not known here yet")
         return e
+
+    async def handle_frames(self, peer: str, frames: list) -> list[BaseException | None]:
+        """Applies replication frames from `peer` in order (see `handle_stream`); returns, per
+        frame, None or the error that refused it. Consecutive data frames of one file and epoch
+        are applied in one worker-thread call (they arrived while earlier ones were applied),
+        with the same outcome as one by one: a frame that fails breaks the copy, and the frames
+        after it are refused. With a member.* fault point armed, frames go one by one."""
+        out: list[BaseException | None] = []
+        armed = any(p.startswith("member.") for p in self.fm.faults.armed)
+        i = 0
+        while i < len(frames):
+            j = i + 1
+            if not armed and isinstance(frames[i], _DATA_FRAMES):
+                first = frames[i]
+                while j < len(frames) and isinstance(frames[j], _DATA_FRAMES) and \
+                        frames[j].fid == first.fid and frames[j].epoch == first.epoch:
+                    j += 1
+            if j - i > 1:
+                out += await self._apply_run(peer, frames[i:j])
+            else:
+                try:
+                    await self.handle_stream(peer, frames[i])
+                    out.append(None)
+                except Exception as exc:  # noqa: BLE001 - reported in the frame's ack
+                    out.append(exc)
+            i = j
+        return out
+
+    async def _apply_run(self, peer: str, run: list) -> list[BaseException | None]:
+        """Consecutive ReplWrite/ReplPages frames of one file and epoch (see handle_frames)."""
+        fm = self.fm
+        first = run[0]
+        try:
+            for _ in run:
+                await fm.faults.hit("member.before_apply")
+            e = await self._entry_at(first.fid, first.epoch)
+            if e.master != peer:
+                raise NotMaster(f"file {first.fid}: {peer} is not its master at epoch {first.epoch}")
+            state = e.members.get(self.node)
+            if state is None or state == SPLIT:
+                raise PeerError(errno.EINVAL, f"{self.node} is not a member of file {first.fid}")
+            fs = fm.runtime(first.fid)
+            if fs.broken:
+                raise GfvmError(f"file {first.fid}: an earlier frame failed here; waiting for a resync")
+        except Exception as exc:  # noqa: BLE001 - every frame of the run gets this answer
+            return [exc] * len(run)
+        try:
+            lf = await fm.local(fs)
+        except BaseException as exc:
+            fs.broken = True
+            fs.confirmed_epoch = 0
+            if not isinstance(exc, Exception):
+                raise
+            return [exc] * len(run)
+        todo = [msg for msg in run if (msg.epoch, msg.seq) > fs.applied]
+        done: list = []
+
+        def apply_all() -> None:
+            for msg in todo:
+                if isinstance(msg, m.ReplWrite):
+                    lf.write(msg.offset, msg.data)
+                else:
+                    lf.write_pages(list(msg.offsets), msg.data)
+                done.append(msg)
+
+        failure: BaseException | None = None
+        try:
+            await fm.io(apply_all)
+        except BaseException as exc:
+            failure = exc
+        if done:
+            fs.applied = (done[-1].epoch, done[-1].seq)
+        if failure is not None:
+            fs.broken = True
+            fs.confirmed_epoch = 0
+            if not isinstance(failure, Exception):
+                raise failure  # cancelled: the channel is closing
+            bad = todo[len(done)]
+            later = GfvmError(f"file {first.fid}: an earlier frame failed here; waiting for a resync")
+            return [None if msg.seq < bad.seq else failure if msg is bad else later for msg in run]
+        try:
+            await fm.invalidate_kernel(fs)
+        except BaseException:
+            fs.broken = True
+            fs.confirmed_epoch = 0
+            raise
+        for _ in run:
+            await fm.faults.hit("member.before_ack")
+        return [None] * len(run)
 
     async def handle_stream(self, peer: str, msg) -> None:
         fm = self.fm
