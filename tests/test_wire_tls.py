@@ -166,3 +166,13 @@ async def test_closed_stream_refuses_use(nursery, tls):
         await client.send_all(b"x")
     with pytest.raises(trio.ClosedResourceError):
         await client.receive_some(10)
+
+
+async def test_send_chunks_arrive_as_their_concatenation(nursery, tls):
+    client, server = await pair(nursery, tls)
+    chunks = [b"head", os.urandom(300_000), b"", memoryview(os.urandom(70_000)), b"tail"]
+    want = b"".join(bytes(c) for c in chunks)
+    async with trio.open_nursery() as n:
+        n.start_soon(client.send_chunks, chunks)
+        got, _ = await read_exactly(server, len(want), 1 << 20)
+    assert got == want

@@ -379,6 +379,7 @@ class PeerChannel:
             self._fail(f"connection lost: {_cause(exc)}")
 
     async def _writer(self) -> None:
+        send_chunks = getattr(self._stream, "send_chunks", None)  # TlsStream: one transport write
         try:
             while True:
                 chunks = await self._out.get()
@@ -386,6 +387,9 @@ class PeerChannel:
                 # syscall for many small frames (acks) instead of one each.
                 while self._out.items and len(chunks) < 64:
                     chunks = chunks + self._out.get_nowait()
+                if send_chunks is not None:
+                    await send_chunks(_coalesce(chunks))
+                    continue
                 for data in _coalesce(chunks):
                     await self._stream.send_all(data)
         except _Closed:
