@@ -21,9 +21,12 @@ anyone else (and every writer that is not the master) sends the request to the m
 up-to-date copy answers within `io_timeout`, the caller gets EIO.
 
 Concurrency: everything runs on the trio thread; blocking file I/O goes through `self.io`
-(to_thread with a CapacityLimiter). Locks: `FileRuntime.lock` orders one file's frames at its
-master (held across the local write and the queueing of its frames, never across waiting for
-acks); nothing else holds a lock across a network round trip except resync's per-chunk reads.
+(to_thread with a CapacityLimiter). Locks: `FileRuntime.lock` orders one file's changes at its
+master: under it a change gets its seq, its frames are queued and its local write is queued
+(`FileRuntime.local_jobs`, applied in that order by one task); it is never held across waiting
+for acks, nor for the local write itself, except by whoever needs the local copy to reflect
+every change queued so far (fsync, handoff, truncate, resync reads: `Master._local_barrier`).
+Nothing else holds a lock across a network round trip except resync's per-chunk reads.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import logging
 import os
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,6 +92,11 @@ class FileRuntime:
         self.flushed_everywhere = 0  # the last flush id every in-sync copy completed
         self.flush_cuts: dict[int, int] = {}  # member: flush id -> write number it covered
         self.cuts_epoch = 0
+        # master: local changes queued in write order, applied by one task (master._run_local)
+        self.local_jobs: deque = deque()
+        self.local_running = False
+        self.local_idle = trio.Event()
+        self.local_idle.set()
 
 
 class FileManager:

@@ -56,6 +56,27 @@ class NotMaster(StaleView):
     """This node is not (or no longer) the file's master in the epoch the caller assumed."""
 
 
+class _LocalJob:
+    """One local change of the master, queued in write order (see Master._queue_local)."""
+
+    __slots__ = ("fn", "lf", "done", "error")
+
+    def __init__(self, fn, lf: LocalFile) -> None:
+        self.fn = fn
+        self.lf = lf
+        self.done = trio.Event()
+        self.error: Exception | None = None
+
+
+def _run_jobs(batch: list[_LocalJob]) -> None:
+    """Worker thread: applies local changes in order; each failure stays with its job."""
+    for job in batch:
+        try:
+            job.fn(job.lf)
+        except Exception as exc:  # noqa: BLE001 - reported to the writer waiting for this job
+            job.error = exc
+
+
 class Master:
     def __init__(self, fm) -> None:
         self.fm = fm
@@ -259,6 +280,7 @@ class Master:
         fm = self.fm
         link = fm.net.link(node)
         async with fs.lock:
+            await self._local_barrier(fs)
             size = lf.size
             token = link.next_token()
             waits = [link.send_stream(m.ResyncStart(fs.fid, e.epoch, token, size, full), token)]
@@ -269,6 +291,7 @@ class Master:
             async with fs.lock:
                 if fs.targets.get(node) is None:
                     raise Unavailable(f"{node} stopped receiving frames")
+                await self._local_barrier(fs)  # the chunk as every frame sent so far left it
                 if (chunk << CHUNK_SHIFT) >= lf.size:
                     continue
                 try:
@@ -408,15 +431,21 @@ class Master:
 
     async def truncate(self, fs, e: Entry, size: int, *, from_kernel: bool = False) -> None:
         lf = await self.fm.local(fs)
-        lo, hi = sorted((lf.size, size))
-        await (await self._ordered(fs, e, chunks_of(lo, max(hi - lo, 1)), lambda lf: lf.truncate(size),
+
+        def chunks():  # under the lock, every earlier change applied: lf.size is current
+            lo, hi = sorted((lf.size, size))
+            return chunks_of(lo, max(hi - lo, 1))
+
+        await (await self._ordered(fs, e, chunks, lambda lf: lf.truncate(size),
                                    lambda seq: (lambda token: m.ReplTruncate(fs.fid, e.epoch, seq, token, size)),
                                    from_kernel))()
 
     async def _ordered(self, fs, e: Entry, chunks, apply_local, make_frame, from_kernel: bool,
                        *, nseq: int = 0):
         """One change, in order: `make_frame(seq)` builds its frame (or, with `nseq`, takes a list
-        of nseq seqs and builds that many frames); `apply_local(lf)` applies it here.
+        of nseq seqs and builds that many frames); `apply_local(lf)` applies it here. `chunks`:
+        the chunks it touches, or a function computing them once every earlier change is
+        applied here.
 
         Returns once the change is applied here and its frames are queued to every target
         (so changes started one after the other are ordered); the returned coroutine function
@@ -429,19 +458,23 @@ class Master:
         async with fs.lock:
             self._still_master(fs, epoch)
             await fm.faults.hit("master.before_local_write")
+            if callable(chunks):  # needs the local copy as every earlier change left it
+                await self._local_barrier(fs)
+                chunks = chunks()
             seq = [self._seq(fs) for _ in range(nseq)] if nseq else self._seq(fs)
             self._mark(fs, chunks)
-            # queue the frames first, so the members apply while we apply locally (the lock keeps
-            # our local order; the frames are in seq order on every member's stream)
+            # queue the frames first, so the members apply while we apply locally; the local
+            # write is queued behind the earlier ones (the same order as the frames on every
+            # member's stream) and the lock is released at once, so the next change can go out
             waits = self._send(fs, make_frame(seq))
-            try:
-                await fm.io(apply_local, lf)
-            except OSError as exc:
-                # nothing is acknowledged; members that applied it get our version back
-                log.warning("file %d: local write failed (%s); restoring the members' copies", fs.fid, exc)
-                fm.spawn(self._restore_members, fs.fid, set(chunks), waits)
-                raise
-            await fm.faults.hit("master.after_local_write")
+            job = self._queue_local(fs, lf, apply_local)
+        await job.done.wait()
+        if job.error is not None:
+            # nothing is acknowledged; members that applied it get our version back
+            log.warning("file %d: local write failed (%s); restoring the members' copies", fs.fid, job.error)
+            fm.spawn(self._restore_members, fs.fid, set(chunks), waits)
+            raise job.error
+        await fm.faults.hit("master.after_local_write")
 
         async def acknowledged() -> None:
             if not from_kernel:
@@ -452,6 +485,42 @@ class Master:
 
         return acknowledged
 
+    # -- the master's local writes, in order --
+
+    def _queue_local(self, fs, lf: LocalFile, apply_local) -> "_LocalJob":
+        """Queues `apply_local(lf)` behind the file's earlier local changes (call with fs.lock
+        held, so the local order is the order of the seqs). Never blocks."""
+        job = _LocalJob(apply_local, lf)
+        fs.local_jobs.append(job)
+        if not fs.local_running:
+            fs.local_running = True
+            fs.local_idle = trio.Event()
+            self.fm.spawn(self._run_local, fs)
+        return job
+
+    async def _run_local(self, fs) -> None:
+        """Applies the queued local changes in order; those queued meanwhile go together in one
+        worker-thread call. A change that fails reports its error; the next ones still run (as
+        they did when each waited for the lock)."""
+        try:
+            while fs.local_jobs:
+                batch = list(fs.local_jobs)
+                fs.local_jobs.clear()
+                try:
+                    await self.fm.io(_run_jobs, batch)
+                finally:
+                    for job in batch:
+                        job.done.set()
+        finally:
+            fs.local_running = False
+            fs.local_idle.set()
+
+    async def _local_barrier(self, fs) -> None:
+        """With fs.lock held: returns once every local change queued so far is applied, so the
+        local copy reflects every change whose frames went out."""
+        while fs.local_running:
+            await fs.local_idle.wait()
+
     async def fsync(self, fs, e: Entry) -> None:
         fm = self.fm
         await self.ensure_ready(fs, e)
@@ -459,6 +528,7 @@ class Master:
         epoch = e.epoch
         async with fs.lock:
             self._still_master(fs, epoch)
+            await self._local_barrier(fs)  # our flush below covers every write before the FLUSH
             gen = e.gen
             seq = fs.last_seq
             cut = fs.wcount
@@ -654,6 +724,7 @@ class Master:
             raise UsageError(f"{target}'s copy is {members[target]}: refusing to promote a stale copy")
         async with fs.lock:
             e = self._still_master(fs, e.epoch)
+            await self._local_barrier(fs)
             # FLUSH every in-sync member while no write can start
             seq = fs.last_seq
             flush_id = self._flush_id(fs)
