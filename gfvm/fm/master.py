@@ -447,10 +447,12 @@ class Master:
         the chunks it touches, or a function computing them once every earlier change is
         applied here.
 
-        Returns once the change is applied here and its frames are queued to every target
-        (so changes started one after the other are ordered); the returned coroutine function
-        then waits for the acknowledgements and raises if too few copies have the change. The
-        caller must await it: a change counts as written only when it returned."""
+        Returns once the change has its place in the file's order: its frames are queued to
+        every target and its local write is queued behind the earlier ones (so changes started
+        one after the other are ordered). The returned coroutine function then waits for the
+        local write and the acknowledgements, and raises if either failed or too few copies have
+        the change. The caller must await it: a change counts as written only when it
+        returned."""
         fm = self.fm
         await self.ensure_ready(fs, e)
         lf = await fm.local(fs)
@@ -468,15 +470,21 @@ class Master:
             # member's stream) and the lock is released at once, so the next change can go out
             waits = self._send(fs, make_frame(seq))
             job = self._queue_local(fs, lf, apply_local)
-        await job.done.wait()
-        if job.error is not None:
-            # nothing is acknowledged; members that applied it get our version back
-            log.warning("file %d: local write failed (%s); restoring the members' copies", fs.fid, job.error)
-            fm.spawn(self._restore_members, fs.fid, set(chunks), waits)
-            raise job.error
-        await fm.faults.hit("master.after_local_write")
+        touched = set(chunks)
 
         async def acknowledged() -> None:
+            await job.done.wait()
+            if job.error is not None:
+                # nothing is acknowledged; members that applied it get our version back before
+                # the caller hears of the failure (so no copy holds more than ours by then)
+                log.warning("file %d: local write failed (%s); restoring the members' copies",
+                            fs.fid, job.error)
+                try:
+                    await self._restore_members(fs.fid, touched, waits)
+                except (GfvmError, OSError) as exc:
+                    log.warning("file %d: restoring the members' copies: %s", fs.fid, exc)
+                raise job.error
+            await fm.faults.hit("master.after_local_write")
             if not from_kernel:
                 await fm.invalidate_kernel(fs)
             await fm.faults.hit("master.after_send")
