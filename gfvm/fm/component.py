@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 class FmService:
     def __init__(self, daemon) -> None:
+        from gfvm.fm import memtune
+
+        memtune.tune()  # process-wide: MiB buffers from a heap that keeps its pages (see there)
         self.daemon = daemon
         self.faults = Faults()
         self.faults.arm_from_env(os.environ.get("GFVM_FAULT"))
