@@ -110,43 +110,52 @@ class TlsStream(trio.abc.Stream):
         if self._eof:
             await trio.lowlevel.checkpoint()
             return b""
-        buf = bytearray(size)
-        view = memoryview(buf)
-        got = 0
         waited = False
-        try:
-            while True:
-                try:
-                    while got < size:
-                        n = self._obj.read(size - got, view[got:])
-                        if n == 0:  # close_notify
-                            self._eof = True
-                            break
-                        got += n
-                except ssl.SSLWantReadError:
-                    pass
-                except ssl.SSLZeroReturnError:
-                    self._eof = True
-                except (ssl.SSLError, ssl.CertificateError) as exc:
-                    self._break(exc)
-                    raise trio.BrokenResourceError(f"TLS: {exc}") from exc
-                if self._out.pending and not self._send_lock.locked():
-                    # OpenSSL answers a post-handshake message (a KeyUpdate). While a send is
-                    # under way its sender takes these bytes too: never wait for it here, or
-                    # two peers both sending more than their socket buffers would each wait
-                    # for a reader that waits for its sender.
-                    await self._send_pending()
-                    waited = True
-                if got or self._eof:
-                    break
-                await self._fill("")
+        while True:
+            # at most what the buffered records hold: a 40-byte ack gets a small buffer, not
+            # `size` zeroed bytes
+            room = min(size, self._in.pending + self._obj.pending())
+            if not room and self._in.eof:
+                room = 1  # let OpenSSL report the end
+            buf = bytearray(room)
+            got = self._decrypt_into(buf)
+            if self._out.pending and not self._send_lock.locked():
+                # OpenSSL answers a post-handshake message (a KeyUpdate). While a send is under
+                # way its sender takes these bytes too: never wait for it here, or two peers
+                # both sending more than their socket buffers would each wait for a reader that
+                # waits for its sender.
+                await self._send_pending()
                 waited = True
-        finally:
-            view.release()
+            if got or self._eof:
+                break
+            await self._fill("")
+            waited = True
         if not waited:
             await trio.lowlevel.checkpoint()
         del buf[got:]
         return buf
+
+    def _decrypt_into(self, buf: bytearray) -> int:
+        """Decrypts every complete record buffered into `buf` (as much as fits); the count."""
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < len(buf):
+                n = self._obj.read(len(buf) - got, view[got:])
+                if n == 0:  # close_notify
+                    self._eof = True
+                    break
+                got += n
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self._eof = True
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            self._break(exc)
+            raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+        finally:
+            view.release()
+        return got
 
     async def _fill(self, when: str) -> None:
         """One read from the transport into the incoming BIO; a transport EOF is noted there
