@@ -8,12 +8,17 @@ Master side, per file (state in core.FileRuntime):
   first fetches its own hot chunks from an in-sync member (it may be behind after a power
   loss: "a crashed master receives its hot extents"). After a failover promotion it also waits
   one lease, so no node still acts on the old configuration.
-- Write: under the file lock: next seq, apply locally, queue the frame to every target (in-sync
-  members, and members catching up); then, without the lock, wait for the in-sync members' acks.
-  A member that fails or does not ack within `write_timeout` is dropped: its missing chunks go
-  to a bitmap (persisted), it is marked outdated in the metadata (new generation id), and the
-  write waits one lease before it is acknowledged. The write is acknowledged only if at least
+- Write: under the file lock: next seq, queue the frames to every target (in-sync members, and
+  members catching up), queue the local write behind the file's earlier ones (applied in that
+  order by one task, `_run_local`: the local order is the seq order). Then, without the lock,
+  wait for the local write and the in-sync members' acks; a local write that failed first
+  gives the members our version of the chunks back, then fails the write. A member that fails
+  or does not ack within `write_timeout` is dropped: its missing chunks go to a bitmap
+  (persisted), it is marked outdated in the metadata (new generation id), and the write waits
+  one lease before it is acknowledged. The write is acknowledged only if at least
   min(min_copies, R) in-sync copies (master included) have it; otherwise it fails (EIO).
+  Invariant: whoever needs the local copy to reflect every frame sent so far (FLUSH, resync
+  reads, handoff, truncate) waits for the local queue under the lock (`_local_barrier`).
 - FLUSH (fsync): a frame after the writes it covers; each member fsyncs and acks; the master
   fsyncs in parallel; success once all in-sync members acked (protocol C).
 - Resync of an outdated member: incremental (its bitmap, when its generation is the bitmap's
@@ -24,8 +29,9 @@ Master side, per file (state in core.FileRuntime):
 
 Member side: frames arrive in order on the master's channel; each is checked against our
 metadata (epoch fencing: an older epoch is refused; a newer one waits for our metadata to catch
-up; the sender must be the master of that epoch), then applied. A frame that fails marks the
-copy broken (not readable, further frames refused) until the master restarts a resync.
+up; the sender must be the master of that epoch), then applied (data frames that queued up
+behind a slow one are applied together, `handle_frames`). A frame that fails marks the copy
+broken (not readable, further frames refused) until the master restarts a resync.
 """
 
 from __future__ import annotations

@@ -10,14 +10,15 @@
 Connection life:
 1. Pre-authentication (capped in time by `handshake_timeout` and in bytes by `preauth_max_bytes`,
    and, on a server, in number by `max_preauth_connections`): TCP, then the TLS 1.3 handshake
-   with certificates required both ways, then the peer's identity is read from its certificate
+   (gfvm.wire.tls.TlsStream) with certificates required both ways, then the peer's identity is read from its certificate
    (gfvm.pki.peer_identity); a client checks it is the node it meant to reach before sending
    anything; then HELLO / HELLO_ACK (gfvm.wire.connection checks the claimed name equals the
    certificate's). Nothing is parsed before TLS has authenticated the peer; nothing reaches a
    handler before the whole handshake succeeded.
 2. Open: a reader task turns received bytes into messages (responses wake the `request` that
    waits for their rid; requests and one-way messages queue for `receive`); a writer task writes
-   queued frames in the order `send`/`request` were called.
+   queued frames in the order `send`/`request` were called (frames queued together, and a
+   frame's header and payload, in one socket write).
 3. Close: `aclose()` (or leaving `open_peer`'s block, or the handler returning) flushes queued
    frames (at most `close_timeout`), sends TLS close_notify and closes. Invalid input from the peer
    closes the connection with one log line; pending requests and later calls raise ChannelClosed.
