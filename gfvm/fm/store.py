@@ -371,7 +371,7 @@ class LocalFile:
         mv = memoryview(raw)
         whole = len(raw) >> PAGE_SHIFT
         suspects = range(first, last + 1)
-        if whole:
+        if whole >= _NATIVE_MIN_PAGES:  # (a single page, the fault path's case: the loop below)
             got = page_sums(mv, whole)
             if sums[first : first + whole] == got:
                 suspects = range(first + whole, last + 1)
