@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 #: requests below this size are served from the heap (a frame is at most 4 MiB)
 MMAP_THRESHOLD = 8 << 20
 #: free memory at a heap's top beyond this is returned to the kernel
-TRIM_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 32 << 20
 _M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 
