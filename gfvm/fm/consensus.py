@@ -122,6 +122,7 @@ class Consensus:
         self.last: Version = last
         self.term = term
         self.voted_for: str | None = voted
+        self._vote_lock = trio.Lock()
         self.commit: Version = last if not self.others else (0, 0)
         self.role = FOLLOWER
         self.leader: str | None = None
@@ -166,7 +167,11 @@ class Consensus:
         return times[self.majority - 1] + self.timing.lease
 
     async def _persist_vote(self) -> None:
-        await trio.to_thread.run_sync(self.metalog.save_vote, self.term, self.voted_for)
+        # One save at a time, each writing the (term, vote) current when it starts: concurrent
+        # callers (an election and a vote request) could otherwise race on the file and let an
+        # older term land last, and Raft's safety rests on the persisted vote never going back.
+        async with self._vote_lock:
+            await trio.to_thread.run_sync(self.metalog.save_vote, self.term, self.voted_for)
 
     async def _set_term(self, term: int, voted_for: str | None = None) -> None:
         if term > self.term:

@@ -155,7 +155,8 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Replaces `path` with `data` so that a crash leaves the old or the new content (blocks)."""
-    tmp = path.with_name(path.name + ".tmp")
+    # A name of our own: two writers of one path must not rename each other's temporary file.
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{threading.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
