@@ -9,6 +9,13 @@
  * page does not count as written; zero pages are then a COPY of zeros, see csrc/uffd.c) or,
  * without WP tracking, UFFDIO_ZEROPAGE for zero runs.
  *
+ * Checksums (corruption is never served): an index entry may carry the page's CRC-32 (zlib's).
+ * After reading such a page the loop checks it; a page that fails is not installed but poisoned
+ * (UFFDIO_POISON: an access raises SIGBUS, never wrong data; in a WP-tracked range the page's
+ * write-protect marker is dropped first, since POISON refuses to replace even a marker), and an
+ * ERROR event with errno EBADMSG names the page, the slot and the source; the uffd stays served.
+ * Entries without a CRC (e.g. CRIU's own image pages) are served unchecked.
+ *
  * errno triage (as in Firecracker's handler): EEXIST = page already there, skip it and go on;
  * EAGAIN with no progress = the mm is changing, read the pending events first and redo the
  * window (re-reading the index: a REMOVE may just have dropped entries); ENOENT = the window
@@ -23,6 +30,9 @@
  * (move entries) to every source index itself, serves a forked child at once (new entry whose
  * indexes are clones of the parent's, taken while the parent still waits in fork()), and queues
  * every event for Python, signalling the eventfd `notify_fd` (readable while events are queued).
+ * The kernel releases the process from an event as soon as the message is *read*, i.e. a moment
+ * before the loop has applied and queued it: gfvm_faultloop_sync() waits for that moment (the
+ * loop holds the entry's mutex from read() to the end of the batch).
  *
  * Contract for stopping (stop(), remove(), errors, death of the daemon): the loop never reads a
  * fault it does not serve or wake. Faults not yet read stay queued in the uffd. A thread that
@@ -32,9 +42,15 @@
  * (PLATFORM.md). A successor that takes over a uffd whose server died must UFFDIO_WAKE all
  * ranges: faults the dead server had read are never sent again.
  *
+ * Prefetch (gfvm_faultloop_prefetch): per uffd a queue of ranges whose pages the loop installs
+ * from the sources when no fault or event waits (epoll polled with timeout 0 while there is
+ * such work), one chunk of up to 256 pages of one VMA per step, never zeros ahead; a PREFETCHED
+ * event reports each finished queue. Its copies are ordered with the events like the faults'.
+ *
  * Only the loop thread reads messages from a uffd it serves: callers must not read() it. A uffd
  * says nothing when its process exits; the optional pidfd per uffd lets the loop notice (EXIT). */
 #include "kernel_abi.h"
+#include "checksum.h"
 #include "faultloop.h"
 #include "pageindex.h"
 #include "uffd.h"
@@ -71,6 +87,12 @@ struct entry {
     struct gfvm_fl_counters c;                          /* updated with atomics */
     uint64_t *evict;                                    /* [start, end) pairs, see expect_remove */
     uint32_t n_evict;
+    /* Prefetch queue (gfvm_faultloop_prefetch): [start, end) pairs, pf_head the one in work. */
+    uint64_t *pf;
+    uint32_t pf_n, pf_cap, pf_head;
+    uint32_t pf_single;   /* pages of the current range to do one by one (a VMA edge was hit) */
+    uint64_t pf_done;     /* pages installed since the queue started */
+    int pf_pending;       /* queue not empty (atomic: also read under loop->lock) */
 };
 
 struct gfvm_faultloop {
@@ -88,6 +110,8 @@ struct gfvm_faultloop {
     struct gfvm_fl_counters total;
     uint64_t hist[GFVM_FL_HIST_BUCKETS];
     char *buf; /* window buffer: only the loop thread uses it */
+    int pf_any;        /* some entry may have prefetch work (under lock; atomic reads) */
+    size_t pf_next;    /* round robin over entries with prefetch work */
 };
 
 struct fault {
@@ -142,6 +166,7 @@ static void free_entry(struct entry *e)
     close_fd(&e->maps_fd);
     drop_sources(e);
     free(e->evict);
+    free(e->pf);
     pthread_mutex_destroy(&e->mu);
     free(e);
 }
@@ -210,6 +235,21 @@ static void epoll_forget(struct gfvm_faultloop *loop, struct entry *e)
         epoll_ctl(loop->epfd, EPOLL_CTL_DEL, e->pidfd, NULL);
 }
 
+/* Ends an entry's prefetch queue (done, or given up with `err`): PREFETCHED event with the pages
+ * it installed. Caller holds e->mu. */
+static void end_prefetch(struct gfvm_faultloop *loop, struct entry *e, int err)
+{
+    if (!__atomic_load_n(&e->pf_pending, __ATOMIC_RELAXED))
+        return;
+    free(e->pf);
+    e->pf = NULL;
+    e->pf_n = e->pf_cap = e->pf_head = e->pf_single = 0;
+    __atomic_store_n(&e->pf_pending, 0, __ATOMIC_RELEASE);
+    struct gfvm_fl_event ev = {.kind = GFVM_FL_PREFETCHED, .uffd_id = e->id, .count = e->pf_done, .error = err,
+                               .fd = -1};
+    queue_event(loop, &ev);
+}
+
 /* The entry's process is gone: stop reading its uffd, tell Python (once). Caller holds e->mu. */
 static void mark_exited(struct gfvm_faultloop *loop, struct entry *e)
 {
@@ -217,6 +257,7 @@ static void mark_exited(struct gfvm_faultloop *loop, struct entry *e)
         return;
     e->state = GFVM_FL_EXITED;
     epoll_forget(loop, e);
+    end_prefetch(loop, e, ESRCH);
     struct gfvm_fl_event ev = {.kind = GFVM_FL_EXIT, .uffd_id = e->id, .fd = -1};
     queue_event(loop, &ev);
 }
@@ -231,6 +272,7 @@ static void mark_failed(struct gfvm_faultloop *loop, struct entry *e, int err, c
     e->state = GFVM_FL_FAILED;
     e->error = err;
     epoll_forget(loop, e);
+    end_prefetch(loop, e, err);
     for (int i = 0; i < n_unserved; i++)
         gfvm_uffd_wake(e->uffd, unserved[i].addr & ~(PAGE - 1), PAGE);
     BUMP(e, loop, errors, 1);
@@ -459,6 +501,7 @@ int gfvm_faultloop_remove(struct gfvm_faultloop *loop, uint32_t id)
     pthread_mutex_lock(&e->mu);
     e->listed = 0;
     epoll_forget(loop, e);
+    end_prefetch(loop, e, ECANCELED);
     pthread_mutex_unlock(&e->mu);
     put_ref(loop, e);
     return 0;
@@ -518,6 +561,72 @@ int gfvm_faultloop_expect_remove(struct gfvm_faultloop *loop, uint32_t id, const
     return 0;
 }
 
+/* The sources entry `id` serves from (for a forked child: the clones the loop made at the fork).
+ * out[i].index carries a new reference and out[i].fd a new descriptor (-1: none), both the
+ * caller's; map/map_len are the mapping as given. Returns how many (at most max), or -errno. */
+int gfvm_faultloop_sources(struct gfvm_faultloop *loop, uint32_t id, struct gfvm_fl_source *out, uint32_t max)
+{
+    struct entry *e = find_ref(loop, id);
+    if (!e)
+        return -ENOENT;
+    int rc = 0;
+    uint32_t n = 0;
+    pthread_mutex_lock(&e->mu);
+    for (; n < e->nsources && n < max; n++) {
+        out[n] = e->sources[n];
+        if (out[n].fd >= 0 && (out[n].fd = fcntl(out[n].fd, F_DUPFD_CLOEXEC, 3)) < 0) {
+            rc = -errno;
+            break;
+        }
+        gfvm_pageindex_ref(out[n].index);
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (rc < 0)
+        for (uint32_t i = 0; i < n; i++) {
+            close_fd(&out[i].fd);
+            gfvm_pageindex_unref(out[i].index);
+        }
+    put_ref(loop, e);
+    return rc < 0 ? rc : (int)n;
+}
+
+/* Returns once the loop thread has finished with every message it has read so far from uffd `id`
+ * (0: from every uffd): events applied to the indexes and queued, faults served. Needed because
+ * the kernel lets a process return from madvise/munmap/mremap/fork as soon as the loop *reads*
+ * the event, a moment before the loop has applied and queued it. The loop holds e->mu from the
+ * read to the end of the batch, so taking and releasing it is the barrier. */
+int gfvm_faultloop_sync(struct gfvm_faultloop *loop, uint32_t id)
+{
+    if (id != 0) {
+        struct entry *e = find_ref(loop, id);
+        if (!e)
+            return -ENOENT;
+        pthread_mutex_lock(&e->mu);
+        pthread_mutex_unlock(&e->mu);
+        put_ref(loop, e);
+        return 0;
+    }
+    pthread_mutex_lock(&loop->lock);
+    size_t n = loop->n_entries;
+    struct entry **v = malloc((n ? n : 1) * sizeof(*v));
+    if (!v) {
+        pthread_mutex_unlock(&loop->lock);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < n; i++) {
+        v[i] = loop->entries[i];
+        v[i]->refs++;
+    }
+    pthread_mutex_unlock(&loop->lock);
+    for (size_t i = 0; i < n; i++) {
+        pthread_mutex_lock(&v[i]->mu);
+        pthread_mutex_unlock(&v[i]->mu);
+        put_ref(loop, v[i]);
+    }
+    free(v);
+    return 0;
+}
+
 int gfvm_faultloop_state(struct gfvm_faultloop *loop, uint32_t id, int *state, int *error)
 {
     struct entry *e = find_ref(loop, id);
@@ -547,35 +656,63 @@ int gfvm_faultloop_dup_uffd(struct gfvm_faultloop *loop, uint32_t id)
 
 enum install_result { INSTALLED = 0, NEED_DRAIN = 1, HIT_ENOENT = 2, MM_GONE = 3 };
 
-struct tally {
-    uint64_t copied, zeros; /* pages installed with data / as zeros */
-    int fault_present;      /* the faulting page turned out to be there already */
+/* Page classes in a window's slots[]: >= 0 data from a source, else: */
+#define SLOT_NONE (-1)   /* in no source: zeros (or left alone) */
+#define SLOT_POISON (-2) /* its bytes failed their checksum: poisoned, never served */
+
+/* What one window looked up and read: per page its slot (or class), source, checksum (-1: none)
+ * and, for poisoned pages, the slot that failed. The data is in loop->buf. */
+struct window {
+    uint64_t start, n;
+    int64_t slots[GFVM_FL_MAX_WINDOW];
+    int64_t crcs[GFVM_FL_MAX_WINDOW];
+    int64_t bad_slot[GFVM_FL_MAX_WINDOW];
+    uint8_t src[GFVM_FL_MAX_WINDOW];
 };
 
-static void count_installed(struct tally *t, const int64_t *slots, uint64_t first, uint64_t n)
+struct tally {
+    uint64_t copied, zeros, poisoned;              /* pages installed with data / as zeros / poisoned */
+    uint64_t from_source[GFVM_FL_MAX_SOURCES];     /* copied, per source */
+    int fault_present;                             /* the faulting page turned out to be there already */
+};
+
+static void count_installed(struct tally *t, const struct window *w, uint64_t first, uint64_t n)
 {
     for (uint64_t i = first; i < first + n; i++) {
-        if (slots && slots[i] >= 0)
+        if (w->slots[i] >= 0) {
             t->copied++;
-        else
+            t->from_source[w->src[i]]++;
+        } else {
             t->zeros++;
+        }
     }
 }
 
-/* Installs [start, start + n pages) from src (NULL: UFFDIO_ZEROPAGE), slots[i] telling which
- * page has data (NULL: none). Skips pages that are already present. Returns an install_result
- * or -errno (fatal). */
-static int install(struct gfvm_faultloop *loop, struct entry *e, uint64_t start, uint64_t n, const char *src,
-                   const int64_t *slots, uint64_t fault, struct tally *t)
+static void bump_tally(struct gfvm_faultloop *loop, struct entry *e, const struct tally *t)
+{
+    BUMP(e, loop, pages_copied, t->copied);
+    BUMP(e, loop, pages_zero, t->zeros);
+    BUMP(e, loop, pages_poisoned, t->poisoned);
+    for (uint32_t s = 0; s < GFVM_FL_MAX_SOURCES; s++)
+        if (t->from_source[s])
+            BUMP(e, loop, from_source[s], t->from_source[s]);
+}
+
+/* Installs pages [first, first + n) of the window from loop->buf (data: true) or as zeros
+ * (UFFDIO_ZEROPAGE). Skips pages that are already present. Returns an install_result or -errno
+ * (fatal). */
+static int install(struct gfvm_faultloop *loop, struct entry *e, const struct window *w, uint64_t first,
+                   uint64_t n, int data, uint64_t fault, struct tally *t)
 {
     static const char zero_page[PAGE] __attribute__((aligned(PAGE)));
-    uint64_t end = start + n * PAGE, pos = start;
+    uint64_t start = w->start + first * PAGE, end = start + n * PAGE, pos = start;
+    const char *src = data ? loop->buf + first * PAGE : NULL;
     uint64_t mode = (e->flags & GFVM_FL_WP) ? UFFDIO_COPY_MODE_WP : 0;
     while (pos < end) {
         int64_t done = 0;
         int rc = src ? gfvm_uffd_copy(e->uffd, pos, src + (pos - start), end - pos, mode, &done)
                      : gfvm_uffd_zeropage(e->uffd, pos, end - pos, 0, &done);
-        count_installed(t, slots, (pos - start) / PAGE, (uint64_t)done / PAGE);
+        count_installed(t, w, (pos - w->start) / PAGE, (uint64_t)done / PAGE);
         pos += (uint64_t)done;
         if (rc == 0)
             break;
@@ -609,20 +746,79 @@ static int install(struct gfvm_faultloop *loop, struct entry *e, uint64_t start,
     return INSTALLED;
 }
 
-/* Reads the pages of a window that have a slot into loop->buf. slots[i] / src[i] per page. */
-static int read_sources(struct gfvm_faultloop *loop, struct entry *e, uint64_t n, const int64_t *slots,
-                        const uint8_t *src)
+/* Page i of the window failed its checksum: UFFDIO_POISON it (an access raises SIGBUS, never
+ * wrong data) and tell Python (ERROR event, errno EBADMSG, naming the page and the slot). If
+ * poisoning itself fails for good, the error is fatal for the uffd (its faults then wait). */
+static int poison(struct gfvm_faultloop *loop, struct entry *e, const struct window *w, uint64_t i, uint64_t fault,
+                  struct tally *t)
 {
-    uint64_t i = 0;
+    uint64_t addr = w->start + i * PAGE;
+    int64_t done = 0;
+    int rc = gfvm_uffd_poison(e->uffd, addr, PAGE, 0, &done);
+    if (rc == -EEXIST &&
+        gfvm_uffd_writeprotect(e->uffd, addr, PAGE, UFFDIO_WRITEPROTECT_MODE_DONTWAKE) == 0)
+        /* POISON refuses to replace even a write-protect marker (a missing page in a WP-tracked
+         * range, e.g. after an eviction), where COPY would not: drop the marker, then poison.
+         * (Fails with EINVAL where the range is not WP-registered: then the page is present.) */
+        rc = gfvm_uffd_poison(e->uffd, addr, PAGE, 0, &done);
+    if (rc == -EAGAIN)
+        return NEED_DRAIN;
+    if (rc == -ENOENT)
+        return HIT_ENOENT;
+    if (rc == -ESRCH)
+        return MM_GONE;
+    if (rc == -EEXIST) { /* present already (installed before the slot went bad): not ours */
+        BUMP(e, loop, eexist, 1);
+        if (addr == fault)
+            t->fault_present = 1;
+        return INSTALLED;
+    }
+    if (rc == 0)
+        t->poisoned++;
+    struct gfvm_fl_event ev = {.kind = GFVM_FL_ERROR, .uffd_id = e->id, .start = addr, .end = addr + PAGE,
+                               .slot = (uint64_t)w->bad_slot[i], .source = w->src[i], .error = EBADMSG,
+                               .fd = -1};
+    queue_event(loop, &ev);
+    return rc == 0 ? INSTALLED : rc;
+}
+
+/* Looks the window's pages up in the sources (the first source that has a page wins). Returns
+ * how many pages have data. */
+static uint64_t lookup_window(struct entry *e, struct window *w)
+{
+    int64_t tmp[GFVM_FL_MAX_WINDOW], tmp_crc[GFVM_FL_MAX_WINDOW];
+    uint64_t found = 0;
+    for (uint64_t i = 0; i < w->n; i++)
+        w->slots[i] = SLOT_NONE;
+    for (uint32_t s = 0; s < e->nsources; s++) {
+        if (gfvm_pageindex_lookup_run(e->sources[s].index, w->start, w->n, tmp, tmp_crc) == 0)
+            continue;
+        for (uint64_t i = 0; i < w->n; i++)
+            if (w->slots[i] < 0 && tmp[i] >= 0) {
+                w->slots[i] = tmp[i];
+                w->crcs[i] = tmp_crc[i];
+                w->src[i] = (uint8_t)s;
+                found++;
+            }
+    }
+    return found;
+}
+
+/* Reads the pages of a window that have a slot into loop->buf and verifies their checksums: a
+ * page that fails becomes SLOT_POISON (bad_slot keeps its slot). */
+static int read_sources(struct gfvm_faultloop *loop, struct entry *e, struct window *w)
+{
+    uint64_t i = 0, n = w->n;
+    const int64_t *slots = w->slots;
     while (i < n) {
         if (slots[i] < 0) {
             i++;
             continue;
         }
         uint64_t j = i + 1; /* one read for a run of consecutive slots of one source */
-        while (j < n && slots[j] == slots[j - 1] + 1 && src[j] == src[i])
+        while (j < n && slots[j] == slots[j - 1] + 1 && w->src[j] == w->src[i])
             j++;
-        const struct gfvm_fl_source *s = &e->sources[src[i]];
+        const struct gfvm_fl_source *s = &e->sources[w->src[i]];
         uint64_t off = (uint64_t)slots[i] * PAGE, len = (j - i) * PAGE;
         char *dst = loop->buf + i * PAGE;
         if (s->map && off + len <= s->map_len) {
@@ -644,7 +840,44 @@ static int read_sources(struct gfvm_faultloop *loop, struct entry *e, uint64_t n
         }
         i = j;
     }
+    for (i = 0; i < n; i++)
+        if (w->slots[i] >= 0 && w->crcs[i] >= 0 && gfvm_crc32_page(loop->buf + i * PAGE) != (uint32_t)w->crcs[i]) {
+            w->bad_slot[i] = w->slots[i];
+            w->slots[i] = SLOT_POISON;
+        }
     return 0;
+}
+
+/* Installs a window that read_sources filled: data pages by COPY, failed ones by POISON, pages in
+ * no source as zeros -- with WP tracking in the same COPY as their neighbours (zeros that go in
+ * write-protected), else by ZEROPAGE -- or, with `zeros` 0, not at all. */
+static int install_window(struct gfvm_faultloop *loop, struct entry *e, struct window *w, int zeros,
+                          uint64_t fault, struct tally *t)
+{
+    int one_copy = zeros && (e->flags & GFVM_FL_WP);
+    int rc = INSTALLED;
+    for (uint64_t i = 0; i < w->n && rc == INSTALLED;) {
+        uint64_t j = i + 1;
+        if (w->slots[i] == SLOT_POISON) {
+            rc = poison(loop, e, w, i, fault, t);
+        } else if (one_copy) {
+            while (j < w->n && w->slots[j] != SLOT_POISON)
+                j++;
+            for (uint64_t k = i; k < j; k++)
+                if (w->slots[k] < 0)
+                    memset(loop->buf + k * PAGE, 0, PAGE);
+            rc = install(loop, e, w, i, j - i, 1, fault, t);
+        } else {
+            while (j < w->n && w->slots[j] != SLOT_POISON && (w->slots[j] >= 0) == (w->slots[i] >= 0))
+                j++;
+            if (w->slots[i] >= 0)
+                rc = install(loop, e, w, i, j - i, 1, fault, t);
+            else if (zeros)
+                rc = install(loop, e, w, i, j - i, 0, fault, t);
+        }
+        i = j;
+    }
+    return rc;
 }
 
 /* The VMA holding `page`, via PROCMAP_QUERY. Returns 0, -ENOENT (no VMA there) or another -errno
@@ -666,6 +899,7 @@ static int query_vma(struct entry *e, uint64_t page, uint64_t *vs, uint64_t *ve)
 static int serve_window(struct gfvm_faultloop *loop, struct entry *e, const struct fault *f, int single,
                         uint64_t *w_start, uint64_t *w_end)
 {
+    static __thread struct window w;
     uint64_t page = f->addr & ~(PAGE - 1);
     uint64_t n = single ? 1 : loop->window;
     uint64_t ws = page - ((page / PAGE) % n) * PAGE, we = ws + n * PAGE;
@@ -684,61 +918,27 @@ static int serve_window(struct gfvm_faultloop *loop, struct entry *e, const stru
             return MM_GONE;
         }
     }
-    n = (we - ws) / PAGE;
+    w.start = ws;
+    w.n = (we - ws) / PAGE;
     *w_start = ws;
     *w_end = we;
-
-    int64_t slots[GFVM_FL_MAX_WINDOW], tmp[GFVM_FL_MAX_WINDOW];
-    uint8_t src[GFVM_FL_MAX_WINDOW];
-    for (uint64_t i = 0; i < n; i++)
-        slots[i] = -1;
-    for (uint32_t s = 0; s < e->nsources; s++) {
-        if (gfvm_pageindex_lookup_run(e->sources[s].index, ws, n, tmp) == 0)
-            continue;
-        for (uint64_t i = 0; i < n; i++)
-            if (slots[i] < 0 && tmp[i] >= 0) {
-                slots[i] = tmp[i];
-                src[i] = (uint8_t)s;
-            }
-    }
+    lookup_window(e, &w);
     uint64_t fi = (page - ws) / PAGE;
     int defer = (e->flags & GFVM_FL_DEFER_MISSING) != 0;
-    if (defer && slots[fi] < 0) {
+    if (defer && w.slots[fi] < 0) {
         struct gfvm_fl_event ev = {.kind = GFVM_FL_FAULT, .uffd_id = e->id, .start = f->addr,
                                    .flags = f->flags, .tid = f->tid, .fd = -1};
         BUMP(e, loop, deferred, 1);
         queue_event(loop, &ev);
         return INSTALLED; /* the faulting page is Python's; neighbours wait for their own faults */
     }
-    int rc = read_sources(loop, e, n, slots, src);
+    int rc = read_sources(loop, e, &w);
     if (rc < 0)
         return rc;
-
-    int wp = (e->flags & GFVM_FL_WP) != 0;
-    struct tally t = {0, 0, 0};
-    if (wp && !defer) {
-        /* One COPY for the whole window, pages with and without slot alike (zeros by COPY too,
-         * so that they go in write-protected). */
-        for (uint64_t i = 0; i < n; i++)
-            if (slots[i] < 0)
-                memset(loop->buf + i * PAGE, 0, PAGE);
-        rc = install(loop, e, ws, n, loop->buf, slots, page, &t);
-    } else {
-        /* Runs: COPY for pages with data, ZEROPAGE (or nothing, when deferring) for the rest. */
-        rc = INSTALLED;
-        for (uint64_t i = 0; i < n && rc == INSTALLED;) {
-            uint64_t j = i + 1;
-            while (j < n && (slots[j] >= 0) == (slots[i] >= 0))
-                j++;
-            if (slots[i] >= 0)
-                rc = install(loop, e, ws + i * PAGE, j - i, loop->buf + i * PAGE, slots + i, page, &t);
-            else if (!defer)
-                rc = install(loop, e, ws + i * PAGE, j - i, NULL, NULL, page, &t);
-            i = j;
-        }
-    }
-    BUMP(e, loop, pages_copied, t.copied);
-    BUMP(e, loop, pages_zero, t.zeros);
+    struct tally t;
+    memset(&t, 0, sizeof(t));
+    rc = install_window(loop, e, &w, !defer, page, &t);
+    bump_tally(loop, e, &t);
     if (rc != INSTALLED)
         return rc;
     if (t.fault_present)
@@ -953,6 +1153,190 @@ static int serve_batch(struct gfvm_faultloop *loop, struct entry *e)
     return n;
 }
 
+/* ------------------------------------------------------------------ prefetch */
+
+#define PREFETCH_CHUNK 256       /* pages per UFFDIO_COPY run at most */
+#define PREFETCH_EMPTY_CHUNKS 64 /* chunks without data skipped per step at most (faults wait) */
+
+/* One step of an entry's prefetch queue: installs the next chunk (up to PREFETCH_CHUNK pages of
+ * one VMA) of pages that some source has -- never zeros for the others -- or skips chunks that
+ * have none. Pages already present are left alone (EEXIST). Called between faults only, on the
+ * loop thread, with e->mu held: like the faults' copies, every prefetch copy is ordered with the
+ * events the loop reads (a copy never lands in a range the process already dropped). */
+static void prefetch_chunk(struct gfvm_faultloop *loop, struct entry *e)
+{
+    static __thread struct window w;
+    for (int empty = 0; empty < PREFETCH_EMPTY_CHUNKS;) {
+        if (e->state != GFVM_FL_ACTIVE || !e->listed) {
+            end_prefetch(loop, e, e->state == GFVM_FL_FAILED ? e->error : ESRCH);
+            return;
+        }
+        if (e->pf_head == e->pf_n) {
+            end_prefetch(loop, e, 0);
+            return;
+        }
+        uint64_t *r = &e->pf[2 * e->pf_head];
+        if (r[0] >= r[1]) {
+            e->pf_head++;
+            e->pf_single = 0;
+            continue;
+        }
+        uint64_t start = r[0], end = r[1];
+        uint64_t n = (end - start) / PAGE < PREFETCH_CHUNK ? (end - start) / PAGE : PREFETCH_CHUNK;
+        if (e->pf_single) {
+            n = 1;
+        } else if (e->maps_fd >= 0) {
+            /* Keep the chunk in one VMA; jump over holes. */
+            struct procmap_query q = {.size = sizeof(q), .query_flags = PROCMAP_QUERY_COVERING_OR_NEXT_VMA,
+                                      .query_addr = start};
+            if (ioctl(e->maps_fd, PROCMAP_QUERY, &q) < 0) {
+                if (errno == ENOENT) { /* no VMA at or after start */
+                    r[0] = end;
+                    continue;
+                }
+                if (errno == ESRCH) {
+                    mark_exited(loop, e);
+                    return;
+                }
+                /* otherwise do without: ENOENT from the copy cuts the chunk down */
+            } else if (q.vma_start >= end) {
+                r[0] = end;
+                continue;
+            } else if (q.vma_start > start) {
+                r[0] = q.vma_start;
+                continue;
+            } else if (start + n * PAGE > q.vma_end) {
+                n = (q.vma_end - start) / PAGE;
+            }
+        }
+        w.start = start;
+        w.n = n;
+        if (lookup_window(e, &w) == 0) {
+            r[0] = start + n * PAGE;
+            if (e->pf_single)
+                e->pf_single--;
+            empty++;
+            continue;
+        }
+        int rc = read_sources(loop, e, &w);
+        if (rc < 0) {
+            mark_failed(loop, e, -rc, NULL, 0);
+            return;
+        }
+        struct tally t;
+        memset(&t, 0, sizeof(t));
+        rc = install_window(loop, e, &w, 0, UINT64_MAX, &t);
+        bump_tally(loop, e, &t);
+        BUMP(e, loop, pages_prefetched, t.copied);
+        e->pf_done += t.copied;
+        if (rc == INSTALLED || (rc == HIT_ENOENT && n == 1)) {
+            r[0] = start + n * PAGE; /* a single page that is not mapped (any more): skipped */
+            if (e->pf_single)
+                e->pf_single--;
+        } else if (rc == HIT_ENOENT) {
+            e->pf_single = (uint32_t)n; /* crossed a VMA edge: this chunk again, page by page */
+        } else if (rc == NEED_DRAIN) {
+            serve_batch(loop, e); /* the mm is changing: read the events (and faults) first */
+        } else if (rc == MM_GONE) {
+            mark_exited(loop, e);
+        } else {
+            mark_failed(loop, e, -rc, NULL, 0);
+        }
+        return; /* one chunk per step: faults come first */
+    }
+}
+
+/* Runs one prefetch step for the next entry (round robin) that has prefetch work. When none has
+ * any, clears pf_any: the loop then waits for events again without polling. */
+static void prefetch_step(struct gfvm_faultloop *loop)
+{
+    struct entry *e = NULL;
+    pthread_mutex_lock(&loop->lock);
+    size_t n = loop->n_entries;
+    for (size_t k = 0; k < n && !e; k++) {
+        struct entry *c = loop->entries[(loop->pf_next + k) % n];
+        if (__atomic_load_n(&c->pf_pending, __ATOMIC_ACQUIRE)) {
+            e = c;
+            e->refs++;
+            loop->pf_next = (loop->pf_next + k + 1) % n;
+        }
+    }
+    if (!e)
+        __atomic_store_n(&loop->pf_any, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&loop->lock);
+    if (!e)
+        return;
+    pthread_mutex_lock(&e->mu);
+    if (__atomic_load_n(&e->pf_pending, __ATOMIC_RELAXED))
+        prefetch_chunk(loop, e);
+    pthread_mutex_unlock(&e->mu);
+    put_ref(loop, e);
+}
+
+/* Queues [starts[i], ends[i]) ranges (rounded out to pages) for prefetch on entry `id`: the loop
+ * installs the pages its sources have there, between faults, and queues a PREFETCHED event when
+ * the entry's queue is done. -ESRCH if the entry no longer serves (process gone or failed). */
+int gfvm_faultloop_prefetch(struct gfvm_faultloop *loop, uint32_t id, const uint64_t *starts, const uint64_t *ends,
+                            uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (ends[i] < starts[i])
+            return -EINVAL;
+    struct entry *e = find_ref(loop, id);
+    if (!e)
+        return -ENOENT;
+    int rc = 0;
+    pthread_mutex_lock(&e->mu);
+    if (e->state != GFVM_FL_ACTIVE) {
+        rc = -ESRCH;
+    } else {
+        if (e->pf_head > 0) { /* drop the ranges done */
+            memmove(e->pf, e->pf + 2 * e->pf_head, 2 * (e->pf_n - e->pf_head) * sizeof(*e->pf));
+            e->pf_n -= e->pf_head;
+            e->pf_head = 0;
+        }
+        if (e->pf_n + n > e->pf_cap) {
+            uint32_t cap = e->pf_cap ? e->pf_cap : 16;
+            while (cap < e->pf_n + n)
+                cap *= 2;
+            uint64_t *v = realloc(e->pf, 2 * (size_t)cap * sizeof(*v));
+            if (!v)
+                rc = -ENOMEM;
+            else {
+                e->pf = v;
+                e->pf_cap = cap;
+            }
+        }
+        if (rc == 0 && n > 0) {
+            for (uint32_t i = 0; i < n; i++) {
+                e->pf[2 * (e->pf_n + i)] = starts[i] & ~(PAGE - 1);
+                e->pf[2 * (e->pf_n + i) + 1] = (ends[i] + PAGE - 1) & ~(PAGE - 1);
+            }
+            e->pf_n += n;
+            if (!__atomic_load_n(&e->pf_pending, __ATOMIC_RELAXED))
+                e->pf_done = 0;
+            __atomic_store_n(&e->pf_pending, 1, __ATOMIC_RELEASE);
+        }
+    }
+    int queued = rc == 0 && __atomic_load_n(&e->pf_pending, __ATOMIC_RELAXED);
+    if (rc == 0 && !queued) {
+        /* Nothing to do (no ranges): say so right away, as for a queue that ran out. */
+        struct gfvm_fl_event ev = {.kind = GFVM_FL_PREFETCHED, .uffd_id = e->id, .fd = -1};
+        queue_event(loop, &ev);
+    }
+    pthread_mutex_unlock(&e->mu);
+    put_ref(loop, e);
+    if (queued) {
+        pthread_mutex_lock(&loop->lock);
+        __atomic_store_n(&loop->pf_any, 1, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&loop->lock);
+        uint64_t one = 1;
+        ssize_t w = write(loop->ctl_fd, &one, sizeof(one)); /* the thread may sit in epoll_wait */
+        (void)w;
+    }
+    return rc;
+}
+
 /* ------------------------------------------------------------------ the thread */
 
 static void serve_entry(struct gfvm_faultloop *loop, uint32_t id, int tag)
@@ -979,9 +1363,13 @@ static void *loop_main(void *arg)
     struct gfvm_faultloop *loop = arg;
     struct epoll_event evs[64];
     while (!__atomic_load_n(&loop->stop_requested, __ATOMIC_ACQUIRE)) {
-        int n = epoll_wait(loop->epfd, evs, 64, -1);
+        /* With prefetch work, poll: faults and events first, a prefetch chunk when none waits. */
+        int prefetching = __atomic_load_n(&loop->pf_any, __ATOMIC_ACQUIRE);
+        int n = epoll_wait(loop->epfd, evs, 64, prefetching ? 0 : -1);
         if (n < 0)
             continue; /* EINTR */
+        if (n == 0 && prefetching)
+            prefetch_step(loop);
         for (int i = 0; i < n; i++) {
             uint64_t tag = evs[i].data.u64 & 0xff;
             uint32_t id = (uint32_t)(evs[i].data.u64 >> 8);

@@ -21,7 +21,10 @@ struct gfvm_faultloop;
 #define GFVM_FL_UNMAP 4  /* [start, end) unmapped (already applied) */
 #define GFVM_FL_FAULT 5  /* a fault the loop does not serve: start = address, flags, tid */
 #define GFVM_FL_EXIT 6   /* the process is gone; the loop no longer reads this uffd */
-#define GFVM_FL_ERROR 7  /* fatal error `error` (errno); the loop no longer reads this uffd */
+#define GFVM_FL_ERROR 7  /* error `error` (errno): fatal, the loop no longer reads this uffd; except
+                          * EBADMSG: page [start, end) failed its checksum (slot, source) and was
+                          * poisoned instead of served; the uffd is still served */
+#define GFVM_FL_PREFETCHED 8 /* the uffd's prefetch queue is done: count = pages it installed */
 #define GFVM_FL_EVICTED 1 /* flags of a REMOVE inside an announced eviction (entries kept) */
 
 /* Entry states (gfvm_faultloop_state). */
@@ -40,6 +43,10 @@ struct gfvm_fl_event {
     uint32_t child_id;
     int32_t error;
     uint32_t tid;
+    uint64_t slot;   /* ERROR with error EBADMSG: the slot whose bytes failed their checksum */
+    uint64_t count;  /* PREFETCHED: pages installed by the finished prefetch */
+    uint32_t source; /* ERROR with error EBADMSG: which source (0, 1, ...) */
+    uint32_t reserved;
 };
 
 struct gfvm_fl_counters {
@@ -53,6 +60,9 @@ struct gfvm_fl_counters {
     uint64_t events;       /* non-fault messages (fork, remap, remove, unmap) */
     uint64_t deferred;     /* faults handed to Python */
     uint64_t errors;       /* fatal errors */
+    uint64_t pages_poisoned;  /* pages that failed their checksum, poisoned instead of served */
+    uint64_t pages_prefetched; /* pages installed by prefetch (also counted in pages_copied) */
+    uint64_t from_source[GFVM_FL_MAX_SOURCES]; /* pages_copied, per source */
 };
 
 /* One place the loop reads pages from: page -> slot in `index`, data at slot * 4096 of `fd`
@@ -86,6 +96,10 @@ int gfvm_faultloop_set_process(struct gfvm_faultloop *loop, uint32_t id, int pid
 int gfvm_faultloop_remove(struct gfvm_faultloop *loop, uint32_t id);
 int gfvm_faultloop_expect_remove(struct gfvm_faultloop *loop, uint32_t id, const uint64_t *starts,
                                  const uint64_t *ends, uint32_t n);
+int gfvm_faultloop_sources(struct gfvm_faultloop *loop, uint32_t id, struct gfvm_fl_source *out, uint32_t max);
+int gfvm_faultloop_sync(struct gfvm_faultloop *loop, uint32_t id);
+int gfvm_faultloop_prefetch(struct gfvm_faultloop *loop, uint32_t id, const uint64_t *starts, const uint64_t *ends,
+                            uint32_t n);
 int gfvm_faultloop_state(struct gfvm_faultloop *loop, uint32_t id, int *state, int *error);
 int gfvm_faultloop_dup_uffd(struct gfvm_faultloop *loop, uint32_t id);
 int gfvm_faultloop_counters(struct gfvm_faultloop *loop, uint32_t id, struct gfvm_fl_counters *out);

@@ -156,6 +156,25 @@ int gfvm_ptrace_seize(int tid)
     return ptrace(PTRACE_SEIZE, tid, 0, (void *)(long)BASE_OPTIONS) < 0 ? -errno : 0;
 }
 
+/* PTRACE_SEIZE with extra options (e.g. PTRACE_O_TRACEEXEC | PTRACE_O_EXITKILL) on top of ours. */
+int gfvm_ptrace_seize_opts(int tid, int options)
+{
+    return ptrace(PTRACE_SEIZE, tid, 0, (void *)(long)(BASE_OPTIONS | options)) < 0 ? -errno : 0;
+}
+
+/* The next wait status of a seized thread, raw (the caller decodes stops, ptrace events, exit).
+ * -ETIMEDOUT after timeout_ms (-1: none), -ESRCH if it is not our tracee any more. */
+int gfvm_ptrace_wait_status(int tid, int timeout_ms, int *status)
+{
+    return wait_status(tid, timeout_ms, status);
+}
+
+/* PTRACE_CONT from any ptrace stop, delivering `sig` (0: none). */
+int gfvm_ptrace_cont(int tid, int sig)
+{
+    return ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig) < 0 ? -errno : 0;
+}
+
 int gfvm_ptrace_interrupt(int tid)
 {
     return ptrace(PTRACE_INTERRUPT, tid, 0, 0) < 0 ? -errno : 0;

@@ -3,6 +3,7 @@
 #define GFVM_INJECT_H
 #include <stdint.h>
 #include <sys/mman.h>
+#include <sys/ptrace.h>
 #include <sys/syscall.h>
 
 #define GFVM_NREGS 27 /* u64 words of struct user_regs_struct (x86_64) */
@@ -13,6 +14,9 @@ struct gfvm_inject *gfvm_inject_new(void);
 void gfvm_inject_free(struct gfvm_inject *s);
 int gfvm_inject_state(struct gfvm_inject *s);
 int gfvm_ptrace_seize(int tid);
+int gfvm_ptrace_seize_opts(int tid, int options);
+int gfvm_ptrace_wait_status(int tid, int timeout_ms, int *status);
+int gfvm_ptrace_cont(int tid, int sig);
 int gfvm_ptrace_interrupt(int tid);
 int gfvm_ptrace_wait_stop(int tid, int timeout_ms, int *stop_sig);
 int gfvm_ptrace_detach(int tid);

@@ -7,7 +7,9 @@
  * once, including the batch ones, so a fault window sees one consistent state.
  *
  * Keys are page-aligned virtual addresses (callers pass addresses; unaligned ones are EINVAL).
- * Slots are < 2^63. The table is reference counted: the Python object and every fault-loop
+ * Slots are < 2^63. An entry may carry the CRC-32 (zlib's) of its page's 4096 bytes; the fault
+ * loop verifies it after reading the slot and never serves a page that fails (entries without
+ * one, e.g. CRIU's own image pages, are served unchecked). Moves and clones keep it. The table is reference counted: the Python object and every fault-loop
  * entry that serves from it hold a reference.
  *
  * Change log: range removals and moves (what the process's REMOVE/UNMAP/REMAP events do) bump a
@@ -30,6 +32,8 @@
 struct entry {
     uint64_t vpn;
     uint64_t slot;
+    uint32_t crc;
+    uint32_t has_crc;
 };
 
 #define CHANGE_LOG 256
@@ -116,14 +120,13 @@ static struct entry *find(struct gfvm_pageindex *idx, uint64_t vpn)
     }
 }
 
-static void insert_fresh(struct entry *table, uint64_t cap, uint64_t vpn, uint64_t slot)
+static void insert_fresh(struct entry *table, uint64_t cap, const struct entry *e)
 {
     uint64_t mask = cap - 1;
-    uint64_t i = hash_vpn(vpn, cap);
+    uint64_t i = hash_vpn(e->vpn, cap);
     while (table[i].vpn != EMPTY)
         i = (i + 1) & mask;
-    table[i].vpn = vpn;
-    table[i].slot = slot;
+    table[i] = *e;
 }
 
 static int grow(struct gfvm_pageindex *idx, uint64_t need)
@@ -136,26 +139,33 @@ static int grow(struct gfvm_pageindex *idx, uint64_t need)
         return -ENOMEM;
     for (uint64_t i = 0; i < idx->cap; i++)
         if (idx->table[i].vpn != EMPTY)
-            insert_fresh(t, cap, idx->table[i].vpn, idx->table[i].slot);
+            insert_fresh(t, cap, &idx->table[i]);
     free(idx->table);
     idx->table = t;
     idx->cap = cap;
     return 0;
 }
 
-static int put(struct gfvm_pageindex *idx, uint64_t vpn, uint64_t slot)
+/* crc < 0: the entry carries no checksum. */
+static int put(struct gfvm_pageindex *idx, uint64_t vpn, uint64_t slot, int64_t crc)
 {
+    struct entry n = {vpn, slot, crc >= 0 ? (uint32_t)crc : 0, crc >= 0};
     struct entry *e = find(idx, vpn);
     if (e) {
-        e->slot = slot;
+        *e = n;
         return 0;
     }
     int rc = grow(idx, idx->count + 1);
     if (rc < 0)
         return rc;
-    insert_fresh(idx->table, idx->cap, vpn, slot);
+    insert_fresh(idx->table, idx->cap, &n);
     idx->count++;
     return 0;
+}
+
+static int64_t crc_of(const struct entry *e)
+{
+    return e->has_crc ? (int64_t)e->crc : -1;
 }
 
 /* Backward-shift deletion: later members of the probe chain move into the hole so lookups never
@@ -253,24 +263,29 @@ struct gfvm_pageindex *gfvm_pageindex_clone(struct gfvm_pageindex *src)
     return idx;
 }
 
-int gfvm_pageindex_set(struct gfvm_pageindex *idx, uint64_t addr, uint64_t slot)
+/* crc < 0: no checksum; else the page's CRC-32 (< 2^32). */
+int gfvm_pageindex_set(struct gfvm_pageindex *idx, uint64_t addr, uint64_t slot, int64_t crc)
 {
-    if (check_addr(addr) || slot > MAX_SLOT)
+    if (check_addr(addr) || slot > MAX_SLOT || crc > (int64_t)UINT32_MAX)
         return -EINVAL;
     pthread_mutex_lock(&idx->lock);
-    int rc = put(idx, addr >> PAGE_SHIFT_, slot);
+    int rc = put(idx, addr >> PAGE_SHIFT_, slot, crc);
     pthread_mutex_unlock(&idx->lock);
     return rc;
 }
 
-int gfvm_pageindex_get(struct gfvm_pageindex *idx, uint64_t addr, uint64_t *slot)
+/* *crc (if crc is not NULL) = the checksum, or -1 when the entry has none. */
+int gfvm_pageindex_get(struct gfvm_pageindex *idx, uint64_t addr, uint64_t *slot, int64_t *crc)
 {
     if (check_addr(addr))
         return -EINVAL;
     pthread_mutex_lock(&idx->lock);
     struct entry *e = find(idx, addr >> PAGE_SHIFT_);
-    if (e)
+    if (e) {
         *slot = e->slot;
+        if (crc)
+            *crc = crc_of(e);
+    }
     pthread_mutex_unlock(&idx->lock);
     return e ? 0 : -ENOENT;
 }
@@ -320,7 +335,7 @@ int64_t gfvm_pageindex_move_range(struct gfvm_pageindex *idx, uint64_t from, uin
             del(idx, v[i].vpn);
         uint64_t fv = from >> PAGE_SHIFT_, tv = to >> PAGE_SHIFT_;
         for (int64_t i = 0; i < n; i++)
-            put(idx, v[i].vpn - fv + tv, v[i].slot);
+            put(idx, v[i].vpn - fv + tv, v[i].slot, crc_of(&v[i]));
         log_change(idx, from, from + len);
         log_change(idx, to, to + len);
     }
@@ -347,9 +362,10 @@ uint64_t gfvm_pageindex_count(struct gfvm_pageindex *idx)
     return n;
 }
 
-/* Sets n entries at once; all or nothing (EINVAL/ENOMEM leave the index unchanged). */
+/* Sets n entries at once, with checksums crcs[i] (crcs NULL: none); all or nothing (EINVAL/ENOMEM
+ * leave the index unchanged). */
 int gfvm_pageindex_set_many(struct gfvm_pageindex *idx, const uint64_t *addrs, const uint64_t *slots,
-                            uint64_t n)
+                            const uint32_t *crcs, uint64_t n)
 {
     for (uint64_t i = 0; i < n; i++)
         if (check_addr(addrs[i]) || slots[i] > MAX_SLOT)
@@ -357,7 +373,7 @@ int gfvm_pageindex_set_many(struct gfvm_pageindex *idx, const uint64_t *addrs, c
     pthread_mutex_lock(&idx->lock);
     int rc = grow(idx, idx->count + n);
     for (uint64_t i = 0; rc == 0 && i < n; i++)
-        rc = put(idx, addrs[i] >> PAGE_SHIFT_, slots[i]);
+        rc = put(idx, addrs[i] >> PAGE_SHIFT_, slots[i], crcs ? (int64_t)crcs[i] : -1);
     pthread_mutex_unlock(&idx->lock);
     return rc;
 }
@@ -374,7 +390,7 @@ uint64_t gfvm_pageindex_seq(struct gfvm_pageindex *idx)
  * number `since` removed or moved. Returns how many were skipped; -ESTALE (nothing set) when
  * more changes happened since than the log remembers. */
 int64_t gfvm_pageindex_set_many_if(struct gfvm_pageindex *idx, const uint64_t *addrs, const uint64_t *slots,
-                                   uint64_t n, uint64_t since, uint8_t *skipped)
+                                   const uint32_t *crcs, uint64_t n, uint64_t since, uint8_t *skipped)
 {
     for (uint64_t i = 0; i < n; i++)
         if (check_addr(addrs[i]) || slots[i] > MAX_SLOT)
@@ -397,7 +413,7 @@ int64_t gfvm_pageindex_set_many_if(struct gfvm_pageindex *idx, const uint64_t *a
         skipped[i] = (uint8_t)hit;
         nskipped += hit;
         if (!hit)
-            rc = put(idx, addrs[i] >> PAGE_SHIFT_, slots[i]);
+            rc = put(idx, addrs[i] >> PAGE_SHIFT_, slots[i], crcs ? (int64_t)crcs[i] : -1);
     }
     pthread_mutex_unlock(&idx->lock);
     return rc < 0 ? rc : nskipped;
@@ -419,9 +435,10 @@ int64_t gfvm_pageindex_get_many(struct gfvm_pageindex *idx, const uint64_t *addr
 }
 
 /* slots[i] = slot of page start + i * 4096, or -1, for npages consecutive pages (the fault
- * loop's window lookup). Returns how many were found. */
+ * loop's window lookup); crcs[i] (crcs may be NULL) = its checksum or -1. Returns how many were
+ * found. */
 int64_t gfvm_pageindex_lookup_run(struct gfvm_pageindex *idx, uint64_t start, uint64_t npages,
-                                  int64_t *slots)
+                                  int64_t *slots, int64_t *crcs)
 {
     int64_t found = 0;
     uint64_t vpn = start >> PAGE_SHIFT_;
@@ -429,16 +446,19 @@ int64_t gfvm_pageindex_lookup_run(struct gfvm_pageindex *idx, uint64_t start, ui
     for (uint64_t i = 0; i < npages; i++) {
         struct entry *e = idx->count ? find(idx, vpn + i) : NULL;
         slots[i] = e ? (int64_t)e->slot : -1;
+        if (crcs)
+            crcs[i] = e ? crc_of(e) : -1;
         found += e != NULL;
     }
     pthread_mutex_unlock(&idx->lock);
     return found;
 }
 
-/* Copies the entries in [start, end), sorted by address, into addrs/slots (at most cap of
- * them). Returns how many there are in total: call again with a bigger buffer if that is > cap. */
+/* Copies the entries in [start, end), sorted by address, into addrs/slots and, unless NULL, crcs
+ * (-1: none), at most cap of them. Returns how many there are in total: call again with a bigger
+ * buffer if that is > cap. */
 int64_t gfvm_pageindex_export(struct gfvm_pageindex *idx, uint64_t start, uint64_t end,
-                              uint64_t *addrs, uint64_t *slots, uint64_t cap)
+                              uint64_t *addrs, uint64_t *slots, int64_t *crcs, uint64_t cap)
 {
     pthread_mutex_lock(&idx->lock);
     struct entry *v;
@@ -447,6 +467,8 @@ int64_t gfvm_pageindex_export(struct gfvm_pageindex *idx, uint64_t start, uint64
         for (int64_t i = 0; i < n && (uint64_t)i < cap; i++) {
             addrs[i] = v[i].vpn << PAGE_SHIFT_;
             slots[i] = v[i].slot;
+            if (crcs)
+                crcs[i] = crc_of(&v[i]);
         }
         free(v);
     }

@@ -26,7 +26,7 @@ ffibuilder.set_source(
     sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.c"))],
     include_dirs=["csrc"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
-    libraries=["pthread"],
+    libraries=["pthread", "z"],  # z: zlib crc32 (csrc/checksum.c)
 )
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ Parts (one per C module in csrc/):
 - pidfd: `pidfd_open`, `pidfd_getfd`, `pidfd_send_signal`.
 - ptrace: `Tracer` (own OS thread; stop all threads of a process, inject syscalls, helpers for
   userfaultfd/madvise/close/mmap/munmap).
-- `PageIndex` (virtual page -> paging-file slot, in C, shared with the fault loop) and
-  `FaultLoop` (native fault service on its own pthread, no GIL); `evict_pages` (drop pages
+- `crc32_pages` (zlib's CRC-32 of each page, without the GIL).
+- `PageIndex` (virtual page -> paging-file slot and page CRC-32, in C, shared with the fault
+  loop) and `FaultLoop` (native fault service on its own pthread, no GIL); `evict_pages` (drop pages
   that are safely in the paging file, with everything a pager must get right about it).
 - `frozen_cgroup` (is a process frozen by a cgroup freezer: what that means for ptrace).
 
@@ -30,9 +31,11 @@ import errno
 import functools
 import os
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Self
 
 try:
@@ -63,6 +66,14 @@ def _u64_array(values: Iterable[int]) -> Any:
     if isinstance(values, array.array) and values.itemsize == 8 and values.typecode in "QL":
         return ffi.from_buffer("uint64_t[]", values)
     return ffi.new("uint64_t[]", list(values))
+
+
+def _u32_array(values: Iterable[int]) -> Any:
+    """A uint32_t[] for C: zero-copy for an array('I') (4-byte items), else a fresh copy
+    (OverflowError for values outside [0, 2**32))."""
+    if isinstance(values, array.array) and values.itemsize == 4 and values.typecode in "IL":
+        return ffi.from_buffer("uint32_t[]", values)
+    return ffi.new("uint32_t[]", list(values))
 
 
 def _writable_buffer(buf: Any, need: int, what: str) -> Any:
@@ -651,6 +662,24 @@ def pidfd_send_signal(pidfd: int, sig: int) -> None:
     check(lib.gfvm_pidfd_send_signal(pidfd, sig), f"pidfd_send_signal({sig})")
 
 
+# --------------------------------------------------------------------------- checksums
+
+
+def crc32_pages(buf: Any, n: int | None = None) -> array.array:
+    """CRC-32 of each 4 KiB page of `buf` (any buffer; n pages, default all whole pages of it),
+    as zlib.crc32(page) computes it, as array("I"). Runs without the GIL (about 0.3 us per page
+    here), so other Python threads go on meanwhile. Blocks for the computation only."""
+    cbuf = ffi.from_buffer(buf)
+    if n is None:
+        n = len(cbuf) // PAGE_SIZE
+    if n < 0 or n * PAGE_SIZE > len(cbuf):
+        raise ValueError(f"crc32_pages: buffer holds {len(cbuf)} bytes, {n} pages asked")
+    out = array.array("I", bytes(4 * n))
+    if n:
+        lib.gfvm_crc32_pages(cbuf, n, ffi.from_buffer("uint32_t[]", out))
+    return out
+
+
 # --------------------------------------------------------------------------- page index
 
 
@@ -694,7 +723,7 @@ class PageIndex:
 
     def get(self, address: int, default: int | None = None) -> int | None:
         slot = ffi.new("uint64_t *")
-        rc = lib.gfvm_pageindex_get(self._ptr, address, slot)
+        rc = lib.gfvm_pageindex_get(self._ptr, address, slot, ffi.NULL)
         if rc == -errno.ENOENT:
             return default
         if rc == -errno.EINVAL:
@@ -713,10 +742,23 @@ class PageIndex:
     def __setitem__(self, address: int, slot: int) -> None:
         self.set(address, slot)
 
-    def set(self, address: int, slot: int) -> None:
+    def get_crc(self, address: int) -> int | None:
+        """The CRC-32 stored with the page's entry; None when it has none (or no entry)."""
+        slot = ffi.new("uint64_t *")
+        crc = ffi.new("int64_t *")
+        rc = lib.gfvm_pageindex_get(self._ptr, address, slot, crc)
+        if rc == -errno.EINVAL:
+            raise ValueError(f"page address {address:#x} is not page-aligned")
+        return None if rc < 0 or crc[0] < 0 else int(crc[0])
+
+    def set(self, address: int, slot: int, crc: int | None = None) -> None:
+        """Maps the page to `slot`; with `crc` (the CRC-32 of the slot's 4096 bytes, as
+        zlib.crc32 / crc32_pages compute it) the fault loop verifies the bytes before serving."""
         if not 0 <= slot < 2**63:
             raise ValueError(f"slot {slot} out of range")
-        rc = lib.gfvm_pageindex_set(self._ptr, address, slot)
+        if crc is not None and not 0 <= crc < 2**32:
+            raise ValueError(f"crc {crc} out of range")
+        rc = lib.gfvm_pageindex_set(self._ptr, address, slot, -1 if crc is None else crc)
         if rc == -errno.EINVAL:
             raise ValueError(f"page address {address:#x} is not page-aligned")
         check(rc, "PageIndex.set")
@@ -759,23 +801,31 @@ class PageIndex:
         addresses: Iterable[int],
         slots: Iterable[int],
         *,
+        crcs: Iterable[int] | None = None,
         unless_changed_since: int | None = None,
     ) -> list[int]:
-        """Bulk load. Without `unless_changed_since`: all entries or none (ValueError for a bad
-        address/slot), returns []. With it (a change_seq taken before the pages were read):
-        skips every address removed or moved by a change after that point and returns the
-        skipped addresses; OSError(ESTALE), setting nothing, if too many changes happened
-        since to tell (more than 256: read again)."""
+        """Bulk load. `crcs`: the CRC-32 of each slot's bytes (zlib's; e.g. from crc32_pages),
+        which the fault loop then verifies before serving (without: served unchecked).
+        Without `unless_changed_since`: all entries or none (ValueError for a bad address/slot),
+        returns []. With it (a change_seq taken before the pages were read): skips every
+        address removed or moved by a change after that point and returns the skipped
+        addresses; OSError(ESTALE), setting nothing, if too many changes happened since to tell
+        (more than 256: read again)."""
         a, s = _u64_array(addresses), _u64_array(slots)
         if len(a) != len(s):
             raise ValueError("set_many: addresses and slots differ in length")
+        c = ffi.NULL
+        if crcs is not None:
+            c = _u32_array(crcs)
+            if len(c) != len(a):
+                raise ValueError("set_many: addresses and crcs differ in length")
         if unless_changed_since is None:
-            rc = lib.gfvm_pageindex_set_many(self._ptr, a, s, len(a))
+            rc = lib.gfvm_pageindex_set_many(self._ptr, a, s, c, len(a))
             skipped = None
         else:
             skipped = ffi.new("uint8_t[]", max(1, len(a)))
             rc = lib.gfvm_pageindex_set_many_if(
-                self._ptr, a, s, len(a), unless_changed_since, skipped
+                self._ptr, a, s, c, len(a), unless_changed_since, skipped
             )
         if rc == -errno.EINVAL:
             raise ValueError("set_many: unaligned address, slot out of range or unknown change_seq")
@@ -807,6 +857,7 @@ class PageIndex:
                     end,
                     ffi.from_buffer("uint64_t[]", addrs),
                     ffi.from_buffer("uint64_t[]", slots),
+                    ffi.NULL,
                     cap,
                 ),
                 "PageIndex.export",
@@ -831,11 +882,26 @@ class Source:
     """Where a FaultLoop reads pages from: `index` maps a page to a slot, the page's bytes are
     at slot * 4096 of `fd` (pread) or of `mapping` (any buffer, e.g. an mmap of the file; slots
     beyond it fall back to `fd`). The loop dups `fd`; it keeps `mapping` exported (so it cannot
-    be closed) until FaultLoop.close(), since forked children inherit their parent's sources."""
+    be closed) until FaultLoop.close(), since forked children inherit their parent's sources.
+    A Source returned by FaultLoop.sources() owns its `fd` (closed when the Source goes away)."""
 
     index: PageIndex
     fd: int = -1
     mapping: Any = None
+    _fd_owner: Any = field(default=None, repr=False, compare=False)
+
+
+class _OwnedFd:
+    """Closes an fd when garbage-collected (the fd of a Source from FaultLoop.sources())."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(frozen=True)
@@ -850,6 +916,9 @@ class FaultLoopCounters:
     events: int  #: fork/remap/remove/unmap messages
     deferred: int  #: faults handed to Python (LoopEvent kind "fault")
     errors: int  #: fatal errors
+    pages_poisoned: int  #: pages that failed their checksum: poisoned, never served
+    pages_prefetched: int  #: pages installed by prefetch() (also in pages_copied)
+    from_source: tuple[int, ...]  #: pages_copied per source (index = position in the sources)
 
 
 @dataclass(frozen=True)
@@ -901,6 +970,12 @@ class LoopEvent:
       "exit"   the process is gone; the loop no longer reads this uffd
       "error"  fatal errno `error`: the loop no longer reads this uffd; faults it had read but
                not served were woken and wait in the uffd again. Python decides (fail-stop).
+               Except error == EBADMSG (`corrupt`): page [start, end) failed its checksum:
+               `slot` of source number `source` holds bytes that do not match the index's
+               CRC-32. The page was poisoned instead (an access raises SIGBUS, never wrong
+               data); the loop goes on serving the uffd.
+      "prefetched" every range given to prefetch() for this uffd is done; `count` = pages
+               installed.
     """
 
     kind: str
@@ -913,6 +988,14 @@ class LoopEvent:
     error: int = 0
     child_id: int = 0
     uffd: Userfaultfd | None = None
+    slot: int = 0
+    source: int = 0
+    count: int = 0
+
+    @property
+    def corrupt(self) -> bool:
+        """An "error" that is a page failing its checksum (poisoned; the uffd is still served)."""
+        return self.kind == "error" and self.error == errno.EBADMSG
 
     @property
     def evicted(self) -> bool:
@@ -928,6 +1011,7 @@ _LOOP_EVENT_KINDS = {
     lib.GFVM_FL_FAULT: "fault",
     lib.GFVM_FL_EXIT: "exit",
     lib.GFVM_FL_ERROR: "error",
+    lib.GFVM_FL_PREFETCHED: "prefetched",
 }
 _LOOP_STATES = {
     lib.GFVM_FL_ACTIVE: "active",
@@ -941,7 +1025,9 @@ class FaultLoop:
 
     On a MISSING fault at page A of a uffd, it serves the window of `window_pages` pages aligned
     around A, cut to A's VMA: pages found in the uffd's sources are read from them, the others
-    are installed as zeros (or, with defer_missing, left to Python). With wp=True pages go in
+    are installed as zeros (or, with defer_missing, left to Python). A page whose index entry
+    has a CRC-32 is verified after it is read; one that fails is poisoned (SIGBUS on access,
+    never wrong data) and reported ("error" event, `corrupt`). With wp=True pages go in
     write-protected (UFFDIO_COPY MODE_WP; zeros as a copy of zeros), so dirty tracking stays
     exact. Events (fork, remap, remove, unmap) are read promptly, applied to the indexes and
     queued as LoopEvents; `notify_fd` (an eventfd) is readable while some are queued, so a trio
@@ -1064,6 +1150,35 @@ class FaultLoop:
         arr, n = self._source_array(sources)
         check(lib.gfvm_faultloop_set_sources(self._ptr(), uffd_id, arr, n), "FaultLoop.set_sources")
 
+    def sources(self, uffd_id: int) -> list[Source]:
+        """The sources the loop serves entry `uffd_id` from, in order. For a forked child these
+        are the clones of its parent's indexes the loop made at the fork: the very PageIndex
+        objects the loop reads, so the caller can update them (set_many after its own flushes)
+        or evict with them (evict_pages). Each Source owns a new dup of the loop's fd and keeps
+        the mapping object the parent's Source was given. Never blocks beyond a mutex (waits for
+        the window being served). KeyError for an unknown id."""
+        out = ffi.new("struct gfvm_fl_source[]", lib.GFVM_FL_MAX_SOURCES)
+        rc = lib.gfvm_faultloop_sources(self._ptr(), uffd_id, out, lib.GFVM_FL_MAX_SOURCES)
+        if rc == -errno.ENOENT:
+            raise KeyError(uffd_id)
+        n = check(rc, "FaultLoop.sources")
+        mappings = {int(ffi.cast("uintptr_t", view)): obj for view, obj in self._keep}
+        result = []
+        for i in range(n):
+            fd = int(out[i].fd)
+            mapping = None
+            if out[i].map != ffi.NULL:
+                mapping = mappings.get(int(ffi.cast("uintptr_t", out[i].map)))
+            result.append(
+                Source(
+                    PageIndex(_ptr=out[i].index),  # the reference C gave us
+                    fd,
+                    mapping,
+                    _OwnedFd(fd) if fd >= 0 else None,
+                )
+            )
+        return result
+
     def set_process(self, uffd_id: int, pid: int = 0, pidfd: int = -1) -> None:
         """Tells the loop which process an entry serves (a forked child's, typically)."""
         check(
@@ -1091,6 +1206,45 @@ class FaultLoop:
             raise KeyError(uffd_id)
         check(rc, "FaultLoop.expect_eviction")
 
+    def prefetch(self, uffd_id: int, ranges: Iterable[tuple[int, int]]) -> None:
+        """Queues a background push of the pages the entry's sources have within `ranges`
+        ([start, end), rounded out to pages): the loop thread installs them between faults
+        (faults and events always first), in chunks of up to 256 pages inside one VMA, with the
+        same checksum verification and WP mode as faults; pages in no source are skipped (never
+        zero-filled ahead), pages already present are left alone. Every copy stays on the loop
+        thread, ordered with the events it reads. When the entry's queue is done (or given up:
+        process gone, entry removed or failed) a "prefetched" LoopEvent says how many pages it
+        installed (`count`; `error` 0, or why it stopped). Calls add to the queue. Never blocks
+        beyond a mutex. KeyError for an unknown id, ProcessLookupError if the entry no longer
+        serves (its process exited, or it failed)."""
+        pairs = list(ranges)
+        for a, e in pairs:
+            if e < a:
+                raise ValueError(f"prefetch range {a:#x}-{e:#x} ends before it starts")
+        starts = ffi.new("uint64_t[]", [a for a, _ in pairs] or [0])
+        ends = ffi.new("uint64_t[]", [e for _, e in pairs] or [0])
+        rc = lib.gfvm_faultloop_prefetch(self._ptr(), uffd_id, starts, ends, len(pairs))
+        if rc == -errno.ENOENT:
+            raise KeyError(uffd_id)
+        if rc == -errno.ESRCH:
+            raise ProcessLookupError(errno.ESRCH, f"fault loop entry {uffd_id} no longer serves")
+        check(rc, "FaultLoop.prefetch")
+
+    def sync(self, uffd_id: int = 0) -> None:
+        """Returns once the loop has finished with every message it has read so far from that
+        uffd (0: from every uffd): events applied to the indexes and queued, faults served.
+
+        Why: the kernel lets a process return from madvise/munmap/mremap/fork as soon as the loop
+        *reads* the event, a moment before the loop has applied it and queued it. So "the process
+        said its munmap returned" does not yet mean "pop_events() has it"; after sync() it does
+        (and with every thread of the process stopped, the indexes then reflect every event the
+        process completed). Blocks for at most the batch being served (microseconds, or a
+        window's reads). KeyError for an unknown id."""
+        rc = lib.gfvm_faultloop_sync(self._ptr(), uffd_id)
+        if rc == -errno.ENOENT:
+            raise KeyError(uffd_id)
+        check(rc, "FaultLoop.sync")
+
     def state(self, uffd_id: int) -> tuple[str, int]:
         """("active" | "exited" | "failed", errno of the failure or 0)."""
         st, err = ffi.new("int *"), ffi.new("int *")
@@ -1112,9 +1266,11 @@ class FaultLoop:
         rc = lib.gfvm_faultloop_counters(self._ptr(), uffd_id, c)
         if rc == -errno.ENOENT:
             raise KeyError(uffd_id)
-        return FaultLoopCounters(
-            **{name: int(getattr(c, name)) for name, _ in ffi.typeof(c[0]).fields}
-        )
+        values: dict[str, Any] = {}
+        for name, _ in ffi.typeof(c[0]).fields:
+            v = getattr(c, name)
+            values[name] = int(v) if isinstance(v, int) else tuple(int(x) for x in v)
+        return FaultLoopCounters(**values)
 
     def latency(self) -> LatencyHistogram:
         buckets = ffi.new("uint64_t[]", lib.GFVM_FL_HIST_BUCKETS)
@@ -1147,6 +1303,9 @@ class FaultLoop:
                     error=int(ev.error),
                     child_id=int(ev.child_id),
                     uffd=Userfaultfd(int(ev.fd)) if ev.fd >= 0 else None,
+                    slot=int(ev.slot),
+                    source=int(ev.source),
+                    count=int(ev.count),
                 )
             )
         return events
@@ -1548,21 +1707,131 @@ class Tracer:
         """Creates a userfaultfd inside `pid` (O_CLOEXEC|O_NONBLOCK, never USER_MODE_ONLY),
         copies it out with pidfd_getfd and closes it in the target, all in one stop. The
         returned uffd acts on the target's memory; call api() on it next."""
-        flags = os.O_CLOEXEC | os.O_NONBLOCK
+        return self.call(self._with_session, pid, tid, _make_uffd_in(pid))
 
-        def body(s: _Session) -> Userfaultfd:
-            remote = check(s.syscall(SYS_userfaultfd, flags), f"injected userfaultfd() in {pid}")
-            try:
-                # The fd table of the thread that made it (the leader may have exited).
-                pidfd = pidfd_open(s.tid, PIDFD_THREAD if s.tid != pid else 0)
-                try:
-                    return Userfaultfd(pidfd_getfd(pidfd, remote))
-                finally:
-                    os.close(pidfd)
-            finally:
-                check(s.syscall(SYS_close, remote), f"injected close({remote}) in {pid}")
+    def inject_userfaultfd_at_exec(
+        self, pid: int, resume: Callable[[], None], *, timeout: float = 10.0
+    ) -> Userfaultfd:
+        """Creates a userfaultfd in the program `pid` is about to exec, before that program's
+        first instruction: for a task that stopped itself (SIGSTOP) right before an exec, e.g.
+        a shell shim `kill -STOP $$; exec CMD`.
 
-        return self.call(self._with_session, pid, tid, body)
+        Seizes `pid` with PTRACE_O_TRACEEXEC|PTRACE_O_EXITKILL (if this process dies meanwhile,
+        the task is killed rather than left half-attached), waits for its stop, calls `resume()`
+        (the caller sends SIGCONT: `lambda: os.kill(pid, signal.SIGCONT)`), continues it through
+        signal-delivery stops (signals are delivered as usual) until PTRACE_EVENT_EXEC, lets the
+        exec complete up to the signal-path stop just before the new program's first
+        instruction, injects userfaultfd() there, copies it out with pidfd_getfd, closes it in
+        the target and detaches. The returned uffd acts on the new program's memory; call api()
+        next. The task must be single-threaded (a shim is). A job-control stop that arrives
+        between resume() and the exec is not honoured (the task is continued); one that arrives
+        at the final stop is (the task stays stopped after the detach).
+
+        Raises ProcessLookupError if the task exits before it execs (the message has its exit
+        status, e.g. 127 for a command the shell did not find), TimeoutError if it does not stop
+        (within stop_timeout) or exec (within `timeout` seconds after resume()), PermissionError
+        if it cannot be traced (or, e.g., a seccomp filter forbids userfaultfd at that point),
+        OSError(EBUSY) if this tracer holds it already. Any exception from resume() is
+        re-raised after the task is released (still stopped). Blocks until done.
+        """
+        return self.call(self._uffd_at_exec, pid, resume, timeout)
+
+    def _uffd_at_exec(self, pid: int, resume: Callable[[], None], timeout: float) -> Userfaultfd:
+        if pid in self._stopped:
+            raise OSError(errno.EBUSY, f"process {pid} is already stopped by this tracer")
+        check(
+            lib.gfvm_ptrace_seize_opts(pid, lib.PTRACE_O_TRACEEXEC | lib.PTRACE_O_EXITKILL),
+            f"PTRACE_SEIZE {pid}",
+        )
+        at_stop = False  # whether the task sits in a ptrace stop we have seen (can be detached)
+        try:
+            # 1. Seizing a stopped task traps it in its group stop. A task that has not acted on
+            #    its SIGSTOP yet shows a signal-delivery stop first: deliver it.
+            deadline = time.monotonic() + self.stop_timeout
+            while True:
+                kind, sig = self._next_stop(pid, deadline, "stop")
+                if kind == "group-stop":
+                    break
+                check(
+                    lib.gfvm_ptrace_cont(pid, sig if kind == "signal" else 0), f"PTRACE_CONT {pid}"
+                )
+            at_stop = True
+            resume()
+            # 2. Run to the exec, delivering signals (SIGCONT first). Continuing from the group
+            #    stop only after resume() keeps it stopped until the caller lets it go.
+            deadline = time.monotonic() + timeout
+            kind, sig = "group-stop", 0
+            while kind != "exec":
+                check(
+                    lib.gfvm_ptrace_cont(pid, sig if kind == "signal" else 0), f"PTRACE_CONT {pid}"
+                )
+                at_stop = False
+                kind, sig = self._next_stop(pid, deadline, "exec")
+                at_stop = True
+            # 3. The exec-event stop is inside execve(): let it return (the new program's
+            #    registers) into the signal path, where injection restores registers exactly.
+            check(lib.gfvm_ptrace_interrupt(pid), f"PTRACE_INTERRUPT {pid}")
+            check(lib.gfvm_ptrace_cont(pid, 0), f"PTRACE_CONT {pid}")
+            at_stop = False
+            stop_sig = ffi.new("int *")
+            rc = lib.gfvm_ptrace_wait_stop(pid, self._ms(self.stop_timeout), stop_sig)
+            if rc == -errno.ESRCH:
+                raise ProcessLookupError(errno.ESRCH, f"process {pid} died during its exec")
+            check(rc, f"waiting for {pid} after its exec")
+            at_stop = True
+            ip = ffi.new("uint64_t *")
+            check(lib.gfvm_find_syscall_insn(pid, ip), f"finding a syscall instruction in {pid}")
+            self._stopped[pid] = {pid: int(stop_sig[0])}
+            self._syscall_ip[pid] = int(ip[0])
+            return self._with_session(pid, pid, _make_uffd_in(pid))
+        finally:
+            if pid in self._stopped:
+                self._release(pid)  # restores nothing more (the session did), detaches
+            elif at_stop:
+                lib.gfvm_ptrace_detach(pid)
+            else:
+                self._give_up_running(pid)
+
+    def _next_stop(self, pid: int, deadline: float, waiting_for: str) -> tuple[str, int]:
+        """The next stop of a seized task: ("exec" | "group-stop" | "signal" | "other", signal).
+        Raises ProcessLookupError when it exited, TimeoutError at `deadline`."""
+        status = ffi.new("int *")
+        left = max(0, int((deadline - time.monotonic()) * 1000))
+        rc = lib.gfvm_ptrace_wait_status(pid, left, status)
+        if rc == -errno.ETIMEDOUT:
+            raise TimeoutError(errno.ETIMEDOUT, f"process {pid} did not {waiting_for} in time")
+        if rc == -errno.ESRCH:
+            raise ProcessLookupError(errno.ESRCH, f"process {pid} is gone")
+        check(rc, f"waiting for {pid}")
+        st = int(status[0])
+        if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+            how = (
+                f"exit status {os.WEXITSTATUS(st)}"
+                if os.WIFEXITED(st)
+                else f"killed by signal {os.WTERMSIG(st)}"
+            )
+            raise ProcessLookupError(errno.ESRCH, f"process {pid} ended ({how}) before it exec'd")
+        sig, event = os.WSTOPSIG(st), st >> 16
+        if event == lib.PTRACE_EVENT_EXEC:
+            return "exec", 0
+        if event == lib.PTRACE_EVENT_STOP:
+            stopping = sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+            return ("group-stop" if stopping else "other"), sig
+        if event == 0:
+            return "signal", sig
+        return "other", sig
+
+    def _give_up_running(self, pid: int) -> None:
+        """Releases a seized task that runs: interrupt it and detach it once it stops (now or,
+        if it takes longer, before a later job: see _release_late_stoppers)."""
+        if lib.gfvm_ptrace_interrupt(pid) < 0:
+            return  # gone
+        stop_sig = ffi.new("int *")
+        rc = lib.gfvm_ptrace_wait_stop(pid, 100, stop_sig)
+        if rc == 0:
+            lib.gfvm_ptrace_detach(pid)
+        elif rc == -errno.ETIMEDOUT:
+            self._late.add(pid)
 
     def inject_madvise(
         self,
@@ -1631,6 +1900,25 @@ class Tracer:
                 lib.gfvm_ptrace_detach(tid)  # its process was released meanwhile
 
         self.call(run)
+
+
+def _make_uffd_in(pid: int) -> Callable[[_Session], Userfaultfd]:
+    """The injection that creates a uffd in `pid` and copies it out (see inject_userfaultfd)."""
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
+
+    def body(s: _Session) -> Userfaultfd:
+        remote = check(s.syscall(SYS_userfaultfd, flags), f"injected userfaultfd() in {pid}")
+        try:
+            # The fd table of the thread that made it (the leader may have exited).
+            pidfd = pidfd_open(s.tid, PIDFD_THREAD if s.tid != pid else 0)
+            try:
+                return Userfaultfd(pidfd_getfd(pidfd, remote))
+            finally:
+                os.close(pidfd)
+        finally:
+            check(s.syscall(SYS_close, remote), f"injected close({remote}) in {pid}")
+
+    return body
 
 
 def evict_pages(

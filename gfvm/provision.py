@@ -78,13 +78,14 @@ def init_cluster(
     *,
     name: str = "gfvm",
     replicas: int = DEFAULT_REPLICAS,
-    force: bool = False,
+    new_ca: bool = False,
     seed: bytes | None = None,
 ) -> InitResult:
     """Writes cluster.toml, the CA and one bundle per node under `out_dir` (blocking).
 
-    Refuses to overwrite an existing CA unless `force`: a new CA would lock every node that
-    joined with the old one out of the cluster. With `seed` (a shared secret), the CA and node
+    An existing CA under `out_dir` is reused, so running init again with a changed node list
+    (a node added) issues bundles that work with the nodes already joined; `new_ca` replaces it,
+    after which every node must join again. With `seed` (a shared secret), the CA and node
     keys are derived from it, so machines holding the same secret and node list produce
     credentials that work together without copying bundles around (the Vagrant cluster does that).
     """
@@ -94,16 +95,21 @@ def init_cluster(
     if replicas > len(nodes):
         raise UsageError(f"--replicas {replicas} exceeds the number of nodes ({len(nodes)})")
     ca_dir = out_dir / "ca"
-    if (ca_dir / "ca.key").exists() and not force:
-        raise UsageError(
-            f"{ca_dir} already holds a cluster CA; pass --force to replace it "
-            "(every node must then join again)"
-        )
     out_dir.mkdir(parents=True, exist_ok=True)
-    if force:
+    if new_ca:
         for old in ("ca.key", "ca.crt"):
             (ca_dir / old).unlink(missing_ok=True)
-    ca = pki.create_ca(ca_dir, config.name, seed=seed)
+    if (ca_dir / "ca.key").exists():
+        ca = pki.load_ca(ca_dir)
+        if ca.cluster != config.name:
+            raise UsageError(
+                f"{ca_dir} holds the CA of cluster {ca.cluster!r}, not {config.name!r}: "
+                "use another --out, or --new-ca to replace it"
+            )
+        if seed is not None:
+            ca.seed = seed
+    else:
+        ca = pki.create_ca(ca_dir, config.name, seed=seed)
     toml_text = config.to_toml()
     config_path = out_dir / "cluster.toml"
     pki.write_atomic(config_path, toml_text.encode(), 0o644)
@@ -146,7 +152,11 @@ def add_commands(cluster_sub, top_sub) -> None:
     p.add_argument("--name", default="gfvm", help="cluster name (default gfvm)")
     p.add_argument("--out", type=Path, default=Path("/etc/gfvm"),
                    help="where to write cluster.toml, ca/ and bundles/ (default /etc/gfvm)")
-    p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p.add_argument(
+        "--new-ca", action="store_true",
+        help="replace the CA already in --out (every node must then join again); by default an "
+        "existing CA is reused, so re-running init after adding a node keeps the others valid",
+    )
     p.add_argument(
         "--seed-file", type=Path, metavar="FILE",
         help="derive the CA and node keys from the hex secret in FILE (>= 32 bytes), so that "
@@ -173,7 +183,7 @@ def _init(args) -> int:
     seed = pki.read_seed(args.seed_file) if args.seed_file else None
     result = init_cluster(
         parse_node_list(args.nodes), args.out, name=args.name, replicas=args.replicas,
-        force=args.force, seed=seed,
+        new_ca=args.new_ca, seed=seed,
     )
     print(f"wrote {result.config_path}")
     print(f"cluster CA in {result.ca_dir} (keep ca.key off the nodes)")

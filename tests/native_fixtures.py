@@ -1,5 +1,5 @@
 """pytest fixtures for tests/test_native_*.py (loaded with `pytest_plugins = ["native_fixtures"]`):
-the test target binary, running targets (killed by PID at the end of each test), a Tracer."""
+the test target binaries, running targets (killed by PID at the end of each test), a Tracer."""
 
 from __future__ import annotations
 
@@ -18,6 +18,29 @@ def target_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("native-target") / "native_target"
     subprocess.run(
         ["gcc", "-O1", "-pthread", "-o", str(out), str(HERE / "native_target.c")], check=True
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def early_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/native_early.c: a static program without libc whose first instructions we know."""
+    if shutil.which("gcc") is None:
+        require(False, "gcc is needed to build the test program")
+    out = tmp_path_factory.mktemp("native-early") / "native_early"
+    subprocess.run(
+        [
+            "gcc",
+            "-O1",
+            "-static",
+            "-nostdlib",
+            "-fno-stack-protector",
+            "-fno-builtin",
+            "-o",
+            str(out),
+            str(HERE / "native_early.c"),
+        ],
+        check=True,
     )
     return out
 

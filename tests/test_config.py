@@ -77,3 +77,17 @@ def test_node_identity(tmp_path):
     (tmp_path / "node.toml").write_text('name = "../x"\n')
     with pytest.raises(ConfigError):
         this_node_name(paths)
+
+
+def test_the_shipped_example_config_is_valid_for_every_component():
+    from pathlib import Path
+
+    from gfvm.fm.consensus import Timing
+    from gfvm.pager.service import settings_from_config
+
+    text = (Path(__file__).parents[1] / "deploy" / "cluster.toml.example").read_text()
+    cfg = ClusterConfig.parse(text)
+    fm = cfg.sections["fm"]
+    Timing.from_section({k: v for k, v in fm.items() if k in Timing.__dataclass_fields__})
+    assert set(fm) - set(Timing.__dataclass_fields__) == {"min_copies", "auto_failover"}
+    settings_from_config(cfg.sections["pager"])

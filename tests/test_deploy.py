@@ -63,7 +63,7 @@ def test_vagrantfile_validates():
 
 def test_provision_node_script_sets_up_working_nodes(make_cluster, tmp_path):
     """The script the Vagrant VMs run, run inside namespace nodes: every node joins with matching
-    credentials and its gfvmd starts."""
+    credentials, its gfvmd starts and reaches its peers over mutual TLS."""
     from gfvm import control
 
     cluster = make_cluster(3, start_daemons=False, provision=False)
@@ -86,5 +86,5 @@ def test_provision_node_script_sets_up_working_nodes(make_cluster, tmp_path):
         cluster.start_daemon(node)
     for node in cluster.nodes:
         assert cluster.wait_daemon(node)["node"] == node
-    status = control.call(cluster.control_socket("n1"), "ping")
-    assert status["cluster"] == cluster.name
+    assert control.call(cluster.control_socket("n1"), "ping")["cluster"] == cluster.name
+    cluster.wait_fm_ready()  # every node sees every other alive over the authenticated channel

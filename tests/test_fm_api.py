@@ -162,3 +162,95 @@ async def test_promoting_a_node_without_a_copy_is_refused(tmp_path):
         outsider = next(n for n in nodes if n not in w["members"])
         with pytest.raises(UsageError):
             await nodes["n1"].promote("y", outsider)
+
+
+async def _member_copy(nodes, path: str, length: int) -> tuple[str, bytes]:
+    """(member, bytes of its local copy) for the in-sync member of `path` that is not master."""
+    w = await nodes["n1"].where(path)
+    member = next(n for n in w["in_sync"] if n != w["master"])
+    f = await nodes[member].open(path)
+    reader = await f.local_reader()
+    try:
+        return member, await trio.to_thread.run_sync(reader.read, 0, length)
+    finally:
+        reader.close()
+
+
+async def test_a_big_page_batch_is_pipelined_and_identical_on_both_copies(tmp_path):
+    async with trio_cluster(tmp_path) as nodes:
+        f = await nodes["n1"].open("pages", create=True)
+        slots = list(range(3 * 1024 + 17))  # 12 MiB and a bit: 13 frames, several in flight
+        order = slots[::-1][:100] + slots[:-100]  # not in slot order
+        data = os.urandom(len(order) * PAGE)
+        await f.write_pages([s * PAGE for s in order], data)
+        want = bytearray(len(slots) * PAGE)
+        for i, s in enumerate(order):
+            want[s * PAGE : (s + 1) * PAGE] = data[i * PAGE : (i + 1) * PAGE]
+        assert await f.read(0, len(want)) == want
+        _, copy = await _member_copy(nodes, "pages", len(want))
+        assert copy == want  # applied there before write_pages returned, no fsync needed
+
+
+async def test_a_repeated_offset_in_one_batch_keeps_the_last_page(tmp_path):
+    async with trio_cluster(tmp_path) as nodes:
+        f = await nodes["n1"].open("pages", create=True)
+        n = 600  # three frames; slot 5 appears in the first and in the last one
+        offsets = [i * PAGE for i in range(n - 1)] + [5 * PAGE]
+        data = os.urandom(n * PAGE)
+        await f.write_pages(offsets, data)
+        assert await f.read(5 * PAGE, PAGE) == data[-PAGE:]
+        _, copy = await _member_copy(nodes, "pages", 6 * PAGE)
+        assert copy[5 * PAGE :] == data[-PAGE:]
+
+
+async def test_a_failing_piece_fails_the_whole_write_after_the_pieces_in_flight(tmp_path):
+    async with trio_cluster(tmp_path) as nodes:
+        files = nodes["n1"]
+        f = await files.open("big", create=True)
+        data = os.urandom(6 << 20)
+        files.fm.faults.arm("master.before_local_write", "error@4")  # the 4th 1 MiB piece
+        with pytest.raises(OSError):
+            await f.write(0, data)
+        # the first three pieces were acknowledged by every in-sync copy; nothing after them
+        # was started, and the copies agree on every byte
+        got = await f.read(0, len(data))
+        assert got[: 3 << 20] == data[: 3 << 20]
+        assert len(got) == 3 << 20
+        _, copy = await _member_copy(nodes, "big", len(data))
+        assert copy == got
+
+
+async def test_frames_applied_together_fail_like_one_by_one(tmp_path):
+    """A member applies queued frames in one go; a frame that fails there (a real EFBIG from
+    RLIMIT_FSIZE) fails alone, the ones before it are applied, the ones after it refused."""
+    import resource
+    import signal
+
+    from gfvm.fm import messages as m
+
+    async with trio_cluster(tmp_path) as nodes:
+        f = await nodes["n1"].open("runs", create=True)
+        await f.write(0, b"first")
+        w = await nodes["n1"].where("runs")
+        member = nodes[next(n for n in w["in_sync"] if n != w["master"])].fm
+        fs = member.runtime(w["fid"])
+        base = fs.applied[1]
+        page = os.urandom(PAGE)
+        frames = [m.ReplWrite(w["fid"], w["epoch"], base + 1, 1, 0, page),
+                  m.ReplPages(w["fid"], w["epoch"], base + 2, 2, [PAGE], page),
+                  m.ReplWrite(w["fid"], w["epoch"], base + 3, 3, 64 << 20, page),  # past the limit
+                  m.ReplWrite(w["fid"], w["epoch"], base + 4, 4, 2 * PAGE, page)]
+        old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 20, old_limit[1]))
+        try:
+            outcomes = await member.master.handle_frames(w["master"], frames)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+        assert outcomes[:2] == [None, None]
+        assert isinstance(outcomes[2], OSError)
+        assert "earlier frame failed" in str(outcomes[3])
+        assert fs.broken and fs.applied[1] == base + 2
+        assert fs.lf.read(0, 2 * PAGE) == page * 2
+        assert fs.lf.size == 2 * PAGE  # the refused frame was not applied

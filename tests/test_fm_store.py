@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 
 import pytest
 
@@ -16,6 +17,7 @@ from gfvm.fm.store import (
     LocalStore,
     MissingCopy,
     page_sum,
+    page_sums,
 )
 
 
@@ -214,3 +216,62 @@ def test_delete_keeps_open_handles_working(store):
 def test_zero_crc_never_collides_with_hole_marker():
     assert page_sum(bytes(PAGE)) != 0
     assert struct.calcsize("I") == 4
+
+
+def _page_with_crc_zero(seed: bytes) -> bytes:
+    """A 4 KiB page whose zlib CRC-32 is 0: its last 4 bytes solve the (affine, GF(2)) CRC."""
+    prefix = (seed * PAGE)[: PAGE - 4]
+    base = zlib.crc32(prefix + bytes(4))
+    # column i: how bit i of the last 4 bytes flips the CRC
+    cols = [zlib.crc32(prefix + (1 << i).to_bytes(4, "little")) ^ base for i in range(32)]
+    rows = [(cols[i], 1 << i) for i in range(32)]  # (effect on the CRC, bits of x producing it)
+    basis: dict[int, tuple[int, int]] = {}
+    for effect, x in rows:
+        for bit in sorted(basis, reverse=True):
+            if effect >> bit & 1:
+                effect ^= basis[bit][0]
+                x ^= basis[bit][1]
+        if effect:
+            basis[effect.bit_length() - 1] = (effect, x)
+    target, x = base, 0
+    for bit in sorted(basis, reverse=True):
+        if target >> bit & 1:
+            target ^= basis[bit][0]
+            x ^= basis[bit][1]
+    assert target == 0
+    page = prefix + x.to_bytes(4, "little")
+    assert zlib.crc32(page) == 0
+    return page
+
+
+@pytest.mark.parametrize("npages", [1, 3, 4, 256])
+def test_page_sums_equal_page_sum_of_each_page(npages):
+    pages = [os.urandom(PAGE) for _ in range(npages - 1)] + [_page_with_crc_zero(b"x")]
+    got = page_sums(b"".join(pages))
+    assert list(got) == [page_sum(p) for p in pages]
+    assert got[-1] == 0xFFFFFFFF  # a real CRC of 0 never reads as "hole"
+
+
+def test_a_page_whose_crc_is_zero_is_stored_and_read_back(store):
+    store.create(5, "g1")
+    lf = store.open(5)
+    pages = [_page_with_crc_zero(b"a"), os.urandom(PAGE), _page_with_crc_zero(b"b"), bytes(PAGE)]
+    lf.write(0, b"".join(pages))
+    lf.write_pages([8 * PAGE], pages[0])
+    assert lf.read(0, 4 * PAGE) == b"".join(pages)
+    assert lf.read(8 * PAGE, PAGE) == pages[0]
+    assert 0 not in lf.sums[:4]
+
+
+def test_write_pages_in_runs_and_out_of_order(store):
+    store.create(5, "g1")
+    lf = store.open(5)
+    slots = [7, 8, 9, 3, 100, 101, 2, (1 << 12) * 5]  # runs, a step back, a far page (2nd extent)
+    data = os.urandom(len(slots) * PAGE)
+    lf.write_pages([s * PAGE for s in slots], data)
+    for i, s in enumerate(slots):
+        assert lf.read(s * PAGE, PAGE) == data[i * PAGE : (i + 1) * PAGE]
+    assert lf.read(4 * PAGE, PAGE) == bytes(PAGE)  # untouched pages stay holes
+    assert lf.hot.extents == {0, 5 * PAGE * (1 << 12) >> HOT_SHIFT}
+    with pytest.raises(OSError):
+        lf.write_pages([PAGE + 1], bytes(PAGE))

@@ -151,3 +151,57 @@ def test_concurrent_writers_and_readers():
     for t in threads:
         t.join()
     assert len(index) == 80_000
+
+
+def test_checksums_travel_with_their_entries():
+    index = native.PageIndex()
+    index.set_many([BASE, BASE + P, BASE + 2 * P], [0, 1, 2], crcs=[7, 0, 2**32 - 1])
+    index.set(BASE + 3 * P, 3)  # no checksum
+    index.set(BASE + 4 * P, 4, crc=44)
+    assert [index.get_crc(BASE + i * P) for i in range(6)] == [7, 0, 2**32 - 1, None, 44, None]
+    index.move_range(BASE, BASE + 100 * P, 5 * P)  # mremap: checksums move along
+    assert [index.get_crc(BASE + (100 + i) * P) for i in range(5)] == [7, 0, 2**32 - 1, None, 44]
+    child = index.clone()
+    assert child.get_crc(BASE + 104 * P) == 44
+    index.set(BASE + 104 * P, 9)  # replaced without one: the old checksum is gone
+    assert index.get_crc(BASE + 104 * P) is None and child.get_crc(BASE + 104 * P) == 44
+    seq = index.change_seq
+    index.remove_range(BASE + 100 * P, BASE + 101 * P)
+    skipped = index.set_many(
+        [BASE + 100 * P, BASE + 101 * P],
+        [5, 6],
+        crcs=array.array("I", [5, 6]),
+        unless_changed_since=seq,
+    )
+    assert skipped == [BASE + 100 * P] and index.get_crc(BASE + 101 * P) == 6
+
+
+def test_bad_checksums_are_refused():
+    index = native.PageIndex()
+    with pytest.raises(ValueError):
+        index.set_many([BASE, BASE + P], [0, 1], crcs=[1])  # lengths differ
+    with pytest.raises(ValueError):
+        index.set(BASE, 0, crc=2**32)
+    with pytest.raises(OverflowError):
+        index.set_many([BASE], [0], crcs=[-1])
+    assert len(index) == 0
+
+
+def test_crc32_pages_is_zlibs_crc32():
+    import os
+    import zlib
+
+    # Random pages, and pages that stress the folding (all ones, one bit set at either end).
+    data = bytearray(os.urandom(2000 * P))
+    specials = [b"\xff" * P, b"\x01" + bytes(P - 1), bytes(P - 1) + b"\x80", bytes(P)]
+    data += b"".join(specials)
+    got = native.crc32_pages(data)
+    assert list(got) == [zlib.crc32(data[i * P : (i + 1) * P]) for i in range(2004)]
+    data = bytearray(os.urandom(7 * P)) + bytes(P)
+    got = native.crc32_pages(data)
+    assert got.typecode == "I" and len(got) == 8
+    assert list(got) == [zlib.crc32(data[i * P : (i + 1) * P]) for i in range(8)]
+    assert list(native.crc32_pages(memoryview(data)[P:], 2)) == list(got[1:3])
+    assert len(native.crc32_pages(b"")) == 0
+    with pytest.raises(ValueError):
+        native.crc32_pages(bytes(P), 2)

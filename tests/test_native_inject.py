@@ -413,3 +413,136 @@ def test_rollback_when_the_thread_cannot_reach_the_syscall(start_target, tracer,
     tracer.resume_process(t.pid)
     assert t.cmd("sigblk") == mask
     assert t.cmd("verify") == "ok 4"
+
+
+# --------------------------------------------------------------------------- attach at exec
+
+SHIM = 'kill -STOP $$; exec "$@"'
+
+
+class Shim:
+    """`sh -c 'kill -STOP $$; exec "$@"' shim PROGRAM...`, stopped before its exec."""
+
+    def __init__(self, *argv: str, script: str = SHIM, stops: bool = True):
+        self.proc = subprocess.Popen(
+            ["/bin/sh", "-c", script, "shim", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 10
+        while stops and task_state(self.pid, self.pid) != "T":
+            assert time.monotonic() < deadline, "the shim did not stop itself"
+            time.sleep(0.002)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        for f in (self.proc.stdin, self.proc.stdout):
+            f.close()
+
+
+@pytest.fixture
+def shims():
+    require_root()
+    started: list[Shim] = []
+
+    def start(*argv: str, **kw) -> Shim:
+        started.append(Shim(*argv, **kw))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for s in started:
+            s.kill()
+
+
+def tracer_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(ln for ln in f if ln.startswith("TracerPid:")).split()[1])
+
+
+def test_uffd_at_exec_is_made_before_the_first_instruction(early_binary, shims, tracer):
+    """native_early forbids userfaultfd() (seccomp) in its first instructions: only a uffd made
+    before them exists, and it is the one of the new program's memory."""
+    s = shims(str(early_binary))
+    uffd = tracer.inject_userfaultfd_at_exec(s.pid, s.resume)
+    with uffd:
+        word, first, probe = s.proc.stdout.readline().split()
+        assert word == b"early"
+        first, probe = int(first, 16), int(probe, 16)
+        # Too late now: the program has run its first instructions (it printed that line).
+        with pytest.raises(PermissionError):
+            tracer.inject_userfaultfd(s.pid)
+        assert tracer_pid(s.pid) == 0  # detached, running
+        # The uffd acts on the exec'd program: a fault on its untouched page comes to us.
+        uffd.api(0)
+        uffd.register(probe, PAGE, missing=True)
+        s.proc.stdin.write(b"x")
+        deadline = time.monotonic() + 10
+        faults: list = []
+        while not faults:
+            assert time.monotonic() < deadline, "no fault on the probe page"
+            select_readable(uffd.fileno())
+            faults = [e for e in uffd.read_events() if isinstance(e, native.PageFault)]
+        assert faults[0].address & ~(PAGE - 1) == probe
+        uffd.copy(probe, page_bytes(5, 1))
+        assert s.proc.stdout.read(8) == page_bytes(5, 1)[:8]
+
+
+def select_readable(fd: int, timeout: float = 1.0) -> None:
+    import select
+
+    select.select([fd], [], [], timeout)
+
+
+def test_uffd_at_exec_when_the_task_never_execs(shims, tracer):
+    s = shims(script="kill -STOP $$; exit 7")
+    with pytest.raises(ProcessLookupError, match="exit status 7"):
+        tracer.inject_userfaultfd_at_exec(s.pid, s.resume)
+
+
+def test_uffd_at_exec_of_a_missing_program(shims, tracer):
+    s = shims("/nonexistent/program")
+    with pytest.raises(ProcessLookupError, match="exit status 127"):
+        tracer.inject_userfaultfd_at_exec(s.pid, s.resume)
+
+
+def test_uffd_at_exec_releases_the_task_when_resume_fails(early_binary, shims, tracer):
+    s = shims(str(early_binary))
+
+    def resume() -> None:
+        raise RuntimeError("cannot resume")
+
+    with pytest.raises(RuntimeError, match="cannot resume"):
+        tracer.inject_userfaultfd_at_exec(s.pid, resume)
+    assert tracer_pid(s.pid) == 0  # released...
+    deadline = time.monotonic() + 5
+    # ...and back in its stop (it runs a moment to get there)
+    while task_state(s.pid, s.pid) != "T":
+        assert time.monotonic() < deadline, "the released task did not stay stopped"
+        time.sleep(0.002)
+    time.sleep(0.1)
+    assert task_state(s.pid, s.pid) == "T" and s.proc.poll() is None
+    # and it can still be taken later
+    tracer.inject_userfaultfd_at_exec(s.pid, s.resume).close()
+    assert s.proc.stdout.readline().startswith(b"early ")
+
+
+def test_uffd_at_exec_times_out_on_a_task_that_does_not_stop(shims, tracer):
+    s = shims("/bin/sleep", "30", script='exec "$@"', stops=False)
+    # Not a self-stopped task: the shim runs (sleeping in python), never stops, never execs.
+    fast = native.Tracer(stop_timeout=0.3)
+    try:
+        with pytest.raises(TimeoutError):
+            fast.inject_userfaultfd_at_exec(s.pid, s.resume)
+    finally:
+        fast.close()
+    time.sleep(0.1)
+    assert tracer_pid(s.pid) == 0  # not left traced

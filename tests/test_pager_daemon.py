@@ -75,6 +75,23 @@ def test_run_ls_status_flush_and_exit(node, workload_bin, tmp_path):
         wl.close()
 
 
+def test_managed_process_does_not_inherit_the_daemons_oom_protection(node, workload_bin, tmp_path):
+    # The systemd unit gives gfvmd a low OOM score; its workloads must stay ordinary targets.
+    # (Lowering it needs CAP_SYS_RESOURCE, which this machine lacks, so raise it instead.)
+    daemon_pid = node.node("n1").daemon_pid
+    with open(f"/proc/{daemon_pid}/oom_score_adj", "w") as f:
+        f.write("500")
+    wl = Workload(workload_bin, tmp_path, 16)
+    try:
+        gfvm_id = gfvm(node, "run", "--", *wl.argv()).stdout.strip()
+        wl.accept()
+        pid = status(node, gfvm_id)["pid"]
+        with open(f"/proc/{pid}/oom_score_adj") as f:
+            assert f.read().strip() == "0"
+    finally:
+        wl.close()
+
+
 def test_run_without_command_is_a_usage_error(node):
     proc = gfvm(node, "run", check=False)
     assert proc.returncode == 2 and "give the command" in proc.stderr

@@ -22,6 +22,9 @@ from pager_support import (
 )
 
 
+pytest_plugins = ["native_fixtures"]  # early_binary
+
+
 @pytest.fixture(scope="module")
 def workload_bin(tmp_path_factory):
     require_root()
@@ -192,6 +195,51 @@ def test_exec_is_tracked_again(pager, workload_bin, tmp_path):
         conn2.cmd("fill 0 128 6")
         frozen_flush_and_check(pager, tree)
         assert conn2.cmd("verify") == "ok 128"
+    finally:
+        wl.close()
+
+
+def test_run_attaches_before_the_first_instruction(pager, early_binary):
+    """tests/native_early.c writes a marker into a page in its first instructions and then
+    forbids userfaultfd() (seccomp): `gfvm run` must have made its uffd at the exec stop (a later
+    injection fails with EPERM), and the page written first is tracked and paged out."""
+    from pathlib import Path
+
+    summary = pager.run_blocking([str(early_binary)], "early", None)
+    tree = pager.tree(summary["id"])
+    log = Path(tree.rec.log_path)
+    wait_for(lambda: b"early " in log.read_bytes(), what="the program's first line")
+    first = int(log.read_bytes().split()[1], 16)
+    marker = (0x6766766D65617231).to_bytes(8, "little")
+
+    def paged_out() -> bool:
+        page = tree.call(lambda: tree.pf.read_page(2, first >> 12))
+        return page is not None and page[:8] == marker
+
+    wait_for(paged_out, what="the first page written to be paged out")
+    assert tree.snapshot()["last_error"] is None
+
+
+def test_corrupt_page_in_the_paging_file_is_never_served(pager, workload_bin, tmp_path):
+    """A page whose slot is corrupted on disk after it was evicted: the fault loop checks the
+    CRC-32 the pager gave it, poisons the page instead of serving it (the workload gets SIGBUS
+    and never reports wrong bytes) and the pager learns which page and slot (fail-stop)."""
+    wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=256)
+    try:
+        conn.cmd("fill 0 256 2")
+        frozen_flush_and_check(pager, tree)
+        assert tree.call(tree.evict) >= 256
+        vpage = (conn.region >> 12) + 100
+        slot, _crc = tree.pf.index.lookup(2, vpage)
+        with open(pager.backing.path(f"{tree.rec.paging_dir}/pages"), "r+b") as f:
+            f.seek(slot * 4096 + 8)
+            byte = f.read(1)
+            f.seek(slot * 4096 + 8)
+            f.write(bytes([byte[0] ^ 1]))
+        conn.send("verify")
+        assert conn.f.readline() == ""  # died (SIGBUS / fail-stop), never "bad 100 ..."
+        wait_for(lambda: "fails its checksum" in (tree.last_error or ""), what="the error")
+        assert f"page {vpage << 12:#x}" in tree.last_error and f"slot {slot}" in tree.last_error
     finally:
         wl.close()
 

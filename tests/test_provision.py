@@ -47,12 +47,27 @@ def test_init_writes_config_ca_and_one_bundle_per_node(tmp_path):
     assert len(set(keys.values())) == 3  # a node's key is in its own bundle only
 
 
-def test_init_refuses_to_replace_a_ca(tmp_path):
+def test_init_again_reuses_the_ca_so_joined_nodes_stay_valid(tmp_path):
+    first = provision.init_cluster(provision.parse_node_list("n1=10.0.0.1,n2=10.0.0.2"), tmp_path)
+    provision.join(first.bundles["n1"], tmp_path / "n1")
+    again = provision.init_cluster(provision.parse_node_list("n1=10.0.0.1,n2=10.0.0.2,n3=10.0.0.3"), tmp_path)
+    provision.join(again.bundles["n3"], tmp_path / "n3")  # the node added later
+    assert handshake(pki.client_context(tmp_path / "n1/tls"), pki.server_context(tmp_path / "n3/tls")) == "n3"
+
+
+def test_new_ca_replaces_it(tmp_path):
     nodes = provision.parse_node_list(NODES)
     provision.init_cluster(nodes, tmp_path)
-    with pytest.raises(UsageError, match="already holds a cluster CA"):
-        provision.init_cluster(nodes, tmp_path)
-    provision.init_cluster(nodes, tmp_path, force=True)
+    old = (tmp_path / "ca" / "ca.key").read_bytes()
+    provision.init_cluster(nodes, tmp_path, new_ca=True)
+    assert (tmp_path / "ca" / "ca.key").read_bytes() != old
+
+
+def test_init_refuses_another_clusters_ca(tmp_path):
+    nodes = provision.parse_node_list(NODES)
+    provision.init_cluster(nodes, tmp_path, name="alpha")
+    with pytest.raises(UsageError, match="holds the CA of cluster 'alpha'"):
+        provision.init_cluster(nodes, tmp_path, name="beta")
 
 
 def test_init_rejects_duplicates_and_bad_replicas(tmp_path):

@@ -288,6 +288,8 @@ class Cluster:
                 self.start_daemon(node.name, env=daemon_env)
             for node in self.nodes.values():
                 self.wait_daemon(node.name)
+            progress("waiting for the File Manager (metadata leader and leases)")
+            self.wait_fm_ready()
 
     def _start_anchor(self, dirs: NodeDirs) -> int:
         """Starts the process that holds a node's namespaces; returns its host PID once the
@@ -399,6 +401,30 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise GfvmError(f"gfvmd on {node} did not answer within {timeout:.0f} s: {last}")
             time.sleep(0.05)
+
+    def wait_fm_ready(self, nodes: list[str] | None = None, timeout: float = 60.0) -> None:
+        """Waits until every node in `nodes` (default: all) sees every node alive and holds a
+        File Manager lease, i.e. /gfvm accepts writes everywhere (blocking)."""
+        from gfvm import control
+
+        names = nodes or list(self.nodes)
+        deadline = time.monotonic() + timeout
+        pending = set(names)
+        while pending:
+            for node in sorted(pending):
+                try:
+                    st = control.call(self.control_socket(node), "fm.status", timeout=5)
+                except GfvmError:
+                    continue
+                if st.get("lease") and all(n["alive"] for n in st["nodes"].values()):
+                    pending.discard(node)
+            if pending and time.monotonic() > deadline:
+                raise GfvmError(
+                    f"the File Manager on {', '.join(sorted(pending))} was not ready after "
+                    f"{timeout:.0f} s (see {self.daemon_log(sorted(pending)[0])})"
+                )
+            if pending:
+                time.sleep(0.1)
 
     def stop_daemon(self, node: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Sends `sig` to `node`'s gfvmd and waits for it to exit (SIGKILL after `timeout`)."""

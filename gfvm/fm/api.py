@@ -69,12 +69,15 @@ class FmFile:
         return f"<FmFile {self.path} (fid {self.ino})>"
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
-        """Writes `data` at `offset` (any size; sent in 1 MiB frames). Returns len(data)."""
+        """Writes `data` at `offset` (any size: 1 MiB pieces, up to 8 of them in flight at once).
+        Returns len(data) once every piece is applied by the master and every in-sync replica."""
         return await self._fm.write(self.ino, offset, data)
 
     async def write_pages(self, offsets: list[int], data: bytes | memoryview) -> None:
         """Writes whole pages: page i of `data` (4096 bytes each) at byte offset offsets[i]
-        (page-aligned). One call may carry any number of pages; they travel 256 per frame."""
+        (page-aligned). One call may carry any number of pages; they travel 256 per frame, up to
+        8 frames in flight at once (one at a time if an offset repeats). Returns once all of
+        them are applied by the master and every in-sync replica."""
         await self._fm.write_pages(self.ino, list(offsets), data)
 
     async def read(self, offset: int, length: int) -> bytes:

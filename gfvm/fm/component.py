@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 class FmService:
     def __init__(self, daemon) -> None:
+        from gfvm.fm import memtune
+
+        memtune.tune()  # process-wide: MiB buffers from a heap that keeps its pages (see there)
         self.daemon = daemon
         self.faults = Faults()
         self.faults.arm_from_env(os.environ.get("GFVM_FAULT"))
@@ -42,6 +45,7 @@ class FmService:
         c.register("fm.fault", self._fault)
         c.register("fm.bench_read", self._bench_read)
         c.register("fm.bench_write", self._bench_write)
+        c.register("fm.bench_pages", self._bench_pages)
         from gfvm.fm.backing import FmBacking
 
         #: the pager's PagingBacking over /gfvm (for worker threads; see gfvm.fm.backing)
@@ -135,3 +139,25 @@ class FmService:
                 n.start_soon(worker)
         await f.fsync()
         return {"seconds": time.perf_counter() - t}
+
+    async def _bench_pages(self, args: dict, progress) -> dict:
+        """For `gfvm bench fm`: what the pager does when it pages out: from one worker thread,
+        through FmBacking, `write_pages` batches of `batch_pages` consecutive slots (the
+        pager's default is 2048 = 8 MiB), then fsync; returns the seconds taken."""
+        import time
+
+        rel = self._path(args)
+        size_mib, batch = int(args.get("size_mib", 256)), int(args.get("batch_pages", 2048))
+        npages = size_mib * 256
+        block = memoryview(os.urandom(batch * 4096))
+
+        def run() -> float:
+            f = self.backing.open(rel, create=True)
+            t = time.perf_counter()
+            for first in range(0, npages, batch):
+                n = min(batch, npages - first)
+                f.write_pages([(first + i) * 4096 for i in range(n)], block[: n * 4096])
+            f.fsync()
+            return time.perf_counter() - t
+
+        return {"seconds": await trio.to_thread.run_sync(run)}

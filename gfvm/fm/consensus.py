@@ -84,6 +84,10 @@ class Timing:
         return t
 
 
+#: election timeouts are drawn from [1, 2] x this many leases
+ELECTION_LEASES = 1.5
+
+
 class NotLeader(Unavailable):
     pass
 
@@ -118,6 +122,7 @@ class Consensus:
         self.last: Version = last
         self.term = term
         self.voted_for: str | None = voted
+        self._vote_lock = trio.Lock()
         self.commit: Version = last if not self.others else (0, 0)
         self.role = FOLLOWER
         self.leader: str | None = None
@@ -162,7 +167,11 @@ class Consensus:
         return times[self.majority - 1] + self.timing.lease
 
     async def _persist_vote(self) -> None:
-        await trio.to_thread.run_sync(self.metalog.save_vote, self.term, self.voted_for)
+        # One save at a time, each writing the (term, vote) current when it starts: concurrent
+        # callers (an election and a vote request) could otherwise race on the file and let an
+        # older term land last, and Raft's safety rests on the persisted vote never going back.
+        async with self._vote_lock:
+            await trio.to_thread.run_sync(self.metalog.save_vote, self.term, self.voted_for)
 
     async def _set_term(self, term: int, voted_for: str | None = None) -> None:
         if term > self.term:
@@ -209,7 +218,7 @@ class Consensus:
         return None
 
     async def _election_loop(self) -> None:
-        base = self.timing.lease * 1.5
+        base = self.timing.lease * ELECTION_LEASES
         while True:
             timeout = random.uniform(base, 2 * base)
             await trio.sleep(timeout / 4)
@@ -589,13 +598,33 @@ class Consensus:
                 self.lease_until = max(self.lease_until, sent_at + self.timing.lease)
                 self.leader_commit = (reply.commit_term, reply.commit_version)
 
+    def settle_time(self) -> float:
+        """How long a cluster that just started may take before its leader may act: the longest
+        election timeout, then one lease (the predecessor's leases run out), then one round of
+        heartbeat acks."""
+        return 2 * ELECTION_LEASES * self.timing.lease + self.timing.lease + self.timing.rpc_timeout
+
+    async def _leader_lease(self) -> bool:
+        """On the leader: waits until it may act (`lease_valid`), at most `settle_time`. A new
+        leader waits one lease after its election, so right after start-up (or a failover) the
+        first reads wait instead of failing. False if it still may not act (or stepped down)."""
+        with trio.move_on_after(self.settle_time()):
+            while self.role == LEADER and not self.lease_valid():
+                ready_in = self.leader_since + self.timing.lease - self._now()
+                with trio.move_on_after(max(0.005, min(ready_in, self.timing.heartbeat))):
+                    await self.wait_changed()
+        return self.role == LEADER and self.lease_valid()
+
     async def sync(self) -> None:
         """Read barrier: returns once this node has applied every op committed before the call,
-        or raises Unavailable. Blocks for one round trip to the leader (nothing on the leader)."""
+        or raises Unavailable. Blocks for one round trip to the leader (nothing on the leader,
+        unless it was elected less than a lease ago: then it waits for its lease, see
+        `_leader_lease`)."""
         if self.role == LEADER:
-            if not self.lease_valid():
+            if self.lease_valid() or await self._leader_lease():
+                return
+            if self.role == LEADER:
                 raise Unavailable("this node leads the metadata but cannot reach a majority")
-            return
         with trio.move_on_after(self.timing.io_timeout):
             while self.leader is None or (self.leader == self.node and self.role != LEADER):
                 await self.wait_changed()  # just started, or an election is running

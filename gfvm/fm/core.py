@@ -21,9 +21,12 @@ anyone else (and every writer that is not the master) sends the request to the m
 up-to-date copy answers within `io_timeout`, the caller gets EIO.
 
 Concurrency: everything runs on the trio thread; blocking file I/O goes through `self.io`
-(to_thread with a CapacityLimiter). Locks: `FileRuntime.lock` orders one file's frames at its
-master (held across the local write and the queueing of its frames, never across waiting for
-acks); nothing else holds a lock across a network round trip except resync's per-chunk reads.
+(to_thread with a CapacityLimiter). Locks: `FileRuntime.lock` orders one file's changes at its
+master: under it a change gets its seq, its frames are queued and its local write is queued
+(`FileRuntime.local_jobs`, applied in that order by one task); it is never held across waiting
+for acks, nor for the local write itself, except by whoever needs the local copy to reflect
+every change queued so far (fsync, handoff, truncate, resync reads: `Master._local_barrier`).
+Nothing else holds a lock across a network round trip except resync's per-chunk reads.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import logging
 import os
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +57,8 @@ from gfvm.fm.store import MAX_FILE_SIZE, CorruptData, LocalFile, LocalStore, Mis
 log = logging.getLogger(__name__)
 
 LOCAL_NODE = "local"  # this node's name when there is no cluster configuration
+#: pieces of one big write (1 MiB each) waiting for their acknowledgements at once
+WRITE_WINDOW = 8
 
 
 class FileRuntime:
@@ -86,6 +92,11 @@ class FileRuntime:
         self.flushed_everywhere = 0  # the last flush id every in-sync copy completed
         self.flush_cuts: dict[int, int] = {}  # member: flush id -> write number it covered
         self.cuts_epoch = 0
+        # master: local changes queued in write order, applied by one task (master._run_local)
+        self.local_jobs: deque = deque()
+        self.local_running = False
+        self.local_idle = trio.Event()
+        self.local_idle.set()
 
 
 class FileManager:
@@ -549,51 +560,115 @@ class FileManager:
 
     async def write(self, ino: int, offset: int, data: bytes | memoryview, *, from_kernel: bool = False) -> int:
         """Writes at the master (forwarded there if need be); returns once the master and every
-        in-sync member applied it (RELIABILITY.md #1). EIO if that cannot be achieved."""
+        in-sync member applied it (RELIABILITY.md #1). EIO if that cannot be achieved.
+
+        More than 1 MiB travels as 1 MiB pieces, pipelined (see `_write_pieces`)."""
         if offset < 0:
             raise OSError(errno.EINVAL, "negative offset")
         if offset + len(data) > MAX_FILE_SIZE:
             raise OSError(errno.EFBIG, f"write past the {MAX_FILE_SIZE}-byte file size limit")
         mv = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-        done = 0
-        while done < len(mv) or (done == 0 and len(mv) == 0):
-            piece = mv[done : done + m.MAX_DATA]
-            await self._write_piece(ino, offset + done, piece, from_kernel)
-            done += len(piece)
-            if not len(mv):
-                break
-        return done
+        step = m.MAX_DATA
+        pieces = [(offset + i, mv[i : i + step]) for i in range(0, max(len(mv), 1), step)]
 
-    async def _write_piece(self, ino: int, offset: int, piece: memoryview, from_kernel: bool) -> None:
-        async def attempt():
+        async def begin(piece):
+            e = self.file_entry(ino)
+            if e.master != self.node:
+                return None
+            return await self.master.begin_write(self.runtime(ino), e, piece[0], piece[1], from_kernel=from_kernel)
+
+        async def attempt(piece):
             e = self.file_entry(ino)
             if e.master == self.node:
-                return await self.master.write(self.runtime(ino), e, offset, piece, from_kernel=from_kernel)
-            await self._to_master(ino, e.master, m.ClientWrite(ino, offset, piece.toreadonly()))
+                return await self.master.write(self.runtime(ino), e, piece[0], piece[1], from_kernel=from_kernel)
+            await self._to_master(ino, e.master, m.ClientWrite(ino, piece[0], piece[1].toreadonly()))
 
-        await self._deadline_retry(f"write to {self.state.path_of(ino)}", attempt)
+        await self._write_pieces(f"write to {self.state.path_of(ino)}", pieces, begin, attempt)
+        return len(mv)
 
     async def write_pages(self, ino: int, offsets: list[int], data: bytes | memoryview) -> None:
         """Writes whole pages at scattered page-aligned offsets (page i of `data` at offsets[i]).
 
-        Same guarantees as `write`. Large batches are split into frames of up to 256 pages."""
+        Same guarantees as `write`. Large batches are split into frames of up to 256 pages,
+        pipelined when no offset repeats (see `_write_pieces`)."""
         mv = memoryview(data).cast("B")
         if offsets and max(offsets) + 4096 > MAX_FILE_SIZE:
             raise OSError(errno.EFBIG, f"page past the {MAX_FILE_SIZE}-byte file size limit")
         if len(mv) != 4096 * len(offsets):
             raise OSError(errno.EINVAL, f"{len(offsets)} pages need {4096 * len(offsets)} bytes")
         per = m.MAX_CHUNK_PAGES
-        for i in range(0, len(offsets), per):
-            offs = list(offsets[i : i + per])
-            blob = mv[i * 4096 : (i + len(offs)) * 4096]
+        pieces = [(list(offsets[i : i + per]), mv[i * 4096 : min(i + per, len(offsets)) * 4096])
+                  for i in range(0, len(offsets), per)]
 
-            async def attempt(offs=offs, blob=blob):
-                e = self.file_entry(ino)
-                if e.master == self.node:
-                    return await self.master.write_pages(self.runtime(ino), e, offs, blob)
-                await self._to_master(ino, e.master, m.ClientPages(ino, offs, blob.toreadonly()))
+        async def begin(piece):
+            e = self.file_entry(ino)
+            if e.master != self.node:
+                return None
+            return await self.master.begin_write_pages(self.runtime(ino), e, piece[0], piece[1])
 
-            await self._deadline_retry(f"write to {self.state.path_of(ino)}", attempt)
+        async def attempt(piece):
+            e = self.file_entry(ino)
+            if e.master == self.node:
+                return await self.master.write_pages(self.runtime(ino), e, piece[0], piece[1])
+            await self._to_master(ino, e.master, m.ClientPages(ino, piece[0], piece[1].toreadonly()))
+
+        disjoint = len(pieces) < 2 or len(set(offsets)) == len(offsets)
+        await self._write_pieces(f"write to {self.state.path_of(ino)}", pieces, begin, attempt,
+                                 window=WRITE_WINDOW if disjoint else 1)
+
+    async def _write_pieces(self, what: str, pieces: list, begin, attempt, *, window: int = 0) -> None:
+        """Writes `pieces` (disjoint ranges of one file), keeping up to `window` of them waiting
+        for their acknowledgements at once (default WRITE_WINDOW; 1: one after the other).
+
+        On the master, `begin(piece)` gives each piece its place in the file's order, in call
+        order, and returns the wait for its acknowledgements, which runs in a task of its own
+        while the next pieces start; elsewhere (`begin` returns None) each piece is forwarded
+        to the master in a task of its own. Each piece is retried as a plain write
+        (`attempt(piece)`, until io_timeout) when its first try fails for a reason that is
+        worth a retry. Returns when every piece is acknowledged (so the promises of `write` hold
+        for the whole call); otherwise raises the first failure, after the pieces already
+        started have finished (their frames are out: their acks must still be accounted for)."""
+        window = window or WRITE_WINDOW
+        if len(pieces) == 1 or window == 1:
+            for piece in pieces:
+                await self._deadline_retry(what, lambda piece=piece: attempt(piece))
+            return
+        room = trio.Semaphore(window)
+        failures: list[BaseException] = []
+
+        async def finish(piece, acknowledged) -> None:
+            try:
+                if acknowledged is not None:
+                    try:
+                        return await acknowledged()
+                    except (Unavailable, StaleView):
+                        pass
+                    except PeerError as exc:
+                        if exc.errno not in (errno.ESTALE, errno.EAGAIN, errno.EIO):
+                            raise
+                await self._deadline_retry(what, lambda: attempt(piece))
+            except (GfvmError, OSError) as exc:
+                failures.append(exc)
+            finally:
+                room.release()
+
+        async with trio.open_nursery() as n:
+            for piece in pieces:
+                await room.acquire()
+                if failures:
+                    room.release()
+                    break
+                try:
+                    acknowledged = await begin(piece)
+                except (Unavailable, StaleView):
+                    acknowledged = None  # retried as a whole in its task
+                except (GfvmError, OSError) as exc:
+                    room.release()
+                    failures.append(exc)
+                    break
+                n.start_soon(finish, piece, acknowledged)
+        if failures:
+            raise failures[0]
 
     async def truncate(self, ino: int, size: int, *, from_kernel: bool = False) -> None:
         """Sets the file size (replicated like a write). `from_kernel`: the call comes from a
@@ -755,6 +830,6 @@ class FileManager:
             return await handler(peer, msg)
         return await self.master.handle_request(peer, msg)
 
-    async def _stream(self, peer: str, msg) -> None:
-        await self.master.handle_stream(peer, msg)
+    async def _stream(self, peer: str, frames: list) -> list:
+        return await self.master.handle_frames(peer, frames)
 

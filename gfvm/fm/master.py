@@ -8,12 +8,17 @@ Master side, per file (state in core.FileRuntime):
   first fetches its own hot chunks from an in-sync member (it may be behind after a power
   loss: "a crashed master receives its hot extents"). After a failover promotion it also waits
   one lease, so no node still acts on the old configuration.
-- Write: under the file lock: next seq, apply locally, queue the frame to every target (in-sync
-  members, and members catching up); then, without the lock, wait for the in-sync members' acks.
-  A member that fails or does not ack within `write_timeout` is dropped: its missing chunks go
-  to a bitmap (persisted), it is marked outdated in the metadata (new generation id), and the
-  write waits one lease before it is acknowledged. The write is acknowledged only if at least
+- Write: under the file lock: next seq, queue the frames to every target (in-sync members, and
+  members catching up), queue the local write behind the file's earlier ones (applied in that
+  order by one task, `_run_local`: the local order is the seq order). Then, without the lock,
+  wait for the local write and the in-sync members' acks; a local write that failed first
+  gives the members our version of the chunks back, then fails the write. A member that fails
+  or does not ack within `write_timeout` is dropped: its missing chunks go to a bitmap
+  (persisted), it is marked outdated in the metadata (new generation id), and the write waits
+  one lease before it is acknowledged. The write is acknowledged only if at least
   min(min_copies, R) in-sync copies (master included) have it; otherwise it fails (EIO).
+  Invariant: whoever needs the local copy to reflect every frame sent so far (FLUSH, resync
+  reads, handoff, truncate) waits for the local queue under the lock (`_local_barrier`).
 - FLUSH (fsync): a frame after the writes it covers; each member fsyncs and acks; the master
   fsyncs in parallel; success once all in-sync members acked (protocol C).
 - Resync of an outdated member: incremental (its bitmap, when its generation is the bitmap's
@@ -24,8 +29,9 @@ Master side, per file (state in core.FileRuntime):
 
 Member side: frames arrive in order on the master's channel; each is checked against our
 metadata (epoch fencing: an older epoch is refused; a newer one waits for our metadata to catch
-up; the sender must be the master of that epoch), then applied. A frame that fails marks the
-copy broken (not readable, further frames refused) until the master restarts a resync.
+up; the sender must be the master of that epoch), then applied (data frames that queued up
+behind a slow one are applied together, `handle_frames`). A frame that fails marks the copy
+broken (not readable, further frames refused) until the master restarts a resync.
 """
 
 from __future__ import annotations
@@ -47,12 +53,34 @@ from gfvm.fm.store import CHUNK_SHIFT, CorruptData, LocalFile, MissingCopy, Stor
 log = logging.getLogger(__name__)
 
 CATCHING_UP = "catching_up"
+_DATA_FRAMES = (m.ReplWrite, m.ReplPages)
 FRAME_PIECE = 256 * 1024  # replication frames of a big write
 RESYNC_WINDOW = 8  # chunks in flight per resync
 
 
 class NotMaster(StaleView):
     """This node is not (or no longer) the file's master in the epoch the caller assumed."""
+
+
+class _LocalJob:
+    """One local change of the master, queued in write order (see Master._queue_local)."""
+
+    __slots__ = ("fn", "lf", "done", "error")
+
+    def __init__(self, fn, lf: LocalFile) -> None:
+        self.fn = fn
+        self.lf = lf
+        self.done = trio.Event()
+        self.error: Exception | None = None
+
+
+def _run_jobs(batch: list[_LocalJob]) -> None:
+    """Worker thread: applies local changes in order; each failure stays with its job."""
+    for job in batch:
+        try:
+            job.fn(job.lf)
+        except Exception as exc:  # noqa: BLE001 - reported to the writer waiting for this job
+            job.error = exc
 
 
 class Master:
@@ -258,6 +286,7 @@ class Master:
         fm = self.fm
         link = fm.net.link(node)
         async with fs.lock:
+            await self._local_barrier(fs)
             size = lf.size
             token = link.next_token()
             waits = [link.send_stream(m.ResyncStart(fs.fid, e.epoch, token, size, full), token)]
@@ -268,6 +297,7 @@ class Master:
             async with fs.lock:
                 if fs.targets.get(node) is None:
                     raise Unavailable(f"{node} stopped receiving frames")
+                await self._local_barrier(fs)  # the chunk as every frame sent so far left it
                 if (chunk << CHUNK_SHIFT) >= lf.size:
                     continue
                 try:
@@ -376,6 +406,13 @@ class Master:
             return await self.fm.io(lf.read, offset, length)
 
     async def write(self, fs, e: Entry, offset: int, data, *, from_kernel: bool = False) -> None:
+        """Applies `data` at `offset` here and on every target; returns once acknowledged."""
+        await (await self.begin_write(fs, e, offset, data, from_kernel=from_kernel))()
+
+    async def begin_write(self, fs, e: Entry, offset: int, data, *, from_kernel: bool = False):
+        """The ordered half of `write`: returns once the write has its place in the file's
+        order (applied here, frames queued); the returned coroutine function waits for the
+        acknowledgements (see `_ordered`)."""
         # big writes travel as several frames, so a member starts applying the first piece
         # while the next ones are still being encrypted and sent
         mv = memoryview(data)
@@ -385,26 +422,43 @@ class Master:
             return [(lambda token, o=o, p=p, q=q: m.ReplWrite(fs.fid, e.epoch, q, token, o, p))
                     for (o, p), q in zip(pieces, seqs)]
 
-        await self._ordered(fs, e, chunks_of(offset, len(data)), lambda lf: lf.write(offset, data),
-                            frames, from_kernel, nseq=len(pieces))
+        return await self._ordered(fs, e, chunks_of(offset, len(data)), lambda lf: lf.write(offset, data),
+                                   frames, from_kernel, nseq=len(pieces))
 
     async def write_pages(self, fs, e: Entry, offsets: list[int], data, *, from_kernel: bool = False) -> None:
+        await (await self.begin_write_pages(fs, e, offsets, data, from_kernel=from_kernel))()
+
+    async def begin_write_pages(self, fs, e: Entry, offsets: list[int], data, *, from_kernel: bool = False):
+        """The ordered half of `write_pages` (as `begin_write`)."""
         chunks = {off >> CHUNK_SHIFT for off in offsets}
-        await self._ordered(fs, e, chunks, lambda lf: lf.write_pages(offsets, data),
-                            lambda seq: (lambda token: m.ReplPages(fs.fid, e.epoch, seq, token, offsets, data)),
-                            from_kernel)
+        return await self._ordered(
+            fs, e, chunks, lambda lf: lf.write_pages(offsets, data),
+            lambda seq: (lambda token: m.ReplPages(fs.fid, e.epoch, seq, token, offsets, data)), from_kernel)
 
     async def truncate(self, fs, e: Entry, size: int, *, from_kernel: bool = False) -> None:
         lf = await self.fm.local(fs)
-        lo, hi = sorted((lf.size, size))
-        await self._ordered(fs, e, chunks_of(lo, max(hi - lo, 1)), lambda lf: lf.truncate(size),
-                            lambda seq: (lambda token: m.ReplTruncate(fs.fid, e.epoch, seq, token, size)),
-                            from_kernel)
+
+        def chunks():  # under the lock, every earlier change applied: lf.size is current
+            lo, hi = sorted((lf.size, size))
+            return chunks_of(lo, max(hi - lo, 1))
+
+        await (await self._ordered(fs, e, chunks, lambda lf: lf.truncate(size),
+                                   lambda seq: (lambda token: m.ReplTruncate(fs.fid, e.epoch, seq, token, size)),
+                                   from_kernel))()
 
     async def _ordered(self, fs, e: Entry, chunks, apply_local, make_frame, from_kernel: bool,
-                       *, nseq: int = 0) -> None:
+                       *, nseq: int = 0):
         """One change, in order: `make_frame(seq)` builds its frame (or, with `nseq`, takes a list
-        of nseq seqs and builds that many frames); `apply_local(lf)` applies it here."""
+        of nseq seqs and builds that many frames); `apply_local(lf)` applies it here. `chunks`:
+        the chunks it touches, or a function computing them once every earlier change is
+        applied here.
+
+        Returns once the change has its place in the file's order: its frames are queued to
+        every target and its local write is queued behind the earlier ones (so changes started
+        one after the other are ordered). The returned coroutine function then waits for the
+        local write and the acknowledgements, and raises if either failed or too few copies have
+        the change. The caller must await it: a change counts as written only when it
+        returned."""
         fm = self.fm
         await self.ensure_ready(fs, e)
         lf = await fm.local(fs)
@@ -412,24 +466,74 @@ class Master:
         async with fs.lock:
             self._still_master(fs, epoch)
             await fm.faults.hit("master.before_local_write")
+            if callable(chunks):  # needs the local copy as every earlier change left it
+                await self._local_barrier(fs)
+                chunks = chunks()
             seq = [self._seq(fs) for _ in range(nseq)] if nseq else self._seq(fs)
             self._mark(fs, chunks)
-            # queue the frames first, so the members apply while we apply locally (the lock keeps
-            # our local order; the frames are in seq order on every member's stream)
+            # queue the frames first, so the members apply while we apply locally; the local
+            # write is queued behind the earlier ones (the same order as the frames on every
+            # member's stream) and the lock is released at once, so the next change can go out
             waits = self._send(fs, make_frame(seq))
-            try:
-                await fm.io(apply_local, lf)
-            except OSError as exc:
-                # nothing is acknowledged; members that applied it get our version back
-                log.warning("file %d: local write failed (%s); restoring the members' copies", fs.fid, exc)
-                fm.spawn(self._restore_members, fs.fid, set(chunks), waits)
-                raise
+            job = self._queue_local(fs, lf, apply_local)
+        touched = set(chunks)
+
+        async def acknowledged() -> None:
+            await job.done.wait()
+            if job.error is not None:
+                # nothing is acknowledged; members that applied it get our version back before
+                # the caller hears of the failure (so no copy holds more than ours by then)
+                log.warning("file %d: local write failed (%s); restoring the members' copies",
+                            fs.fid, job.error)
+                try:
+                    await self._restore_members(fs.fid, touched, waits)
+                except (GfvmError, OSError) as exc:
+                    log.warning("file %d: restoring the members' copies: %s", fs.fid, exc)
+                raise job.error
             await fm.faults.hit("master.after_local_write")
-        if not from_kernel:
-            await fm.invalidate_kernel(fs)
-        await fm.faults.hit("master.after_send")
-        await self._await_acks(fs, e, waits)
-        self._check_copies(fs, epoch)
+            if not from_kernel:
+                await fm.invalidate_kernel(fs)
+            await fm.faults.hit("master.after_send")
+            await self._await_acks(fs, e, waits)
+            self._check_copies(fs, epoch)
+
+        return acknowledged
+
+    # -- the master's local writes, in order --
+
+    def _queue_local(self, fs, lf: LocalFile, apply_local) -> "_LocalJob":
+        """Queues `apply_local(lf)` behind the file's earlier local changes (call with fs.lock
+        held, so the local order is the order of the seqs). Never blocks."""
+        job = _LocalJob(apply_local, lf)
+        fs.local_jobs.append(job)
+        if not fs.local_running:
+            fs.local_running = True
+            fs.local_idle = trio.Event()
+            self.fm.spawn(self._run_local, fs)
+        return job
+
+    async def _run_local(self, fs) -> None:
+        """Applies the queued local changes in order; those queued meanwhile go together in one
+        worker-thread call. A change that fails reports its error; the next ones still run (as
+        they did when each waited for the lock)."""
+        try:
+            while fs.local_jobs:
+                batch = list(fs.local_jobs)
+                fs.local_jobs.clear()
+                try:
+                    await self.fm.io(_run_jobs, batch)
+                finally:
+                    for job in batch:
+                        job.done.set()
+        finally:
+            fs.local_running = False
+            fs.local_idle.set()
+
+    async def _local_barrier(self, fs) -> None:
+        """With fs.lock held: returns once every local change queued so far is applied, so the
+        local copy reflects every change whose frames went out."""
+        while fs.local_running:
+            await fs.local_idle.wait()
 
     async def fsync(self, fs, e: Entry) -> None:
         fm = self.fm
@@ -438,6 +542,7 @@ class Master:
         epoch = e.epoch
         async with fs.lock:
             self._still_master(fs, epoch)
+            await self._local_barrier(fs)  # our flush below covers every write before the FLUSH
             gen = e.gen
             seq = fs.last_seq
             cut = fs.wcount
@@ -633,6 +738,7 @@ class Master:
             raise UsageError(f"{target}'s copy is {members[target]}: refusing to promote a stale copy")
         async with fs.lock:
             e = self._still_master(fs, e.epoch)
+            await self._local_barrier(fs)
             # FLUSH every in-sync member while no write can start
             seq = fs.last_seq
             flush_id = self._flush_id(fs)
@@ -797,6 +903,95 @@ class Master:
         if epoch > e.epoch:
             raise Unavailable(f"file {fid}: epoch {epoch} not known here yet")
         return e
+
+    async def handle_frames(self, peer: str, frames: list) -> list[BaseException | None]:
+        """Applies replication frames from `peer` in order (see `handle_stream`); returns, per
+        frame, None or the error that refused it. Consecutive data frames of one file and epoch
+        are applied in one worker-thread call (they arrived while earlier ones were applied),
+        with the same outcome as one by one: a frame that fails breaks the copy, and the frames
+        after it are refused. With a member.* fault point armed, frames go one by one."""
+        out: list[BaseException | None] = []
+        armed = any(p.startswith("member.") for p in self.fm.faults.armed)
+        i = 0
+        while i < len(frames):
+            j = i + 1
+            if not armed and isinstance(frames[i], _DATA_FRAMES):
+                first = frames[i]
+                while j < len(frames) and isinstance(frames[j], _DATA_FRAMES) and \
+                        frames[j].fid == first.fid and frames[j].epoch == first.epoch:
+                    j += 1
+            if j - i > 1:
+                out += await self._apply_run(peer, frames[i:j])
+            else:
+                try:
+                    await self.handle_stream(peer, frames[i])
+                    out.append(None)
+                except Exception as exc:  # noqa: BLE001 - reported in the frame's ack
+                    out.append(exc)
+            i = j
+        return out
+
+    async def _apply_run(self, peer: str, run: list) -> list[BaseException | None]:
+        """Consecutive ReplWrite/ReplPages frames of one file and epoch (see handle_frames)."""
+        fm = self.fm
+        first = run[0]
+        try:
+            for _ in run:
+                await fm.faults.hit("member.before_apply")
+            e = await self._entry_at(first.fid, first.epoch)
+            if e.master != peer:
+                raise NotMaster(f"file {first.fid}: {peer} is not its master at epoch {first.epoch}")
+            state = e.members.get(self.node)
+            if state is None or state == SPLIT:
+                raise PeerError(errno.EINVAL, f"{self.node} is not a member of file {first.fid}")
+            fs = fm.runtime(first.fid)
+            if fs.broken:
+                raise GfvmError(f"file {first.fid}: an earlier frame failed here; waiting for a resync")
+        except Exception as exc:  # noqa: BLE001 - every frame of the run gets this answer
+            return [exc] * len(run)
+        try:
+            lf = await fm.local(fs)
+        except BaseException as exc:
+            fs.broken = True
+            fs.confirmed_epoch = 0
+            if not isinstance(exc, Exception):
+                raise
+            return [exc] * len(run)
+        todo = [msg for msg in run if (msg.epoch, msg.seq) > fs.applied]
+        done: list = []
+
+        def apply_all() -> None:
+            for msg in todo:
+                if isinstance(msg, m.ReplWrite):
+                    lf.write(msg.offset, msg.data)
+                else:
+                    lf.write_pages(list(msg.offsets), msg.data)
+                done.append(msg)
+
+        failure: BaseException | None = None
+        try:
+            await fm.io(apply_all)
+        except BaseException as exc:
+            failure = exc
+        if done:
+            fs.applied = (done[-1].epoch, done[-1].seq)
+        if failure is not None:
+            fs.broken = True
+            fs.confirmed_epoch = 0
+            if not isinstance(failure, Exception):
+                raise failure  # cancelled: the channel is closing
+            bad = todo[len(done)]
+            later = GfvmError(f"file {first.fid}: an earlier frame failed here; waiting for a resync")
+            return [None if msg.seq < bad.seq else failure if msg is bad else later for msg in run]
+        try:
+            await fm.invalidate_kernel(fs)
+        except BaseException:
+            fs.broken = True
+            fs.confirmed_epoch = 0
+            raise
+        for _ in run:
+            await fm.faults.hit("member.before_ack")
+        return [None] * len(run)
 
     async def handle_stream(self, peer: str, msg) -> None:
         fm = self.fm

@@ -14,6 +14,7 @@ metadata knows (fencing, RELIABILITY.md "epoch as fencing token").
 from __future__ import annotations
 
 from gfvm import wire
+from gfvm.fm.store import MAX_FILE_SIZE
 from gfvm.wire import U32, U64, Bool, Bytes, List, NodeName, Str, Text
 
 MAX_DATA = 1 << 20  # page data per frame (the pager's batches are split to this)
@@ -27,8 +28,6 @@ NodeOrEmpty = Str(31)
 
 
 def _check_span(offset: int, length: int) -> None:
-    from gfvm.fm.store import MAX_FILE_SIZE
-
     if offset + length > MAX_FILE_SIZE:
         raise ValueError(f"range {offset}+{length} ends past the file size limit")
 
@@ -36,10 +35,12 @@ def _check_span(offset: int, length: int) -> None:
 def _check_pages(offsets: tuple[int, ...], data) -> None:
     if len(data) != 4096 * len(offsets):
         raise ValueError(f"{len(offsets)} pages need {4096 * len(offsets)} bytes of data")
-    for off in offsets:
-        if off % 4096:
-            raise ValueError(f"page offset {off} is not a multiple of 4096")
-        _check_span(off, 4096)
+    if not offsets:
+        return
+    if any(off & 4095 for off in offsets):
+        off = next(off for off in offsets if off & 4095)
+        raise ValueError(f"page offset {off} is not a multiple of 4096")
+    _check_span(max(offsets), 4096)
 
 
 # --- metadata consensus --------------------------------------------------------------------------

@@ -88,6 +88,35 @@ def page_sum(page: bytes | memoryview) -> int:
     return zlib.crc32(page) or 0xFFFFFFFF
 
 
+try:  # the native layer computes many pages' CRCs in C, without holding the GIL
+    from gfvm.native import crc32_pages as _crc32_pages
+except (ImportError, AttributeError):  # not built here, or an older native layer
+    _crc32_pages = None
+
+#: below this many pages one zlib call per page is cheaper than a call into the native layer
+_NATIVE_MIN_PAGES = 4
+
+
+def page_sums(buf: bytes | bytearray | memoryview, n: int | None = None) -> array.array:
+    """The stored checksums (see `page_sum`) of the first `n` whole pages of `buf` (default:
+    all of its whole pages), as array('I'). Blocks for the computation; with the native layer
+    it runs without the GIL, so the trio thread is not held up by a worker checksumming a MiB."""
+    mv = memoryview(buf)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    if n is None:
+        n = len(mv) >> PAGE_SHIFT
+    if _crc32_pages is not None and n >= _NATIVE_MIN_PAGES:
+        out = _crc32_pages(mv, n)
+        if 0 in out:  # about one page in 4 billion
+            for i, v in enumerate(out):
+                if v == 0:
+                    out[i] = 0xFFFFFFFF
+        return out
+    return array.array("I", [zlib.crc32(mv[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT]) or 0xFFFFFFFF
+                             for i in range(n)])
+
+
 def hot_extent(offset: int) -> int:
     return offset >> HOT_SHIFT
 
@@ -97,6 +126,23 @@ def chunks_of(offset: int, length: int) -> range:
     if length <= 0:
         return range(0)
     return range(offset >> CHUNK_SHIFT, ((offset + length - 1) >> CHUNK_SHIFT) + 1)
+
+
+def _runs(offsets) -> list[tuple[int, int]]:
+    """Index ranges [i, j) of `offsets` (page-aligned) whose pages are adjacent on disk, in order."""
+    n = len(offsets)
+    first = offsets[0]
+    if offsets[-1] == first + (n - 1) * PAGE and list(offsets) == list(range(first, first + n * PAGE, PAGE)):
+        return [(0, n)]  # the pager's usual batch: consecutive slots
+    runs = []
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and offsets[j] == offsets[j - 1] + PAGE:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
 
 
 def _fsync_dir(path: Path) -> None:
@@ -109,7 +155,8 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Replaces `path` with `data` so that a crash leaves the old or the new content (blocks)."""
-    tmp = path.with_name(path.name + ".tmp")
+    # A name of our own: two writers of one path must not rename each other's temporary file.
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{threading.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
@@ -317,11 +364,26 @@ class LocalFile:
         return raw[skip : skip + length]
 
     def _verify(self, raw: bytes, first: int, last: int) -> list[int]:
+        """The pages in [first, last] whose bytes in `raw` (read from page `first` on) do not
+        match their sums. Whole pages are checksummed in one call and compared as arrays; only
+        pages that differ (holes, the tail page, damage) are looked at one by one."""
         sums = self.sums
         nsums = len(sums)
-        bad = []
         mv = memoryview(raw)
-        for i, page in enumerate(range(first, last + 1)):
+        whole = len(raw) >> PAGE_SHIFT
+        suspects = range(first, last + 1)
+        if whole >= _NATIVE_MIN_PAGES:  # (a single page, the fault path's case: the loop below)
+            got = page_sums(mv, whole)
+            if sums[first : first + whole] == got:
+                suspects = range(first + whole, last + 1)
+            else:
+                want = sums[first : first + whole]
+                want.extend([_HOLE] * (whole - len(want)))
+                suspects = [first + i for i in range(whole) if got[i] != want[i]]
+                suspects += range(first + whole, last + 1)
+        bad = []
+        for page in suspects:
+            i = page - first
             chunk = mv[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT]
             want = sums[page] if page < nsums else _HOLE
             if want == _HOLE:
@@ -363,75 +425,96 @@ class LocalFile:
             return
         if offset < 0 or offset + n > MAX_FILE_SIZE:
             raise OSError(errno.EFBIG, f"write past the {MAX_FILE_SIZE}-byte limit")
+        end = offset + n
+        first_whole = (offset + PAGE - 1) >> PAGE_SHIFT
+        end_whole = end >> PAGE_SHIFT  # pages [first_whole, end_whole) lie entirely in data
+        whole = None
+        if end_whole > first_whole:
+            skip = (first_whole << PAGE_SHIFT) - offset
+            whole = page_sums(memoryview(data)[skip:], end_whole - first_whole)
         with self.lock:
             self.wnum += 1
-            self.hot.mark(set(range(hot_extent(offset), hot_extent(offset + n - 1) + 1)), self.wnum)
+            self.hot.mark(set(range(hot_extent(offset), hot_extent(end - 1) + 1)), self.wnum)
             written = os.pwrite(self.fd, data, offset)
             if written != n:
                 raise OSError(errno.EIO, f"short write ({written} of {n} bytes)")
-            end = offset + n
             if end > self.size:
                 self.size = end
-            self._update_sums(offset, end, data)
+            self._update_sums(offset, end, whole)
 
     def write_pages(self, offsets: list[int] | tuple[int, ...], data: bytes | memoryview) -> None:
         """Writes len(offsets) whole pages: page i of `data` at byte offset offsets[i] (blocks).
 
         Offsets must be page-aligned; adjacent pages are written with one pwrite."""
         mv = memoryview(data)
-        if len(mv) != len(offsets) * PAGE:
-            raise OSError(errno.EINVAL, f"{len(offsets)} pages need {len(offsets) * PAGE} bytes")
-        for off in offsets:
-            if off % PAGE or off < 0 or off + PAGE > MAX_FILE_SIZE:
-                raise OSError(errno.EINVAL, f"page offset {off} is not page-aligned or too large")
+        n = len(offsets)
+        if len(mv) != n * PAGE:
+            raise OSError(errno.EINVAL, f"{n} pages need {n * PAGE} bytes")
         if not offsets:
             return
+        lo_off, hi_off = min(offsets), max(offsets)
+        if lo_off < 0 or hi_off + PAGE > MAX_FILE_SIZE or any(off & (PAGE - 1) for off in offsets):
+            bad = next(o for o in offsets if o % PAGE or o < 0 or o + PAGE > MAX_FILE_SIZE)
+            raise OSError(errno.EINVAL, f"page offset {bad} is not page-aligned or too large")
+        new_sums = page_sums(mv, n)
+        runs = _runs(offsets)
         with self.lock:
             self.wnum += 1
-            self.hot.mark({hot_extent(off) for off in offsets}, self.wnum)
-            i, n = 0, len(offsets)
-            while i < n:  # one pwrite per run of adjacent pages
-                j = i + 1
-                while j < n and offsets[j] == offsets[j - 1] + PAGE:
-                    j += 1
+            hot = set()
+            for i, j in runs:
+                hot.update(range(hot_extent(offsets[i]), hot_extent(offsets[j - 1]) + 1))
+            self.hot.mark(hot, self.wnum)
+            for i, j in runs:  # one pwrite per run of adjacent pages
                 run = mv[i * PAGE : j * PAGE]
                 if os.pwrite(self.fd, run, offsets[i]) != len(run):
                     raise OSError(errno.EIO, "short write")
-                i = j
-            end = max(offsets) + PAGE
+            end = hi_off + PAGE
             if end > self.size:
                 self.size = end
             self._ensure_sums(end >> PAGE_SHIFT)
             sums = self.sums
-            for k, off in enumerate(offsets):
-                sums[off >> PAGE_SHIFT] = page_sum(mv[k * PAGE : (k + 1) * PAGE])
-            lo = min(offsets) >> PAGE_SHIFT
-            hi = (max(offsets) >> PAGE_SHIFT) + 1
+            for i, j in runs:
+                p = offsets[i] >> PAGE_SHIFT
+                sums[p : p + j - i] = new_sums[i:j]
+            lo = lo_off >> PAGE_SHIFT
+            hi = (hi_off >> PAGE_SHIFT) + 1
             if hi - lo <= 4 * n:  # one write of the covering span of sums
                 os.pwrite(self.sums_fd, sums[lo:hi].tobytes(), lo * 4)
             else:
-                for off in offsets:
-                    p = off >> PAGE_SHIFT
-                    os.pwrite(self.sums_fd, sums[p : p + 1].tobytes(), p * 4)
+                for i, j in runs:
+                    p = offsets[i] >> PAGE_SHIFT
+                    os.pwrite(self.sums_fd, sums[p : p + j - i].tobytes(), p * 4)
 
-    def _update_sums(self, start: int, end: int, data: bytes | memoryview | None) -> None:
-        """Recomputes the sums of the pages in [start, end) (data: the bytes written there)."""
+    def _update_sums(self, start: int, end: int, whole: array.array | None) -> None:
+        """Recomputes the sums of the pages in [start, end) after a write there, and writes them.
+
+        `whole`: the sums of the pages lying entirely inside [start, end), computed from the
+        written bytes (None: none given); the others (partial pages at either end, or all when
+        nothing is given) are checksummed as they now are on disk. Call with the lock held."""
         first = start >> PAGE_SHIFT
         last = (end - 1) >> PAGE_SHIFT
         self._ensure_sums(last + 1)
-        mv = memoryview(data) if data is not None else None
         sums = self.sums
-        for page in range(first, last + 1):
-            pstart = page << PAGE_SHIFT
-            if mv is not None and pstart >= start and pstart + PAGE <= end:
-                sums[page] = page_sum(mv[pstart - start : pstart - start + PAGE])
-            else:  # partial page (or no data given): the page as it is now on disk
-                raw = os.pread(self.fd, PAGE, pstart)
-                if len(raw) < PAGE:
-                    raw = raw.ljust(PAGE, b"\0")
-                sums[page] = page_sum(raw)
-        blob = sums[first : last + 1].tobytes()
-        os.pwrite(self.sums_fd, blob, first * 4)
+        first_whole = (start + PAGE - 1) >> PAGE_SHIFT
+        end_whole = end >> PAGE_SHIFT
+        if whole is not None:
+            sums[first_whole:end_whole] = whole
+            for page in sorted({p for p in (first, last) if not first_whole <= p < end_whole}):
+                self._sum_from_disk(page, page + 1)
+        else:
+            self._sum_from_disk(first, last + 1)
+        os.pwrite(self.sums_fd, sums[first : last + 1].tobytes(), first * 4)
+
+    def _sum_from_disk(self, first: int, end: int) -> None:
+        """Sets the sums of pages [first, end) from the data file as it is (zero-padded past
+        its end), reading up to a chunk at a time."""
+        step = CHUNK >> PAGE_SHIFT
+        for p in range(first, end, step):
+            n = min(step, end - p)
+            raw = os.pread(self.fd, n << PAGE_SHIFT, p << PAGE_SHIFT)
+            if len(raw) < n << PAGE_SHIFT:
+                raw = raw.ljust(n << PAGE_SHIFT, b"\0")
+            self.sums[p : p + n] = page_sums(raw, n)
 
     def write_chunk(self, chunk: int, data: bytes | memoryview, sums: list[int], size: int) -> None:
         """Installs one resync chunk received from the resync source (blocks).
@@ -442,7 +525,11 @@ class LocalFile:
         """
         offset = chunk << CHUNK_SHIFT
         mv = memoryview(data)
+        whole = min(len(data) >> PAGE_SHIFT, len(sums))
+        got = page_sums(mv, whole)
         for i, want in enumerate(sums):
+            if i < whole and got[i] == want:
+                continue
             page = mv[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT]
             ok = (page == ZERO_PAGE[: len(page)]) if want == _HOLE else (
                 page_sum(bytes(page).ljust(PAGE, b"\0")) == want)

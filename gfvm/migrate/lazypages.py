@@ -28,8 +28,8 @@ retried after reading it.
 Two engines serve faults, with the same results:
   - "native": gfvm.native.FaultLoop on its own pthread (no GIL), reading from page indexes over
     the images' pages file and the page source's files (64-page windows); this thread only
-    relays its events. Prefetch touches one page per window with process_vm_readv from a helper
-    thread, so every copy still happens on the loop's thread, ordered with the events.
+    relays its events. Prefetch is the loop's own (FaultLoop.prefetch): it pushes the pages
+    between faults, on its thread, ordered with the events it reads.
   - "python": this module reads the uffds itself (RangeMap bookkeeping, gfvm.native.Userfaultfd
     ioctls). Used for page sources with only `lookup`, and for the test fault point.
 "auto" picks native when it can.
@@ -231,6 +231,7 @@ class LazyPagesServer:
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._prefetch: list[tuple[int, int, int]] = []  # python engine: (ctx id, start, end)
+        self._prefetching: set[int] = set()  # native engine: loop ids with a prefetch under way
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._stats = Stats()
@@ -261,8 +262,7 @@ class LazyPagesServer:
     def prefetch(self, inner_pid: int | None = None, ranges: list[tuple[int, int]] | None = None) -> None:
         """Queues a background push of pages that are still missing: of task `inner_pid` (all
         tasks when None), within `ranges` (everything the images or the page source hold when
-        None). Only pages with contents are pushed, never zeros. `prefetched` is set when done.
-        Needs `attach_root` first with the native engine (it touches pages by host pid)."""
+        None). Only pages with contents are pushed, never zeros. `prefetched` is set when done."""
         self.prefetched.clear()
         self._requests.put(("prefetch", inner_pid, ranges))
         self._poke()
@@ -283,6 +283,14 @@ class LazyPagesServer:
                 stats["faults"] = c.faults
                 stats["pages_copied"] = c.pages_copied
                 stats["pages_zero"] = c.pages_zero
+                for ctx in ctxs:  # per source: images first (if the task has any), then the rest
+                    try:
+                        per_source = self._loop.counters(ctx.loop_id).from_source
+                    except (KeyError, ValueError, TypeError):
+                        continue  # closed meanwhile (counted in _close_ctx), or not in the loop
+                    images = self._image_sources(ctx.owner)
+                    stats["pages_from_images"] += sum(per_source[:images])
+                    stats["pages_from_source"] += sum(per_source[images:])
         else:
             stats["pages_copied"] = stats["pages_from_images"] + stats["pages_from_source"]
             stats["pending_bytes"] = sum(c.pending.total_bytes for c in ctxs if c.pending is not None)
@@ -570,6 +578,10 @@ class LazyPagesServer:
             self._image_index[owner] = index
         return index
 
+    def _image_sources(self, owner: int) -> int:
+        """How many of a task's native sources are CRIU's images (they come first): 0 or 1."""
+        return 1 if self._task_memory(owner).present_pages else 0
+
     def _initial_state(self, owner: int):
         """What a freshly restored task waits for: python: its lazy VMAs (identity RangeMap);
         native: fresh indexes over the images and the page source, images first."""
@@ -654,6 +666,11 @@ class LazyPagesServer:
             self._by_loop_id.pop(ctx.loop_id, None)
             if self._loop is not None:
                 try:
+                    per_source = self._loop.counters(ctx.loop_id).from_source
+                    images = self._image_sources(ctx.owner)
+                    with self._lock:
+                        self._stats.pages_from_images += sum(per_source[:images])
+                        self._stats.pages_from_source += sum(per_source[images:])
                     self._loop.remove(ctx.loop_id)
                 except (KeyError, ValueError):
                     pass
@@ -758,6 +775,12 @@ class LazyPagesServer:
             elif ev.kind == "exit":
                 if ctx is not None:
                     self._close_ctx(ctx)
+            elif ev.kind == "prefetched":
+                with self._lock:
+                    self._stats.pages_prefetched += ev.count
+                self._prefetching.discard(ev.uffd_id)
+                if not self._prefetching:
+                    self.prefetched.set()
             elif ev.kind == "error":
                 raise GfvmError(
                     f"the fault loop failed serving task {ctx.owner if ctx else '?'}: "
@@ -977,43 +1000,23 @@ class LazyPagesServer:
     def _queue_prefetch(self, inner_pid: int | None, ranges: list[tuple[int, int]] | None) -> None:
         targets = [c for c in self._ctxs.values() if inner_pid is None or c.owner == inner_pid]
         if self._loop is not None:
-            # Every copy must happen on the loop's thread, ordered with the events it reads: make
-            # the loop do it by touching one page per window (process_vm_readv faults it in).
-            jobs = [(c.host_pid, self._wanted_ranges(c, ranges)) for c in targets
-                    if c.host_pid is not None and c.inner_pid is not None]
-            threading.Thread(target=self._touch_windows, args=(jobs,), daemon=True,
-                             name="lazy-pages prefetch").start()
+            # The loop pushes the pages itself, between faults, ordered with the events it reads;
+            # a "prefetched" event per task says when it is done.
+            for ctx in targets:
+                if ctx.loop_id is None:
+                    continue
+                try:
+                    self._loop.prefetch(ctx.loop_id, self._wanted_ranges(ctx, ranges))
+                except (KeyError, ProcessLookupError):
+                    continue  # gone meanwhile
+                self._prefetching.add(ctx.loop_id)
+            if not self._prefetching:
+                self.prefetched.set()
             return
         for ctx in targets:
             for start, end in self._wanted_ranges(ctx, ranges):
                 self._prefetch.append((ctx.id, start, end))
         if not self._prefetch:
-            self.prefetched.set()
-
-    def _touch_windows(self, jobs: list[tuple[int, list[tuple[int, int]]]]) -> None:
-        """Prefetch for the native engine (its own thread): reads the first page of every loop
-        window holding wanted pages; the loop serves the whole window. Blocks while it waits."""
-        window = self.batch_pages * PAGE_SIZE
-        buf = bytearray(PAGE_SIZE)
-        touched = 0
-        try:
-            for host_pid, ranges in jobs:
-                last = -1
-                for start, end in ranges:
-                    addr = start - start % window
-                    while addr < end and not self._stop.is_set():
-                        first = max(addr, start)
-                        if first // window != last:
-                            last = first // window
-                            try:
-                                native.read_pages(host_pid, [first], buf)
-                                touched += 1
-                            except OSError:
-                                pass  # gone, or not readable (PROT_NONE): nothing to push
-                        addr += window
-        finally:
-            with self._lock:
-                self._stats.pages_prefetched += touched * self.batch_pages
             self.prefetched.set()
 
     def _prefetch_step(self) -> None:

@@ -22,7 +22,13 @@ from gfvm.config import cgroup_node_group, cgroup_roots
 from gfvm.errors import FeatureMissing, GfvmError
 
 #: run by /bin/sh: join every cgroup given before "--", then exec what follows
-_JOIN_SCRIPT = 'while [ "$1" != "--" ]; do echo 0 > "$1" || exit 126; shift; done; shift; exec "$@"'
+# Joins the tree's cgroups, then gives up gfvmd's OOM protection (the unit sets
+# OOMScoreAdjust=-900 for the daemon and its keeper; a workload must stay an ordinary OOM target).
+_JOIN_SCRIPT = (
+    'while [ "$1" != "--" ]; do echo 0 > "$1" || exit 126; shift; done; shift; '
+    "echo 0 > /proc/self/oom_score_adj; "
+    'exec "$@"'
+)
 
 
 def _is_v2(root: Path) -> bool:

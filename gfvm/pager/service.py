@@ -518,7 +518,13 @@ class Pager:
         assert self.tracer is not None
         attach_at_exec = getattr(self.tracer, "inject_userfaultfd_at_exec", None)
         if attach_at_exec is not None:
-            return attach_at_exec(shim_pid, lambda: os.kill(shim_pid, signal.SIGCONT))
+            try:
+                return attach_at_exec(shim_pid, lambda: os.kill(shim_pid, signal.SIGCONT))
+            except ProcessLookupError as exc:  # the shim could not exec the command
+                raise GfvmError(
+                    f"the command exited at once ({exc.strerror}; see {log_path}):\n"
+                    f"{_tail(log_path)}"
+                ) from None
         before = _maps_signature(shim_pid)
         os.kill(shim_pid, signal.SIGCONT)
         deadline = time.monotonic() + 10

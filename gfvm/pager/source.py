@@ -58,14 +58,20 @@ class PagingFileSource:
 
     def native_sources(self, inner_pid: int) -> list:
         """A fresh native PageIndex (owned by the caller) over the local copy of `pages`, for the
-        native fault loop. The loop does not verify page checksums (docs/paging-file.md)."""
+        native fault loop, with the pages' checksums: the loop verifies each page before it
+        serves it (a page that fails is poisoned and reported, never served)."""
         from gfvm import native
 
         entries = self.pf.index.entries(inner_pid)
         if not entries:
             return []
+        packed = list(entries.values())
         index = native.PageIndex(len(entries))
-        index.set_many([v * PAGE_SIZE for v in entries], [p >> 32 for p in entries.values()])
+        index.set_many(
+            [v * PAGE_SIZE for v in entries],
+            [p >> 32 for p in packed],
+            crcs=[p & 0xFFFFFFFF for p in packed],
+        )
         return [native.Source(index, self.pf.pages_read_fd())]
 
     def close(self) -> None:

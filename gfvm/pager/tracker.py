@@ -35,10 +35,10 @@ flight when such an event touched it is not indexed (it stays dirty and is flush
 index numbers its range changes; the flush takes that number before reading, drains (and logs)
 every event up to then, and stores the slots with `set_many(unless_changed_since=seq)`, which skips
 atomically every page changed after it; only the pages stored are logged as PUT. So the file's log
-has every event and PUT in the order the C index applied them. A forked child whose C index the
-native layer does not expose gets no C updates (its index stays the clone the loop made at the
-fork, which serves it correctly as long as the pager does not evict its pages); its flushes are
-checked against the events drained after its read instead (`_index_batch`).
+has every event and PUT in the order the C index applied them. A forked child's C index is the
+clone the loop made at the fork (FaultLoop.sources), updated and evicted like any other; only a
+native layer without sources() leaves it without C updates (then its pages are not evicted and
+its flushes are checked against the events drained after its read instead, `_index_batch`).
 
 Events never drop dirtiness (a page written after a REMOVE must still be flushed): a dirty page that
 turns out unmapped (read fails) or not present any more (scan) is dropped at flush time. REMAP moves
@@ -516,9 +516,7 @@ class ManagedTree:
         self._tmp_next = max(self._tmp_next, tmp - TMP_ASID_BASE + 1)
         if not self.pf.index.entries(tmp):
             self.pf.clone(parent.asid, tmp)
-        entries = self.pf.index.entries(tmp)
-        cindex = native.PageIndex()
-        cindex.set_many([v << PAGE_SHIFT for v in entries], [p >> 32 for p in entries.values()])
+        cindex = build_cindex(self.pf.index.entries(tmp))
         loop_id = self.loop.add(uffd, [native.Source(cindex, self.pf.pages_read_fd())], wp=True)
         child = _child_space(tmp, uffd, cindex, loop_id, parent)
         self._add_space(child)
@@ -643,6 +641,12 @@ class ManagedTree:
             space.uffd.wake(ev.start & ~(PAGE_SIZE - 1), PAGE_SIZE)
         elif ev.kind == "exit":
             self._forget_space(space, "exited")
+        elif ev.kind == "error" and ev.corrupt:
+            # The page was poisoned, not served (the process gets SIGBUS if it touches it).
+            self._fail_stop(
+                f"page {ev.start:#x} of pid {space.host_pid} fails its checksum in the paging "
+                f"file (slot {ev.slot}): not served"
+            )
         elif ev.kind == "error":
             self._fail_stop(
                 f"fault service for pid {space.host_pid} failed: "
@@ -917,7 +921,7 @@ class ManagedTree:
         staged_all: list[StagedPages] = []
         batch = self.settings.batch_pages
         # Double buffering: the writer thread writes batch i while this thread reads and
-        # checksums batch i+1 (pwritev releases the GIL).
+        # checksums batch i+1 (pwritev and crc32_pages release the GIL).
         bufs = [bytearray(min(batch, len(vpages)) * PAGE_SIZE) for _ in range(2)]
         writes: list[Any] = [None, None]
         try:
@@ -928,7 +932,8 @@ class ManagedTree:
                     writes[b] = None
                 ok, data = self._read_pages(space, vpages[i : i + batch], bufs[b])
                 if ok:
-                    staged, write = self.pf.prepare(space.asid, ok, data)
+                    crcs = native.crc32_pages(data, len(ok))  # in C, without the GIL
+                    staged, write = self.pf.prepare(space.asid, ok, data, crcs)
                     staged_all.append(staged)
                     writes[b] = self._writer.submit(write)
         finally:
@@ -1000,6 +1005,7 @@ class ManagedTree:
                     space.cindex.set_many(
                         [v << PAGE_SHIFT for v in staged.vpages],
                         staged.slots,
+                        crcs=staged.crcs,  # the fault loop verifies them before serving
                         unless_changed_since=seq,
                     )
                 )
@@ -1039,6 +1045,7 @@ class ManagedTree:
         every tracked page (pages never written are not in the file and read as zeros)."""
         total = FlushResult()
         t0 = time.monotonic()
+        self.loop.sync()  # events the (frozen) processes completed are applied and queued
         self._drain_events()
         for space in list(self.spaces.values()):
             if not space.resolved or not space.alive:
@@ -1234,6 +1241,7 @@ class ManagedTree:
         rseq area in the TLS page, on every return to user mode, e.g. after each injected
         syscall); such a write must fault the page back in from the paging file, never land on
         a fresh zero page. Pages that come back that way are simply dumped by CRIU."""
+        self.loop.sync()
         self._drain_events()
         self._resolve_forks(settled=True)  # a child that exited meanwhile has nothing to move
         dirty = self.dirty_pages()
@@ -1361,6 +1369,20 @@ class ManagedTree:
             log.exception("final commit")
 
 
+def build_cindex(entries: dict[int, int]) -> native.PageIndex:
+    """The fault loop's index of one address space from the paging file's {vpage: slot << 32 |
+    crc}, checksums included (the loop verifies them before serving a page)."""
+    cindex = native.PageIndex(len(entries))
+    if entries:
+        packed = list(entries.values())
+        cindex.set_many(
+            [v << PAGE_SHIFT for v in entries],
+            [p >> 32 for p in packed],
+            crcs=[p & 0xFFFFFFFF for p in packed],
+        )
+    return cindex
+
+
 def _child_space(
     tmp: int, uffd: native.Userfaultfd, cindex: Any, loop_id: int, parent: AddressSpace
 ) -> AddressSpace:
@@ -1449,14 +1471,6 @@ def _zero_page(space: AddressSpace, vpage: int) -> bool:
     except OSError:
         return True
     return not any(buf)
-
-
-def build_cindex(entries: dict[int, int]) -> native.PageIndex:
-    """The native page index (address -> slot) of one address space's file entries."""
-    cindex = native.PageIndex(max(len(entries), 1))
-    if entries:
-        cindex.set_many([v << PAGE_SHIFT for v in entries], [p >> 32 for p in entries.values()])
-    return cindex
 
 
 def _minus_pages(ranges: list[tuple[int, int]], pages: set[int]) -> list[tuple[int, int]]:

@@ -8,7 +8,9 @@ sides are one trio thread each, as in gfvmd. Reported per mode: the median over 
 MiB sent / seconds until the receiver confirmed it had everything, in GB/s (10^9 bytes).
 Modes:
   tcp          raw trio SocketStream, 1 MiB send_all calls (the ceiling)
-  tls          raw trio SSLStream with gfvm.pki contexts (TLS 1.3, mutual auth)
+  tls          raw gfvm.wire.tls.TlsStream with gfvm.pki contexts (TLS 1.3, mutual auth): what
+               the peer channels run on
+  tls-trio     raw trio.SSLStream, same contexts (what TlsStream replaced, for comparison)
   wire-tcp     PeerChannel over plain TCP, one-way 1 MiB messages (framing cost alone)
   wire-tls     PeerChannel over TLS (open_peer/serve_peers), one-way 1 MiB messages
   wire-tls-rpc PeerChannel over TLS, 1 MiB requests each acknowledged, `window` outstanding
@@ -39,6 +41,7 @@ from gfvm.wire.fields import U64, Bytes
 from gfvm.wire.messages import oneway, request, response
 from gfvm.wire.net import ChannelOptions, open_channel, open_peer, serve_peers
 from gfvm.wire.state import Role
+from gfvm.wire.tls import TlsStream
 
 MIB = 1 << 20
 CLUSTER = "bench"
@@ -93,6 +96,12 @@ async def _raw_sink(stream: trio.abc.Stream) -> None:
 
 
 async def _tls_sink(ctx, tcp: trio.SocketStream) -> None:
+    stream = TlsStream(tcp, ctx, server_side=True)
+    await _raw_sink(stream)
+    await stream.aclose()
+
+
+async def _tls_trio_sink(ctx, tcp: trio.SocketStream) -> None:
     stream = trio.SSLStream(tcp, ctx, server_side=True)
     await _raw_sink(stream)
     await stream.aclose()
@@ -123,6 +132,7 @@ async def _serve(tls_dir: Path) -> None:
         for name, handler in (
             ("tcp", _raw_sink),
             ("tls", partial(_tls_sink, ctx)),
+            ("tls-trio", partial(_tls_trio_sink, ctx)),
             ("wire-tcp", _wire_tcp_sink),
         ):
             listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
@@ -149,10 +159,14 @@ async def _measure(mode: str, port: int, tls_dir: Path, mib: int, window: int) -
     if mode == "rpc-4k":
         count_of, size, window, payload = 16384, 4096, 64, payload[:4096]
     client_ctx = pki.client_context(tls_dir / "n1")
-    if mode in ("tcp", "tls"):
+    if mode in ("tcp", "tls", "tls-trio"):
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        stream = trio.SSLStream(tcp, client_ctx, server_side=False) if mode == "tls" else tcp
+        stream = tcp
         if mode == "tls":
+            stream = TlsStream(tcp, client_ctx, server_side=False)
+        elif mode == "tls-trio":
+            stream = trio.SSLStream(tcp, client_ctx, server_side=False)
+        if mode != "tcp":
             await stream.do_handshake()  # before the clock starts
         start = time.perf_counter()
         await _raw_send(stream, mib, payload)
@@ -192,7 +206,7 @@ async def _measure(mode: str, port: int, tls_dir: Path, mib: int, window: int) -
     return count_of * size / elapsed
 
 
-MODES = ("tcp", "tls", "wire-tcp", "wire-tls", "wire-tls-rpc", "rpc-4k")
+MODES = ("tcp", "tls", "tls-trio", "wire-tcp", "wire-tls", "wire-tls-rpc", "rpc-4k")
 
 
 def run(mib: int = 512, window: int = 8, rounds: int = 3) -> dict[str, float]:

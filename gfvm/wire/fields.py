@@ -300,6 +300,11 @@ class ListType(WireType):
             raise ValueError(f"expected a list or tuple, got {type(value).__name__}")
         if len(value) > self.max_items:
             raise ValueError(f"{len(value)} items exceed the maximum {self.max_items}")
+        if self._fixed is not None and value and isinstance(self.item, UInt):
+            # page offsets by the hundred: whole-list checks in C; the loop below only runs
+            # to name the first bad item
+            if all(type(v) is int for v in value) and min(value) >= 0 and max(value) <= self.item.max:
+                return tuple(value)
         out = []
         for i, v in enumerate(value):
             try:

@@ -10,14 +10,15 @@
 Connection life:
 1. Pre-authentication (capped in time by `handshake_timeout` and in bytes by `preauth_max_bytes`,
    and, on a server, in number by `max_preauth_connections`): TCP, then the TLS 1.3 handshake
-   with certificates required both ways, then the peer's identity is read from its certificate
+   (gfvm.wire.tls.TlsStream) with certificates required both ways, then the peer's identity is read from its certificate
    (gfvm.pki.peer_identity); a client checks it is the node it meant to reach before sending
    anything; then HELLO / HELLO_ACK (gfvm.wire.connection checks the claimed name equals the
    certificate's). Nothing is parsed before TLS has authenticated the peer; nothing reaches a
    handler before the whole handshake succeeded.
 2. Open: a reader task turns received bytes into messages (responses wake the `request` that
    waits for their rid; requests and one-way messages queue for `receive`); a writer task writes
-   queued frames in the order `send`/`request` were called.
+   queued frames in the order `send`/`request` were called (frames queued together, and a
+   frame's header and payload, in one socket write).
 3. Close: `aclose()` (or leaving `open_peer`'s block, or the handler returning) flushes queued
    frames (at most `close_timeout`), sends TLS close_notify and closes. Invalid input from the peer
    closes the connection with one log line; pending requests and later calls raise ChannelClosed.
@@ -65,6 +66,7 @@ from gfvm.wire.errors import (
 from gfvm.wire.frames import DEFAULT_MAX_FRAME
 from gfvm.wire.messages import ErrorReply, Kind, spec_of
 from gfvm.wire.state import Role, State
+from gfvm.wire.tls import TlsStream
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +380,7 @@ class PeerChannel:
             self._fail(f"connection lost: {_cause(exc)}")
 
     async def _writer(self) -> None:
+        send_chunks = getattr(self._stream, "send_chunks", None)  # TlsStream: one transport write
         try:
             while True:
                 chunks = await self._out.get()
@@ -385,6 +388,9 @@ class PeerChannel:
                 # syscall for many small frames (acks) instead of one each.
                 while self._out.items and len(chunks) < 64:
                     chunks = chunks + self._out.get_nowait()
+                if send_chunks is not None:
+                    await send_chunks(_coalesce(chunks))
+                    continue
                 for data in _coalesce(chunks):
                     await self._stream.send_all(data)
         except _Closed:
@@ -507,7 +513,7 @@ class _suppress_transport_errors:
         )
 
 
-async def _tls_handshake(stream: trio.SSLStream) -> str:
+async def _tls_handshake(stream: TlsStream) -> str:
     try:
         await stream.do_handshake()
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -577,7 +583,7 @@ async def open_peer(
         with trio.fail_after(options.handshake_timeout):
             tcp = await trio.open_tcp_stream(address, port)
             capped = _PreauthCap(tcp, options.preauth_max_bytes)
-            stream = trio.SSLStream(capped, ssl_ctx, server_side=False)
+            stream = TlsStream(capped, ssl_ctx, server_side=False)
             identity = await _tls_handshake(stream)
             if identity != expected_node:
                 raise _HandshakeFailed(
@@ -688,7 +694,7 @@ async def _serve_authenticated(
         conn = None
         with trio.move_on_after(options.handshake_timeout):
             capped = _PreauthCap(tcp, options.preauth_max_bytes)
-            stream = trio.SSLStream(capped, ssl_ctx, server_side=True)
+            stream = TlsStream(capped, ssl_ctx, server_side=True)
             identity = await _tls_handshake(stream)
             conn = Connection(
                 Role.SERVER,
