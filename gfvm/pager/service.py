@@ -42,6 +42,7 @@ from gfvm.pager.cgroup import TreeCgroup
 from gfvm.pager.keeper import KeeperClient
 from gfvm.pager.launch import start_tree
 from gfvm.pager.pagefile import PagingFile
+from gfvm.pager.source import PagingFileSource
 from gfvm.pager.state import StateStore, TreeRecord
 from gfvm.pager.backing import PAGE_SIZE
 from gfvm.pager.tracker import (
@@ -929,16 +930,16 @@ class Pager:
         return asdict(result)
 
 
-class AdoptionPrep:
+class AdoptionPrep(PagingFileSource):
     """A paging file opened early on a migration target (see Pager.prepare_adoption): the file
     and one native page index per address space, kept up to date by `refresh`. Serves the
-    lazy-pages server during the restore (`native_sources`, `lookup`), then goes to the pager
-    (`take`). Blocking methods; one thread at a time."""
+    lazy-pages server during the restore (`native_sources`, and PagingFileSource's `lookup`),
+    then goes to the pager (`take`). Blocking methods; one thread at a time."""
 
     def __init__(self, backing: PagingBacking, directory: str) -> None:
+        super().__init__(backing, directory)
         self.backing = backing
         self.directory = directory
-        self.pf = PagingFile.open(backing, directory)
         self.cindexes = {a: build_cindex(e) for a, e in self.pf.index.spaces.items() if e}
 
     def refresh(self) -> int:
@@ -961,10 +962,10 @@ class AdoptionPrep:
         if rec.rtype in (PUT, PUTS) and ci is None:
             ci = self.cindexes[rec.asid] = native.PageIndex()
         if rec.rtype == PUT:
-            ci.set(rec.a << 12, rec.b)
+            ci.set(rec.a << 12, rec.b, rec.c)  # with its checksum: the loop verifies it
         elif rec.rtype == PUTS:
-            vp, sl, _ = rec.payload
-            ci.set_many([v << 12 for v in vp], list(sl))
+            vp, sl, cr = rec.payload
+            ci.set_many([v << 12 for v in vp], list(sl), crcs=list(cr))
         elif rec.rtype == DROP and ci is not None:
             ci.remove_range(rec.a << 12, (rec.a + rec.b) << 12)
         elif rec.rtype == MOVE and ci is not None:
@@ -977,27 +978,6 @@ class AdoptionPrep:
                 self.cindexes[target] = build_cindex(entries)
             else:
                 self.cindexes.pop(target, None)
-
-    # the lazy-pages server's page source (gfvm/migrate/pagesource.py's contract)
-    def lookup(self, inner_pid: int, vaddr: int) -> bytes | None:
-        return self.pf.read_page(inner_pid, vaddr // PAGE_SIZE)
-
-    def lookup_run(self, inner_pid: int, vaddr: int, max_pages: int) -> bytes | None:
-        first = self.lookup(inner_pid, vaddr)
-        if first is None:
-            return None
-        out = [first]
-        for i in range(1, max_pages):
-            page = self.lookup(inner_pid, vaddr + i * PAGE_SIZE)
-            if page is None:
-                break
-            out.append(page)
-        return b"".join(out)
-
-    def ranges(self, inner_pid: int) -> list[tuple[int, int]]:
-        from gfvm.pager.source import PagingFileSource
-
-        return PagingFileSource.ranges(self, inner_pid)  # type: ignore[arg-type]
 
     def native_sources(self, inner_pid: int) -> list:
         ci = self.cindexes.get(inner_pid)

@@ -61,18 +61,12 @@ class PagingFileSource:
         native fault loop, with the pages' checksums: the loop verifies each page before it
         serves it (a page that fails is poisoned and reported, never served)."""
         from gfvm import native
+        from gfvm.pager.tracker import build_cindex
 
         entries = self.pf.index.entries(inner_pid)
         if not entries:
             return []
-        packed = list(entries.values())
-        index = native.PageIndex(len(entries))
-        index.set_many(
-            [v * PAGE_SIZE for v in entries],
-            [p >> 32 for p in packed],
-            crcs=[p & 0xFFFFFFFF for p in packed],
-        )
-        return [native.Source(index, self.pf.pages_read_fd())]
+        return [native.Source(build_cindex(entries), self.pf.pages_read_fd())]
 
     def close(self) -> None:
         self.pf.close()
