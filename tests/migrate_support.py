@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -203,12 +204,18 @@ class MCluster:
 
 @contextmanager
 def logs_on_failure(mc: MCluster):
-    """Prints every gfvmd's log tail when the block fails (pytest shows it with the failure)."""
+    """Prints every gfvmd's log tail, the managed processes' output and the kernel's last
+    messages when the block fails (pytest shows them with the failure)."""
     try:
         yield
     except BaseException:
         for node in mc.nodes:
             print(f"===== gfvmd log of {node}\n{mc.log(node, 6000)}")
+            for out in sorted(mc.c.dirs(node).run.glob("procs/*/output.log")):
+                print(f"===== {node}: {out.parent.name}'s output\n"
+                      f"{out.read_text(errors='replace')[-1500:]}")
+        dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+        print("===== kernel log\n" + "\n".join(dmesg.splitlines()[-15:]))
         raise
 
 
