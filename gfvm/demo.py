@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gfvm.errors import GfvmError, UsageError
+from gfvm.errors import ConfigError, GfvmError, UsageError
 
 STEPS = 5
 DEFAULT_NAME = "gfvmdemo"
@@ -107,7 +107,11 @@ def _main_cluster(args) -> int:
     nodes = None
     try:
         say(f"[1/{STEPS}] checking this node's gfvmd ({paths.control_socket})")
-        nodes = harness.ThisNode(paths)
+        try:
+            nodes = harness.ThisNode(paths)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}\n(`gfvm demo` without --cluster shows a migration on a "
+                              "local namespace cluster)") from None
         status = nodes.wait_ready()
         for n in nodes.config.nodes:
             v = status["nodes"].get(n.name, {})
@@ -149,8 +153,8 @@ def _story(nodes, first: str, binary: Path, statedir: Path, mib: int) -> None:
     `first`. Blocks."""
     from gfvm.migrate.cli import format_report
 
-    say(f"[2/{STEPS}] running a workload under gfvm on {first}: {mib} MiB, a 32 MiB hot set "
-        "rewritten all the time, its memory a function of its step counter")
+    say(f"[2/{STEPS}] running a workload under gfvm on {first}: {mib} MiB, a {min(32, mib)} MiB "
+        "hot set rewritten all the time, its memory a function of its step counter")
     proc = nodes.run_workload(first, binary, statedir, mib=mib, hot_mib=min(32, mib), rate=20000)
     time.sleep(2)  # let the pager page the memory out in the background
     s = proc.client.status()

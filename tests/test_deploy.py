@@ -121,3 +121,34 @@ def test_demo_cluster_migrates_on_provisioned_nodes(make_cluster, tmp_path):
     assert "demo finished" in proc.stdout, out
     left = cluster.run("n1", ["ls", "-A", "/gfvm"], capture_output=True, text=True)
     assert "demo" not in left.stdout.split(), left.stdout
+
+
+def test_demo_cluster_ends_its_workload_when_the_migration_fails(make_cluster, tmp_path):
+    """`gfvm demo --cluster` whose migration fails (a fault point on n1): it exits non-zero
+    saying so, and ends the workload it started and removes its files."""
+    from gfvm import control
+    from gfvm.migrate.harness import LIVE
+    from migrate_support import require_migration, wait_for
+
+    require_migration()
+    cluster = make_cluster(3, start_daemons=False, provision=False)
+    _provision(cluster, tmp_path)
+    control.call(cluster.control_socket("n1"), "migrate.fault",
+                 {"name": "migrate.after_dump", "action": "error"})
+    proc = cluster.run(
+        "n1", [*GFVM.split(), "demo", "--cluster", "--mib", "16"], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "demo failed: " in proc.stdout and "ended p" in proc.stdout, out
+
+    def running() -> list:
+        return [(node, p["id"], p["state"]) for node in cluster.nodes
+                for p in control.call(cluster.control_socket(node), "ls")["processes"]
+                if p["state"] in LIVE]
+
+    # gfvmd notices within a second that a tree ended
+    wait_for(lambda: running() == [], 10, f"no managed process left running: {running()}\n{out}")
+    left = cluster.run("n1", ["ls", "-A", "/gfvm"], capture_output=True, text=True)
+    assert "demo" not in left.stdout.split(), left.stdout
