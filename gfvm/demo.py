@@ -33,7 +33,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="show a migration on a local 3-node namespace cluster (--cluster: on this cluster)",
-        description="Run a self-checking workload under gfvm, migrate it with --to auto, print "
+        description="Run a self-checking workload under gfvm, migrate it with --to auto, print\n"
         "the report and show it still running correctly on the target.\n\n"
         "  gfvm demo            brings up 3 local namespace nodes, runs the workload on n1 and\n"
         "                       tears everything down afterwards (needs no configured cluster)\n"
