@@ -17,6 +17,7 @@ from gfvm.errors import GfvmError, UsageError
 EPILOG = """\
 typical use:
   gfvm demo                        the whole story on a local 3-node cluster
+  gfvm demo --cluster              the same story on the real cluster this node belongs to
   gfvm doctor                      check this machine has what gfvm needs
   gfvm cluster up --nodes 3        a local 3-node test cluster in network namespaces
   gfvm cluster exec n1 -- CMD      run CMD on node n1 (same /gfvm, same daemon)

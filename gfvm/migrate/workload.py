@@ -1,8 +1,10 @@
 """The migration workload (workload.c next to this file): build it, start it under gfvm, talk to it.
 
 The workload's memory is a pure function of its step counter (see the header of workload.c), so
-it verifies itself; it listens on a TCP port in the network namespace of the node it runs on and
-answers `status`, `verify` and `exit`. `gfvm demo`, `gfvm bench migrate` and the migration tests
+it verifies itself; it listens on a TCP port (all addresses) in the network namespace of the node
+it runs on and answers `status`, `verify` and `exit`. A client reaches it either at 127.0.0.1
+inside that node's network namespace (the namespace cluster, from the host) or at the node's
+address over the network (a configured cluster, from one of its nodes). `gfvm demo`, `gfvm bench migrate` and the migration tests
 use it. Needs a C compiler (gcc). Everything here blocks.
 """
 
@@ -29,7 +31,8 @@ def build(directory: Path) -> Path:
     """Compiles the workload into `directory` and returns the binary's path (~0.3 s)."""
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
-        raise FeatureMissing("a C compiler (gcc) is needed to build the migration workload")
+        raise FeatureMissing("a C compiler (gcc) is needed to build the migration workload "
+                             "(apt-get install build-essential; deploy/install installs it)")
     out = Path(directory) / "gfvm-migrate-workload"
     subprocess.run([cc, "-O2", "-Wall", "-pthread", "-o", str(out), str(SOURCE)], check=True,
                    capture_output=True)
@@ -43,10 +46,11 @@ def argv(binary: Path, statedir: Path, *, mib: int, hot_mib: int, rate: int = 0,
     return [str(binary), str(statedir), str(mib), str(hot_mib), str(rate), str(steps), str(check_s)]
 
 
-def connect_in_netns(netns: Path | None, port: int, timeout: float) -> socket.socket:
-    """A TCP connection to 127.0.0.1:port inside the network namespace `netns` (a path such as
+def connect_in_netns(netns: Path | None, port: int, timeout: float,
+                     host: str = "127.0.0.1") -> socket.socket:
+    """A TCP connection to host:port made inside the network namespace `netns` (a path such as
     /run/netns/NAME or /proc/PID/ns/net; None: ours). The socket is made by a helper thread that
-    entered the namespace; a socket stays in the namespace it was created in."""
+    entered the namespace; a socket stays in the namespace it was created in. Blocks."""
     result: dict = {}
 
     def work() -> None:
@@ -59,7 +63,7 @@ def connect_in_netns(netns: Path | None, port: int, timeout: float) -> socket.so
                         raise OSError(ctypes.get_errno(), f"setns({netns})")
                 finally:
                     os.close(fd)
-            result["sock"] = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            result["sock"] = socket.create_connection((host, port), timeout=timeout)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             result["error"] = exc
 
@@ -80,11 +84,14 @@ class Status:
 
 
 class WorkloadClient:
-    """Talks to one workload; `netns` says where it runs now (update it after a migration)."""
+    """Talks to one workload at `host` (default 127.0.0.1) from inside the network namespace
+    `netns` (None: ours). Both say where it runs now: update them after a migration (the netns
+    of the new node on a namespace cluster, the new node's address on a configured one)."""
 
-    def __init__(self, statedir: Path, netns: Path | None = None) -> None:
+    def __init__(self, statedir: Path, netns: Path | None = None, host: str = "127.0.0.1") -> None:
         self.statedir = Path(statedir)
         self.netns = netns
+        self.host = host
 
     def wait_ready(self, timeout: float = 120.0, alive=lambda: True) -> int:
         """Waits for the port file (the region is filled); returns the port."""
@@ -104,7 +111,7 @@ class WorkloadClient:
 
     def command(self, text: str, timeout: float = 120.0) -> str:
         """Sends one command and returns the answer line."""
-        with connect_in_netns(self.netns, self.port, timeout) as s:
+        with connect_in_netns(self.netns, self.port, timeout, self.host) as s:
             s.settimeout(timeout)
             s.sendall(text.encode() + b"\n")
             data = b""
