@@ -25,7 +25,8 @@ What it supports, on purpose no more (what gfvm.wire.net needs):
   released (encryption itself never awaits); the BIO is empty whenever the lock is free; the
   receiving side never waits for the lock (see receive_some).
 - End of stream reads as b"": the peer's close_notify, and also a transport EOF without it
-  (Python's contexts set OP_IGNORE_UNEXPECTED_EOF, as trio.SSLStream saw it too); a message cut
+  (whether or not the context sets OP_IGNORE_UNEXPECTED_EOF, as Python's did up to some 3.11
+  releases); a message cut
   by such an EOF is caught by the framing above (gfvm.wire.connection: EOF inside a frame). A
   modified or forged record, or any other TLS error, raises trio.BrokenResourceError (the
   ssl error is its __cause__) and the stream stays broken. A send cancelled halfway also breaks
@@ -148,7 +149,9 @@ class TlsStream(trio.abc.Stream):
                 got += n
         except ssl.SSLWantReadError:
             pass
-        except ssl.SSLZeroReturnError:
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            # SSLEOFError: a transport EOF without close_notify. Python's contexts used to hide
+            # it (OP_IGNORE_UNEXPECTED_EOF); newer ones report it: an end of stream either way.
             self._eof = True
         except (ssl.SSLError, ssl.CertificateError) as exc:
             self._break(exc)
