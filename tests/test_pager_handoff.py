@@ -4,6 +4,7 @@ either roll back (reattach) or hand over and take the same processes back as a "
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,64 @@ def test_paging_file_source_gives_the_pages_at_the_dump(pager, workload_bin, tmp
             assert source.index.get(region) is not None
         finally:
             src.close()
+    finally:
+        cg.thaw()
+        wl.close()
+
+
+def _paging_files(pager, paging_dir: str) -> dict[str, bytes]:
+    return {name: pager.backing.path(f"{paging_dir}/{name}").read_bytes()
+            for name in ("index", "pages")}
+
+
+def _hand_over_frozen(pager, workload_bin, tmp_path):
+    """A workload frozen, flushed, released and handed over, as a migration source leaves it."""
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    cg.freeze()
+    pager.flush_all(summary["id"])
+    pager.release_memory(summary["id"])
+    paging_dir = pager.hand_over(summary["id"])
+    return wl, conn, tree, summary, cg, paging_dir
+
+
+def test_held_adoption_writes_nothing_until_released(pager, workload_bin, tmp_path):
+    """A migration target's tree before its commit point: several ticks, then an abandon (its
+    final commit included) leave the paging file exactly as the source wrote it."""
+    wl, conn, tree, summary, cg, paging_dir = _hand_over_frozen(pager, workload_bin, tmp_path)
+    try:
+        before = _paging_files(pager, paging_dir)
+        pager.adopt_restored(
+            summary["id"], name="handoff", cmd=tree.rec.cmd, init_pid=tree.rec.init_pid,
+            host_pids=[summary["pid"]], hold=True,
+        )
+        time.sleep(6 * pager.settings.interval + 0.5)  # probe, page-out, commit would have run
+        assert _paging_files(pager, paging_dir) == before
+        pager.abandon(summary["id"])
+        assert _paging_files(pager, paging_dir) == before
+    finally:
+        cg.thaw()
+        wl.close()
+
+
+def test_released_adoption_pages_out_and_keeps_memory(pager, workload_bin, tmp_path):
+    """After `release_adopted` (the commit point) the tree writes its paging file again: the
+    pages present since the adoption go out, and the memory is intact."""
+    wl, conn, tree, summary, cg, paging_dir = _hand_over_frozen(pager, workload_bin, tmp_path)
+    gfvm_id = summary["id"]
+    try:
+        before = _paging_files(pager, paging_dir)
+        pager.adopt_restored(
+            gfvm_id, name="handoff", cmd=tree.rec.cmd, init_pid=tree.rec.init_pid,
+            host_pids=[summary["pid"]], hold=True,
+        )
+        pager.release_adopted(gfvm_id)
+        cg.thaw()
+        assert conn.cmd("verify") == "ok 4096"
+        conn.cmd("random 500 7 8")
+        pager.flush_all(gfvm_id)
+        assert _paging_files(pager, paging_dir)["index"] != before["index"]
+        assert conn.cmd("verify") == "ok 4096"
     finally:
         cg.thaw()
         wl.close()

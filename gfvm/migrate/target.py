@@ -218,6 +218,7 @@ class TargetSide:
             if inc.committed:
                 # Past the commit point the process is ours whatever happened next: it runs.
                 with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._release_adopted, inc)
                     await trio.to_thread.run_sync(_resume, list(inc.host_pids.values()))
                 inc.phase = "running"
                 inc.error = f"{inc.gfvm_id} runs on {self.svc.node}, but: {exc}"
@@ -349,6 +350,12 @@ class TargetSide:
                                                  "pids": sorted(inc.host_pids.values())})
             t["commit"] = time.monotonic() - t1
             t1 = time.monotonic()
+            if not remote:
+                # Only now may this node write the process's files (page-out, index records,
+                # compaction): before `owner` the source may still take them back.
+                await trio.to_thread.run_sync(self._release_adopted, inc)
+            t["release"] = time.monotonic() - t1
+            t1 = time.monotonic()
             await trio.to_thread.run_sync(_resume, list(inc.host_pids.values()))
             t["resume"] = time.monotonic() - t1
             t["total"] = time.monotonic() - t0
@@ -394,7 +401,7 @@ class TargetSide:
             pager.adopt_restored(
                 inc.gfvm_id, name=spec.get("name") or inc.gfvm_id,
                 cmd=list(spec.get("cmd") or []), init_pid=inc.root_pid, host_pids=host_pids,
-                mem_limit=spec.get("mem_limit"), prepared=prepared,
+                mem_limit=spec.get("mem_limit"), prepared=prepared, hold=True,
             )
         finally:
             prepared.close()  # spent by adopt_restored unless it failed before taking it
@@ -402,6 +409,18 @@ class TargetSide:
         if spec.get("log_path"):
             tree.rec.log_path = spec["log_path"]
             pager.save_record(tree.rec)
+
+    def _release_adopted(self, inc: Incoming) -> None:
+        """After the commit point: the adopted tree may write its paging file (blocking; a
+        tree this node does not manage, e.g. --allow-remote, is left alone)."""
+        pager = self.svc.pager
+        tree = pager.trees.get(inc.gfvm_id)
+        if tree is None or not tree.held:
+            return
+        try:
+            pager.release_adopted(inc.gfvm_id)
+        except Exception:  # noqa: BLE001 - the process runs here regardless; tracking reports it
+            log.exception("%s: releasing the adopted tree", inc.gfvm_id)
 
     def _kill_restored(self, inc: Incoming) -> None:
         """Failure before the process ran here: no copy of it may survive on this node."""

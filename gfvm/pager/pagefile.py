@@ -355,6 +355,10 @@ class PagingFile:
         self._free_set: set[int] = set()
         self._pending_free: list[int] = []  # unreferenced, reusable after the next commit (I3)
         self._staged: set[int] = set()  # slots handed out by stage(), not yet put or released
+        #: while True nothing is written: commit() keeps its records buffered, page writes and
+        #: compaction are refused (a migration target before its commit point: the files are
+        #: still the source's to take back, see docs/migration.md)
+        self.held = False
 
     # --- open / create ---------------------------------------------------------------------------
 
@@ -522,6 +526,8 @@ class PagingFile:
         """stage() in two halves: allocates slots and checksums now, returns the write as a
         callable that may run on another thread (it only writes the pages file; `data` must stay
         untouched until it has returned). Call sync_pages() after every write has returned."""
+        if self.held:
+            raise PagingFileError("the paging file is held (migration not committed): no page writes")
         n = len(vpages)
         if len(data) != n * PAGE_SIZE:
             raise ValueError("stage: data is not len(vpages) pages")
@@ -599,8 +605,11 @@ class PagingFile:
 
     def commit(self) -> None:
         """Appends the buffered records, fsyncs the index, then frees superseded slots (I3).
-        Compacts the log when it has grown COMPACT_RATIO times past the live entries. Blocks."""
+        Compacts the log when it has grown COMPACT_RATIO times past the live entries. While
+        `held`, does nothing (the records stay buffered until the hold ends). Blocks."""
         assert self._log is not None
+        if self.held:
+            return
         if self._buffer:
             blob = b"".join(self._buffer)
             self._log.pwrite(blob, self._log_end)
@@ -630,6 +639,8 @@ class PagingFile:
 
     def compact(self) -> None:
         """Rewrites the index as one PUT per live entry (atomic replace, I4). Blocks."""
+        if self.held:
+            raise PagingFileError("the paging file is held (migration not committed): no compaction")
         if self._buffer:
             self.commit()
         self.generation += 1

@@ -252,6 +252,10 @@ class ManagedTree:
         self._evict_cursor: dict[int, int] = {}
         self._published: dict = {}
         self._racing: list[tuple[str, int, int, int]] = []  # events popped during a flush
+        #: a migration target's tree before the commit point (`owner` written): its processes
+        #: are stopped and nothing may be written to the paging file, which the source may
+        #: still take back (no ticks, no records, no final commit). See release_hold.
+        self.held = False
         self.loop.start()
 
     # ------------------------------------------------------------------ worker thread plumbing
@@ -765,7 +769,7 @@ class ManagedTree:
         elsewhere; CRIU's dump ends it here)."""
         log.info("tree %s: pid %d (inner %d) %s", self.rec.id, space.host_pid, space.asid, why)
         space.alive = False
-        if self.state != "released":
+        if self.state != "released" and not self.held:
             self.pf.forget(space.asid)
         self._remove_from_loop(space)
         self.spaces.pop(space.asid, None)
@@ -778,8 +782,9 @@ class ManagedTree:
 
     def run_tick(self) -> None:
         """One interval: events, new VMAs, scan, page out cold dirty pages, enforce the limit.
-        Runs on the worker (blocking). Does nothing while the tree is released for a migration."""
-        if self.state == "released":
+        Runs on the worker (blocking). Does nothing while the tree is released for a migration
+        or held before a migration's commit point."""
+        if self.state == "released" or self.held:
             return
         self.tick += 1
         now = time.monotonic()
@@ -1318,6 +1323,20 @@ class ManagedTree:
         self.pf.commit()
         return dropped
 
+    def hold(self) -> None:
+        """A migration target's adopted tree, before its commit point: the paging file is left
+        exactly as the source wrote it (see `held`). Worker only."""
+        self.held = True
+        self.pf.held = True
+
+    def release_hold(self) -> None:
+        """The migration committed (`owner` names this node): records buffered while held are
+        committed and tracking starts; the pages present count as dirty since the adoption and
+        are flushed by the next ticks. Worker only."""
+        self.held = False
+        self.pf.held = False
+        self.pf.commit()
+
     def reattach(self) -> None:
         """Rollback of release_memory (migration failed before the target ran the process):
         tracking resumes; the released pages, still registered, come back from the paging file
@@ -1363,6 +1382,8 @@ class ManagedTree:
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             self._wake_r = self._wake_w = -1
+        if self.held:
+            return  # never committed: the files stay the source's, untouched
         try:
             self.pf.commit()
         except Exception:  # noqa: BLE001
