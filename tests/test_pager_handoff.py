@@ -4,6 +4,7 @@ either roll back (reattach) or hand over and take the same processes back as a "
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -168,6 +169,57 @@ def test_released_adoption_pages_out_and_keeps_memory(pager, workload_bin, tmp_p
         conn.cmd("random 500 7 8")
         pager.flush_all(gfvm_id)
         assert _paging_files(pager, paging_dir)["index"] != before["index"]
+        assert conn.cmd("verify") == "ok 4096"
+    finally:
+        cg.thaw()
+        wl.close()
+
+
+def test_rollback_reads_the_copy_the_files_are_now(pager, workload_bin, tmp_path):
+    """While another node was the files' master, this node's copy of `pages` was replaced (a
+    new file with the same bytes; the old one emptied, as a resync resets a copy): after the
+    rollback the released pages come from the new copy, not from the descriptor opened before."""
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    gfvm_id = summary["id"]
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    try:
+        cg.freeze()
+        pager.flush_all(gfvm_id)
+        assert pager.release_memory(gfvm_id) >= 4096
+        pages = pager.backing.path(f"{tree.rec.paging_dir}/pages")
+        old = pages.with_name("pages.old")
+        os.rename(pages, old)
+        pages.write_bytes(old.read_bytes())
+        os.truncate(old, 0)
+        pager.reattach(gfvm_id)
+        cg.thaw()
+        assert conn.cmd("verify") == "ok 4096"
+        assert pager.tree(gfvm_id).state == "running"
+    finally:
+        cg.thaw()
+        wl.close()
+
+
+def test_rollback_drops_index_records_it_did_not_write(pager, workload_bin, tmp_path):
+    """Records another node appended to the index while it was the master (it never
+    committed the migration) are gone after the rollback: the index is this node's again."""
+    from gfvm.pager.pagefile import _pack_record, DROP, load_index
+
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    gfvm_id = summary["id"]
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    try:
+        cg.freeze()
+        pager.flush_all(gfvm_id)
+        pager.release_memory(gfvm_id)
+        index = pager.backing.path(f"{tree.rec.paging_dir}/index")
+        entries = load_index(pager.backing, tree.rec.paging_dir).entries(2)
+        region = conn.region >> 12
+        with open(index, "ab") as f:  # a DROP of the workload's whole region
+            f.write(_pack_record(DROP, 2, region, 4096))
+        pager.reattach(gfvm_id)
+        assert load_index(pager.backing, tree.rec.paging_dir).entries(2) == entries
+        cg.thaw()
         assert conn.cmd("verify") == "ok 4096"
     finally:
         cg.thaw()

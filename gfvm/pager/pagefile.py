@@ -448,6 +448,48 @@ class PagingFile:
         self._free_sorted = False
         return records
 
+    def reopen(self) -> str:
+        """Opens `pages` and `index` again and makes sure they are still what this object wrote
+        (a migration's rollback: while another node was the files' master, this node's File
+        Manager may have replaced its copies, and a target may have written to them). An index
+        that differs from ours (length or generation) is rewritten from this object's state
+        (compaction: what we committed is the truth, anything appended since never committed).
+        Returns "" or a description of what was repaired. Raises PagingFileError when `pages` is
+        too short for the slots the index uses (its data is lost here). Blocks."""
+        if self._buffer or self._staged:
+            raise PagingFileError("reopen of a paging file with uncommitted writes")
+        for f in (self._pages, self._log):
+            if f is not None:
+                f.close()
+        self._pages = self.backing.open(self._rel(PAGES))
+        self._log = self.backing.open(self._rel(INDEX))
+        used = len(self.index.refs)
+        while used and self.index.refs[used - 1] == 0:
+            used -= 1
+        nslots = -(-self._pages.size() // PAGE_SIZE)
+        if nslots < used:
+            raise PagingFileError(
+                f"{self._rel(PAGES)} holds {nslots} slots; the index uses slots up to {used - 1}")
+        appended = [s for s in range(self._nslots, nslots) if self.index.slot_refs(s) == 0]
+        self._nslots = max(self._nslots, nslots)
+        self._free.extend(appended)  # slots another writer added: nothing of ours is there
+        self._free_set.update(appended)
+        self._free_sorted = False
+        size = self._log.size()
+        head = self._log.pread(HEADER.size, 0)
+        try:
+            _id, generation, _r, _v = parse_index(head)
+        except Exception:  # noqa: BLE001 - a damaged header is rewritten below like any change
+            generation = -1
+        if size == self._log_end and generation == self.generation:
+            return ""
+        what = (f"{self._rel(INDEX)} was changed while this node was not its master "
+                f"({size} bytes at generation {generation}, we wrote {self._log_end} at "
+                f"{self.generation}): rewritten from this node's index")
+        self.generation = max(self.generation, generation)
+        self.compact()
+        return what
+
     def read_meta(self) -> dict:
         """meta.json as a dict. Blocks."""
         return json.loads(self.backing.read_file(self._rel(META)))

@@ -1343,6 +1343,16 @@ class ManagedTree:
         on fault. Worker only."""
         if self.state != "released":
             raise GfvmError("reattach: the tree was not released")
+        # While the target was the files' master, this node's File Manager may have replaced
+        # or resynced its copies: the fault loop must read the copy the files are now, through
+        # a new descriptor, and the index must be the one this tracker wrote.
+        repaired = self.pf.reopen()
+        if repaired:
+            log.warning("tree %s: %s", self.rec.id, repaired)
+        fd = self.pf.pages_read_fd()
+        for space in list(self.spaces.values()):
+            if space.loop_id in self.by_loop_id and space.cindex is not None:
+                self.loop.set_sources(space.loop_id, [native.Source(space.cindex, fd)])
         for space in list(self.spaces.values()):
             if space.resolved and _alive(space):
                 self._register_vmas(space)  # VMAs that appeared meanwhile (none while frozen)
