@@ -282,10 +282,13 @@ class TargetSide:
                                       daemon=True)
             thread.start()
             t1 = time.monotonic()
-            result = await criu.restore(
-                images, work_dir=wd, pidfile=wd / "root.pid", lazy_pages=True,
-                require_manifest=False, extra=["--leave-stopped"], manage_cgroups="ignore",
-                verbosity=CRIU_VERBOSITY,
+            result = await _restore_while_served(
+                server, thread, 0.8 * svc.settings.restore_timeout,  # the source waits longer
+                lambda: criu.restore(
+                    images, work_dir=wd, pidfile=wd / "root.pid", lazy_pages=True,
+                    require_manifest=False, extra=["--leave-stopped"], manage_cgroups="ignore",
+                    verbosity=CRIU_VERBOSITY,
+                ),
             )
             inc.root_pid = result.root_pid
             svc.watch_restored_root(result.root_pid)
@@ -612,6 +615,45 @@ def _unpack_and_verify(blob: bytes, images: Path):
     shutil.rmtree(images, ignore_errors=True)
     ckptfile.unpack(blob, images)
     return verify_manifest(images)
+
+
+#: how long CRIU may take to fail on its own once the lazy-pages server ended
+SERVER_GONE_GRACE = 2.0
+
+
+async def _restore_while_served(server: LazyPagesServer, thread: threading.Thread,
+                                timeout: float, run_restore):
+    """Runs `run_restore()` (CRIU's lazy restore) while `thread` serves its faults. CRIU waits
+    for every page it touches: when the server ends (an error: a page it cannot read), CRIU
+    would wait forever, so it is cancelled (which kills what it restored so far); so it is
+    after `timeout` seconds. Raises GfvmError in both cases."""
+    box: dict = {}
+    failure = ""
+
+    async def restore(cancel_scope: trio.CancelScope) -> None:
+        try:
+            box["result"] = await run_restore()
+        except Exception as exc:  # noqa: BLE001 - raised below as itself (no exception group)
+            box["error"] = exc
+        cancel_scope.cancel()
+
+    with trio.move_on_after(timeout) as overall:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(restore, nursery.cancel_scope)
+            while thread.is_alive():
+                await trio.sleep(0.05)
+            with trio.move_on_after(SERVER_GONE_GRACE):
+                await trio.sleep_forever()  # CRIU's own failure, if it comes, says more
+            failure = f"the lazy-pages server ended during the restore: {server.error or 'no error'}"
+            nursery.cancel_scope.cancel()
+    if "result" in box:
+        return box["result"]
+    if "error" in box:
+        raise box["error"]
+    if overall.cancelled_caught:
+        failure = f"criu restore did not finish within {timeout:.0f} s"
+    log.warning("%s", failure)
+    raise GfvmError(failure)
 
 
 def _run_server(server: LazyPagesServer) -> None:
