@@ -655,7 +655,23 @@ class ManagedTree:
             self._fail_stop(
                 f"fault service for pid {space.host_pid} failed: "
                 f"{os.strerror(ev.error) if ev.error else 'unknown error'}"
+                f"{self._describe_fault(space, ev)}"
             )
+
+    def _describe_fault(self, space: AddressSpace, ev: native.LoopEvent) -> str:
+        """What a failed fault read: the window's first slot and the size of the file the loop
+        reads (for the log of a fail-stop; never raises)."""
+        try:
+            where = ""
+            addr = ev.start & ~(PAGE_SIZE - 1)
+            if addr and space.cindex is not None:
+                where = f"window at {addr:#x}, slot {space.cindex.get(addr)}; "
+            st = os.fstat(self.pf.pages_read_fd())
+            return (f" ({where}the local copy of pages read has {st.st_size // PAGE_SIZE} "
+                    f"slots, inode {st.st_ino}, {st.st_nlink} links; "
+                    f"{self.pf.stats()['slots']} slots known here)")
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            return f" (no details: {exc!r})"
 
     def _on_fork(self, parent: AddressSpace | None, ev: native.LoopEvent) -> None:
         if ev.uffd is None:
