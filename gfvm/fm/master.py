@@ -586,13 +586,17 @@ class Master:
             if e.master != self.node or e.members.get(node) != IN_SYNC:
                 return
             log.warning("file %d: dropping member %s from the in-sync set: %s", fs.fid, node, reason)
-            bm = set(fs.since_flush)
+            # The bitmap exists from the moment the member stopped being a target (no await in
+            # between): every write ordered from now on adds its chunks to it (`_mark`), where a
+            # bitmap built after the awaits below lost the writes ordered meanwhile (the member
+            # then came back "in sync" without them).
+            bm = fs.bitmaps[node] = set(fs.since_flush)
             try:
                 lf = await self.fm.local(fs)
                 bm |= await self.fm.io(lf.hot_chunks)
             except StoreError:
                 pass
-            fs.bitmaps[node] = bm
+            await self.fm.faults.hit("drop.collect")
             fs.bitmap_base[node] = e.gen
             await self._save_bitmaps(fs)
             await self.fm.faults.hit("drop.before_commit")
