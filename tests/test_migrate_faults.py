@@ -11,6 +11,7 @@ import pytest
 
 from gfvm.control import RemoteError
 from gfvm.errors import GfvmError
+from gfvm.migrate.source import FILES
 from migrate_support import logs_on_failure, mcluster_up, mworkload_bin, wait_for  # noqa: F401
 
 SOURCE_POINTS = [
@@ -79,8 +80,8 @@ def check_fault(mc, p, point: str, action: str) -> None:
     now = p.client.status().steps
     wait_for(lambda: p.client.status().steps > now + 500, 30, "progress")
     # and it can still migrate (nothing left half-done), once its files have a second in-sync
-    # copy again (a node that crashed resyncs first)
-    wait_for(lambda: all(len(mc.where(p, f)["in_sync"]) >= 2 for f in ("pages", "index")), 90,
+    # copy again (a node that crashed resyncs first): every file `--to auto` looks at
+    wait_for(lambda: all(len(mc.where(p, f)["in_sync"]) >= 2 for f in FILES), 90,
              "a second in-sync copy of the paging file")
     mc.migrate(p, "auto")
     assert p.client.verify() > now
