@@ -224,3 +224,27 @@ def test_rollback_drops_index_records_it_did_not_write(pager, workload_bin, tmp_
     finally:
         cg.thaw()
         wl.close()
+
+
+def test_rollback_refuses_a_copy_too_short_for_its_index(pager, workload_bin, tmp_path):
+    """A local copy of `pages` cut short while another node was the master: the rollback
+    fails (the tree is not served from it, nothing is thawed by the pager) instead of thawing a
+    process whose faults would read past the end of the file."""
+    from gfvm.pager.pagefile import PagingFileError
+
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    gfvm_id = summary["id"]
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    try:
+        cg.freeze()
+        pager.flush_all(gfvm_id)
+        pager.release_memory(gfvm_id)
+        pages = pager.backing.path(f"{tree.rec.paging_dir}/pages")
+        os.truncate(pages, pages.stat().st_size // 2)
+        with pytest.raises(PagingFileError, match="index uses slots"):
+            pager.reattach(gfvm_id)
+        assert pager.tree(gfvm_id).state == "released"
+    finally:
+        cg.kill_all()
+        cg.thaw()
+        wl.close()

@@ -39,6 +39,7 @@ other nodes open their own PagingFile. Every method that touches the backing blo
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from array import array
@@ -467,9 +468,11 @@ class PagingFile:
         while used and self.index.refs[used - 1] == 0:
             used -= 1
         nslots = -(-self._pages.size() // PAGE_SIZE)
-        if nslots < used:
+        local = os.fstat(self._pages.local_read_fd()).st_size // PAGE_SIZE  # what faults read
+        if min(nslots, local) < used:
             raise PagingFileError(
-                f"{self._rel(PAGES)} holds {nslots} slots; the index uses slots up to {used - 1}")
+                f"{self._rel(PAGES)} holds {nslots} slots ({local} in this node's copy); the "
+                f"index uses slots up to {used - 1}")
         appended = [s for s in range(self._nslots, nslots) if self.index.slot_refs(s) == 0]
         self._nslots = max(self._nslots, nslots)
         self._free.extend(appended)  # slots another writer added: nothing of ours is there
