@@ -1049,8 +1049,15 @@ class Master:
                         del cuts[k]
                 fs.confirmed_epoch = msg.epoch
             elif isinstance(msg, m.ReplChunk):
+                if msg.size < lf.size:
+                    log.warning("file %d: resync chunk %d from %s cuts this copy from %d to %d bytes",
+                                msg.fid, msg.chunk, peer, lf.size, msg.size)
                 await fm.io(lf.write_chunk, msg.chunk, msg.data, list(msg.sums), msg.size)
             elif isinstance(msg, m.ResyncStart):
+                if msg.size < lf.size:
+                    log.warning("file %d: %s resync from %s cuts this copy from %d to %d bytes",
+                                msg.fid, "full" if msg.full else "incremental", peer, lf.size,
+                                msg.size)
                 if msg.full:
                     await fm.io(lf.reset, msg.size)
                 elif lf.size != msg.size:
