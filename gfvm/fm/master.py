@@ -751,6 +751,8 @@ class Master:
             lf = await fm.local(fs)
             await fm.io(lambda: lf.flush(gen=e.gen, epoch=e.epoch, seq=seq, clear=False))
             await self._await_acks(fs, e, waits)
+            if not stale:
+                await self._check_identical(fs, e, lf, target)
             e = fm.file_entry(fs.fid)
             members = dict(e.members)
             members.setdefault(target, OUTDATED)
@@ -769,6 +771,24 @@ class Master:
                               "new_gen": stale, "expect_epoch": old_epoch, "expect_members": dict(e.members)})
             await fm.faults.hit("promote.after_commit")
         log.info("file %d: handed over to %s (epoch %d)", fs.fid, target, old_epoch + 1)
+
+    async def _check_identical(self, fs, e: Entry, lf: LocalFile, target: str) -> None:
+        """Handoff, after the FLUSH: the target's copy must have our size. The new master only
+        confirms the other copies (they are identical after that FLUSH), and its reconcile sets
+        every member to its own size: a target whose copy is shorter than ours, though in
+        sync, would cut ours (found here: a member that came back from a resync 8 MiB short
+        was promoted, and its reconcile cut the old master's copy to its size). Such a target
+        is dropped (a full resync follows) and the handoff refused."""
+        r = await self.fm.net.request(target, m.Probe(fs.fid, e.epoch))
+        if r.exists and r.size == lf.size:
+            return
+        why = (f"its copy has {r.size} bytes after the handoff's flush, the master's {lf.size}"
+               if r.exists else "its copy is missing")
+        log.warning("file %d: not handing over to %s: %s", fs.fid, target, why)
+        await self.drop(fs, target, why)
+        fs.bitmaps[target] = None  # what differs is unknown: a full resync
+        await self._save_bitmaps(fs)
+        raise Unavailable(f"{target}'s copy of file {fs.fid} differs from the master's ({why})")
 
     async def take_over(self, fs, e: Entry, force: bool) -> None:
         """The master is gone: this node becomes master if its copy is in sync and usable."""
