@@ -315,10 +315,11 @@ class Master:
             async with fs.lock:
                 token = link.next_token()
                 fid_flush = self._flush_id(fs)
+                if fs.targets.get(node) is None:  # a live write to it failed: it misses one
+                    raise Unavailable(f"{node} stopped receiving frames")
                 waits.append(link.send_stream(m.ReplFlush(fs.fid, e.epoch, fs.last_seq, token, e.gen,
                                                           fid_flush, fs.flushed_everywhere), token))
-                if fs.targets.get(node) is not None:
-                    fs.targets[node] = IN_SYNC  # from here on its acks count (see resync)
+                fs.targets[node] = IN_SYNC  # from here on its acks count (see resync)
         for w in waits:
             await self._wait_one(w, node)
 
@@ -680,11 +681,19 @@ class Master:
             fs.targets[node] = CATCHING_UP
             await self._push(fs, e, lf, node, chunks, full=full, final_flush=True)
             await fm.faults.hit("resync.before_in_sync")
+            # A live write it failed to acknowledge meanwhile removed it from the targets: it
+            # misses that write, and would miss every later one (found here: a member declared
+            # in sync this way was 8 MiB short, was promoted, and cut the others to its size).
+            if fs.targets.get(node) is None:
+                raise Unavailable(f"{node} stopped receiving frames")
             e2 = fm.file_entry(fid)
             members = dict(e2.members)
             members[node] = IN_SYNC
             await fm._submit({"op": "config", "ino": fid, "epoch": e2.epoch, "master": self.node,
                               "members": members, "expect_epoch": e.epoch, "expect_members": e2.members})
+            if fs.targets.get(node) is None:  # the same, while the change was being committed
+                await self.drop(fs, node, "missed a write while it was being declared in sync")
+                return
             fs.bitmaps.pop(node, None)
             fs.bitmap_base.pop(node, None)
             try:
