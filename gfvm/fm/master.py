@@ -24,8 +24,11 @@ Master side, per file (state in core.FileRuntime):
 - Resync of an outdated member: incremental (its bitmap, when its generation is the bitmap's
   base) or full; the member gets live writes meanwhile, and chunks read under the file lock
   (verified against their sums at the source); a final FLUSH, then the member is marked in sync.
-- Handoff (promote): under the file lock, FLUSH everyone, then commit epoch+1 with the new
-  master; every acknowledged write is on every in-sync copy, so nobody needs a resync.
+- Handoff (promote): under the file lock, FLUSH everyone, check that the target's copy has our
+  size (else it is dropped and not promoted), then commit epoch+1 with the new master; every
+  acknowledged write is on every in-sync copy, so nobody needs a resync.
+- A member is declared in sync only if it is still a target when that is committed: a live
+  write it failed to acknowledge while catching up removes it from the targets (it missed it).
 
 Member side: frames arrive in order on the master's channel; each is checked against our
 metadata (epoch fencing: an older epoch is refused; a newer one waits for our metadata to catch
