@@ -153,6 +153,11 @@ class Master:
                     failed.append((node, kind, str(exc)))
                     return
             if cs.cancelled_caught:
+                if kind == CATCHING_UP:
+                    # Its acks come in stream order behind the resync's chunks (slow on a slow
+                    # link): the resync waits for them before it declares it in sync.
+                    fs.catchup_waits.setdefault(node, []).extend(ws)
+                    return
                 failed.append((node, kind, f"no ack within {self.fm.timing.write_timeout:g} s"))
 
         async with trio.open_nursery() as n:
@@ -625,6 +630,7 @@ class Master:
     def demoted(self, fs) -> None:
         fs.ready_epoch = 0
         fs.targets = {}
+        fs.catchup_waits = {}
         fs.bitmaps = {}
         fs.resyncing = set()
 
@@ -682,8 +688,11 @@ class Master:
             log.info("file %d: %s resync of %s (%s chunks)", fid, "full" if full else "incremental", node,
                      "all" if chunks is None else len(chunks))
             fs.targets[node] = CATCHING_UP
+            fs.catchup_waits.pop(node, None)
             await self._push(fs, e, lf, node, chunks, full=full, final_flush=True)
             await fm.faults.hit("resync.before_in_sync")
+            for w in fs.catchup_waits.pop(node, []):  # live writes it has not acknowledged yet
+                await self._wait_one(w, node)
             # A live write it failed to acknowledge meanwhile removed it from the targets: it
             # misses that write, and would miss every later one (found here: a member declared
             # in sync this way was 8 MiB short, was promoted, and cut the others to its size).
