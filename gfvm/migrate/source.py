@@ -396,14 +396,6 @@ class SourceMigration:
             "need_memory": need_memory, "need_disk": need_disk, "remote": self.remote,
             "mem_limit": self.tree.rec.mem_limit,
         }
-        # `owner` and `ckpt` of an earlier attempt keep the replicas they were placed on then,
-        # which need not hold the paging file now (a node crashed and the files written since
-        # got a new member): made anew, each is placed with its siblings, and so on the target.
-        for stale in (f"{self.dir}/{OWNER}", self.ckpt_path):
-            try:
-                await svc.files.remove(stale)
-            except NotFound:
-                pass
         await write_owner(svc.files, self.dir, svc.node)
         self.prepared = True
         t0 = time.monotonic()
