@@ -4,6 +4,8 @@ either roll back (reattach) or hand over and take the same processes back as a "
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -111,5 +113,138 @@ def test_paging_file_source_gives_the_pages_at_the_dump(pager, workload_bin, tmp
         finally:
             src.close()
     finally:
+        cg.thaw()
+        wl.close()
+
+
+def _paging_files(pager, paging_dir: str) -> dict[str, bytes]:
+    return {name: pager.backing.path(f"{paging_dir}/{name}").read_bytes()
+            for name in ("index", "pages")}
+
+
+def _hand_over_frozen(pager, workload_bin, tmp_path):
+    """A workload frozen, flushed, released and handed over, as a migration source leaves it."""
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    cg.freeze()
+    pager.flush_all(summary["id"])
+    pager.release_memory(summary["id"])
+    paging_dir = pager.hand_over(summary["id"])
+    return wl, conn, tree, summary, cg, paging_dir
+
+
+def test_held_adoption_writes_nothing_until_released(pager, workload_bin, tmp_path):
+    """A migration target's tree before its commit point: several ticks, then an abandon (its
+    final commit included) leave the paging file exactly as the source wrote it."""
+    wl, conn, tree, summary, cg, paging_dir = _hand_over_frozen(pager, workload_bin, tmp_path)
+    try:
+        before = _paging_files(pager, paging_dir)
+        pager.adopt_restored(
+            summary["id"], name="handoff", cmd=tree.rec.cmd, init_pid=tree.rec.init_pid,
+            host_pids=[summary["pid"]], hold=True,
+        )
+        time.sleep(6 * pager.settings.interval + 0.5)  # probe, page-out, commit would have run
+        assert _paging_files(pager, paging_dir) == before
+        pager.abandon(summary["id"])
+        assert _paging_files(pager, paging_dir) == before
+    finally:
+        cg.thaw()
+        wl.close()
+
+
+def test_released_adoption_pages_out_and_keeps_memory(pager, workload_bin, tmp_path):
+    """After `release_adopted` (the commit point) the tree writes its paging file again: the
+    pages present since the adoption go out, and the memory is intact."""
+    wl, conn, tree, summary, cg, paging_dir = _hand_over_frozen(pager, workload_bin, tmp_path)
+    gfvm_id = summary["id"]
+    try:
+        before = _paging_files(pager, paging_dir)
+        pager.adopt_restored(
+            gfvm_id, name="handoff", cmd=tree.rec.cmd, init_pid=tree.rec.init_pid,
+            host_pids=[summary["pid"]], hold=True,
+        )
+        pager.release_adopted(gfvm_id)
+        cg.thaw()
+        assert conn.cmd("verify") == "ok 4096"
+        conn.cmd("random 500 7 8")
+        pager.flush_all(gfvm_id)
+        assert _paging_files(pager, paging_dir)["index"] != before["index"]
+        assert conn.cmd("verify") == "ok 4096"
+    finally:
+        cg.thaw()
+        wl.close()
+
+
+def test_rollback_reads_the_copy_the_files_are_now(pager, workload_bin, tmp_path):
+    """While another node was the files' master, this node's copy of `pages` was replaced (a
+    new file with the same bytes; the old one emptied, as a resync resets a copy): after the
+    rollback the released pages come from the new copy, not from the descriptor opened before."""
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    gfvm_id = summary["id"]
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    try:
+        cg.freeze()
+        pager.flush_all(gfvm_id)
+        assert pager.release_memory(gfvm_id) >= 4096
+        pages = pager.backing.path(f"{tree.rec.paging_dir}/pages")
+        old = pages.with_name("pages.old")
+        os.rename(pages, old)
+        pages.write_bytes(old.read_bytes())
+        os.truncate(old, 0)
+        pager.reattach(gfvm_id)
+        cg.thaw()
+        assert conn.cmd("verify") == "ok 4096"
+        assert pager.tree(gfvm_id).state == "running"
+    finally:
+        cg.thaw()
+        wl.close()
+
+
+def test_rollback_drops_index_records_it_did_not_write(pager, workload_bin, tmp_path):
+    """Records another node appended to the index while it was the master (it never
+    committed the migration) are gone after the rollback: the index is this node's again."""
+    from gfvm.pager.pagefile import _pack_record, DROP, load_index
+
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    gfvm_id = summary["id"]
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    try:
+        cg.freeze()
+        pager.flush_all(gfvm_id)
+        pager.release_memory(gfvm_id)
+        index = pager.backing.path(f"{tree.rec.paging_dir}/index")
+        entries = load_index(pager.backing, tree.rec.paging_dir).entries(2)
+        region = conn.region >> 12
+        with open(index, "ab") as f:  # a DROP of the workload's whole region
+            f.write(_pack_record(DROP, 2, region, 4096))
+        pager.reattach(gfvm_id)
+        assert load_index(pager.backing, tree.rec.paging_dir).entries(2) == entries
+        cg.thaw()
+        assert conn.cmd("verify") == "ok 4096"
+    finally:
+        cg.thaw()
+        wl.close()
+
+
+def test_rollback_refuses_a_copy_too_short_for_its_index(pager, workload_bin, tmp_path):
+    """A local copy of `pages` cut short while another node was the master: the rollback
+    fails (the tree is not served from it, nothing is thawed by the pager) instead of thawing a
+    process whose faults would read past the end of the file."""
+    from gfvm.pager.pagefile import PagingFileError
+
+    wl, conn, tree, summary = _start(pager, workload_bin, tmp_path)
+    gfvm_id = summary["id"]
+    cg = TreeCgroup(tuple(Path(p) for p in tree.rec.cgroup))
+    try:
+        cg.freeze()
+        pager.flush_all(gfvm_id)
+        pager.release_memory(gfvm_id)
+        pages = pager.backing.path(f"{tree.rec.paging_dir}/pages")
+        os.truncate(pages, pages.stat().st_size // 2)
+        with pytest.raises(PagingFileError, match="index uses slots"):
+            pager.reattach(gfvm_id)
+        assert pager.tree(gfvm_id).state == "released"
+    finally:
+        cg.kill_all()
         cg.thaw()
         wl.close()

@@ -373,3 +373,28 @@ def test_crash_never_exposes_wrong_data(script, seed):
 
 def _tag_of(data: bytes) -> int:
     return int.from_bytes(data[:8], "little")
+
+
+def test_held_paging_file_writes_nothing(tmp_path):
+    """A held paging file (a migration target before its commit point): commit keeps its
+    records buffered, page writes and compaction are refused; closing while held loses the
+    buffered records; after the hold, commit writes them."""
+    backing = LocalBacking(tmp_path)
+    pf = PagingFile.create(backing, "p", {"id": "p"})
+    write(pf, 2, {0x400: 1, 0x401: 2})
+    pf.commit()
+    pf.close()
+    files = {n: (tmp_path / "p" / n).read_bytes() for n in ("index", "pages")}
+    pf = PagingFile.open(backing, "p")
+    pf.held = True
+    pf.drop(2, 0x400, 1)
+    pf.commit()
+    with pytest.raises(PagingFileError):
+        pf.stage(2, [0x402], memoryview(page(3)))
+    with pytest.raises(PagingFileError):
+        pf.compact()
+    assert {n: (tmp_path / "p" / n).read_bytes() for n in files} == files
+    pf.held = False
+    pf.commit()
+    pf.close()
+    assert sorted(load_index(backing, "p").entries(2)) == [0x401]

@@ -43,6 +43,7 @@ POINTS = {
     "resync.before_in_sync": "master: resync done, member not yet marked in sync",
     "promote.before_commit": "old master: everyone flushed, epoch+1 not yet committed",
     "promote.after_commit": "old master: epoch+1 committed, not yet reported",
+    "drop.collect": "master: a member failed, the chunks it missed collected, not yet saved",
     "drop.before_commit": "master: a member failed, its removal not yet committed",
     "recover.before_fetch": "restarted master: hot extents known, not yet fetched",
     "meta.before_append": "metadata: an op applied in memory, not yet persisted",

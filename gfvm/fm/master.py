@@ -24,8 +24,11 @@ Master side, per file (state in core.FileRuntime):
 - Resync of an outdated member: incremental (its bitmap, when its generation is the bitmap's
   base) or full; the member gets live writes meanwhile, and chunks read under the file lock
   (verified against their sums at the source); a final FLUSH, then the member is marked in sync.
-- Handoff (promote): under the file lock, FLUSH everyone, then commit epoch+1 with the new
-  master; every acknowledged write is on every in-sync copy, so nobody needs a resync.
+- Handoff (promote): under the file lock, FLUSH everyone, check that the target's copy has our
+  size (else it is dropped and not promoted), then commit epoch+1 with the new master; every
+  acknowledged write is on every in-sync copy, so nobody needs a resync.
+- A member is declared in sync only if it is still a target when that is committed: a live
+  write it failed to acknowledge while catching up removes it from the targets (it missed it).
 
 Member side: frames arrive in order on the master's channel; each is checked against our
 metadata (epoch fencing: an older epoch is refused; a newer one waits for our metadata to catch
@@ -150,6 +153,11 @@ class Master:
                     failed.append((node, kind, str(exc)))
                     return
             if cs.cancelled_caught:
+                if kind == CATCHING_UP:
+                    # Its acks come in stream order behind the resync's chunks (slow on a slow
+                    # link): the resync waits for them before it declares it in sync.
+                    fs.catchup_waits.setdefault(node, []).extend(ws)
+                    return
                 failed.append((node, kind, f"no ack within {self.fm.timing.write_timeout:g} s"))
 
         async with trio.open_nursery() as n:
@@ -315,10 +323,11 @@ class Master:
             async with fs.lock:
                 token = link.next_token()
                 fid_flush = self._flush_id(fs)
+                if fs.targets.get(node) is None:  # a live write to it failed: it misses one
+                    raise Unavailable(f"{node} stopped receiving frames")
                 waits.append(link.send_stream(m.ReplFlush(fs.fid, e.epoch, fs.last_seq, token, e.gen,
                                                           fid_flush, fs.flushed_everywhere), token))
-                if fs.targets.get(node) is not None:
-                    fs.targets[node] = IN_SYNC  # from here on its acks count (see resync)
+                fs.targets[node] = IN_SYNC  # from here on its acks count (see resync)
         for w in waits:
             await self._wait_one(w, node)
 
@@ -586,13 +595,17 @@ class Master:
             if e.master != self.node or e.members.get(node) != IN_SYNC:
                 return
             log.warning("file %d: dropping member %s from the in-sync set: %s", fs.fid, node, reason)
-            bm = set(fs.since_flush)
+            # The bitmap exists from the moment the member stopped being a target (no await in
+            # between): every write ordered from now on adds its chunks to it (`_mark`), where a
+            # bitmap built after the awaits below lost the writes ordered meanwhile (the member
+            # then came back "in sync" without them).
+            bm = fs.bitmaps[node] = set(fs.since_flush)
             try:
                 lf = await self.fm.local(fs)
                 bm |= await self.fm.io(lf.hot_chunks)
             except StoreError:
                 pass
-            fs.bitmaps[node] = bm
+            await self.fm.faults.hit("drop.collect")
             fs.bitmap_base[node] = e.gen
             await self._save_bitmaps(fs)
             await self.fm.faults.hit("drop.before_commit")
@@ -617,6 +630,7 @@ class Master:
     def demoted(self, fs) -> None:
         fs.ready_epoch = 0
         fs.targets = {}
+        fs.catchup_waits = {}
         fs.bitmaps = {}
         fs.resyncing = set()
 
@@ -674,13 +688,24 @@ class Master:
             log.info("file %d: %s resync of %s (%s chunks)", fid, "full" if full else "incremental", node,
                      "all" if chunks is None else len(chunks))
             fs.targets[node] = CATCHING_UP
+            fs.catchup_waits.pop(node, None)
             await self._push(fs, e, lf, node, chunks, full=full, final_flush=True)
             await fm.faults.hit("resync.before_in_sync")
+            for w in fs.catchup_waits.pop(node, []):  # live writes it has not acknowledged yet
+                await self._wait_one(w, node)
+            # A live write it failed to acknowledge meanwhile removed it from the targets: it
+            # misses that write, and would miss every later one (found here: a member declared
+            # in sync this way was 8 MiB short, was promoted, and cut the others to its size).
+            if fs.targets.get(node) is None:
+                raise Unavailable(f"{node} stopped receiving frames")
             e2 = fm.file_entry(fid)
             members = dict(e2.members)
             members[node] = IN_SYNC
             await fm._submit({"op": "config", "ino": fid, "epoch": e2.epoch, "master": self.node,
                               "members": members, "expect_epoch": e.epoch, "expect_members": e2.members})
+            if fs.targets.get(node) is None:  # the same, while the change was being committed
+                await self.drop(fs, node, "missed a write while it was being declared in sync")
+                return
             fs.bitmaps.pop(node, None)
             fs.bitmap_base.pop(node, None)
             try:
@@ -747,6 +772,8 @@ class Master:
             lf = await fm.local(fs)
             await fm.io(lambda: lf.flush(gen=e.gen, epoch=e.epoch, seq=seq, clear=False))
             await self._await_acks(fs, e, waits)
+            if not stale:
+                await self._check_identical(fs, e, lf, target)
             e = fm.file_entry(fs.fid)
             members = dict(e.members)
             members.setdefault(target, OUTDATED)
@@ -765,6 +792,24 @@ class Master:
                               "new_gen": stale, "expect_epoch": old_epoch, "expect_members": dict(e.members)})
             await fm.faults.hit("promote.after_commit")
         log.info("file %d: handed over to %s (epoch %d)", fs.fid, target, old_epoch + 1)
+
+    async def _check_identical(self, fs, e: Entry, lf: LocalFile, target: str) -> None:
+        """Handoff, after the FLUSH: the target's copy must have our size. The new master only
+        confirms the other copies (they are identical after that FLUSH), and its reconcile sets
+        every member to its own size: a target whose copy is shorter than ours, though in
+        sync, would cut ours (found here: a member that came back from a resync 8 MiB short
+        was promoted, and its reconcile cut the old master's copy to its size). Such a target
+        is dropped (a full resync follows) and the handoff refused."""
+        r = await self.fm.net.request(target, m.Probe(fs.fid, e.epoch))
+        if r.exists and r.size == lf.size:
+            return
+        why = (f"its copy has {r.size} bytes after the handoff's flush, the master's {lf.size}"
+               if r.exists else "its copy is missing")
+        log.warning("file %d: not handing over to %s: %s", fs.fid, target, why)
+        await self.drop(fs, target, why)
+        fs.bitmaps[target] = None  # what differs is unknown: a full resync
+        await self._save_bitmaps(fs)
+        raise Unavailable(f"{target}'s copy of file {fs.fid} differs from the master's ({why})")
 
     async def take_over(self, fs, e: Entry, force: bool) -> None:
         """The master is gone: this node becomes master if its copy is in sync and usable."""
@@ -1045,8 +1090,15 @@ class Master:
                         del cuts[k]
                 fs.confirmed_epoch = msg.epoch
             elif isinstance(msg, m.ReplChunk):
+                if msg.size < lf.size:
+                    log.warning("file %d: resync chunk %d from %s cuts this copy from %d to %d bytes",
+                                msg.fid, msg.chunk, peer, lf.size, msg.size)
                 await fm.io(lf.write_chunk, msg.chunk, msg.data, list(msg.sums), msg.size)
             elif isinstance(msg, m.ResyncStart):
+                if msg.size < lf.size:
+                    log.warning("file %d: %s resync from %s cuts this copy from %d to %d bytes",
+                                msg.fid, "full" if msg.full else "incremental", peer, lf.size,
+                                msg.size)
                 if msg.full:
                     await fm.io(lf.reset, msg.size)
                 elif lf.size != msg.size:

@@ -318,11 +318,12 @@ def _restore_result(result: CriuResult, pidfile: Path, detached: bool) -> CriuRe
     return result
 
 
-async def _run_async(plan: _Plan) -> tuple[int, str, float]:
+async def _run_async(plan: _Plan, deliver_cancel=None) -> tuple[int, str, float]:
     start = time.monotonic()
+    extra = {"deliver_cancel": deliver_cancel} if deliver_cancel is not None else {}
     proc = await trio.run_process(
         plan.argv, env=plan.env, stdin=subprocess.DEVNULL, capture_stdout=True,
-        capture_stderr=True, check=False,
+        capture_stderr=True, check=False, **extra,
     )
     return proc.returncode, proc.stderr.decode(errors="replace"), time.monotonic() - start
 
@@ -367,16 +368,50 @@ async def restore(images_dir: str | os.PathLike, *, work_dir: str | os.PathLike 
     commit (baselines, tests). With `lazy_pages=True` a lazy-pages server must already listen on
     `<work_dir>/lazy-pages.socket` (gfvm.migrate.lazypages) and keep serving while this runs.
     With `detached` the restored root is re-parented when CRIU exits: call `become_subreaper()`
-    first so it becomes the caller's child. `options` are restore_argv's keywords.
-    Raises CriuError (or ManifestError) on failure.
+    first so it becomes the caller's child. `options` are restore_argv's keywords. Cancelling
+    kills the tasks restored so far, then CRIU. Raises CriuError (or ManifestError) on failure.
     """
     plan, pidfile_path = await trio.to_thread.run_sync(
         _prepare_restore, images_dir, work_dir, pidfile, wrap, keep_log, require_manifest,
         dict(options, detached=detached),
     )
-    rc, stderr, seconds = await _run_async(plan)
+    rc, stderr, seconds = await _run_async(plan, _kill_restore)
     result = await trio.to_thread.run_sync(_finish, plan, rc, stderr, seconds)
     return _restore_result(result, pidfile_path, detached)
+
+
+async def _kill_restore(proc) -> None:
+    """A cancelled restore: the tasks CRIU restored so far (its descendants: the tree's root,
+    init of its own PID namespace) are killed before CRIU itself, so that no half-restored copy of the
+    process outlives it."""
+    import signal
+
+    found, todo = [], [proc.pid]
+    while todo:  # CRIU may run under a wrapper: every descendant, the restored root among them
+        kids = _children(todo.pop())
+        found += kids
+        todo += kids
+    for child in found:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def restore_blocking(images_dir: str | os.PathLike, *, work_dir: str | os.PathLike | None = None,

@@ -218,6 +218,7 @@ class TargetSide:
             if inc.committed:
                 # Past the commit point the process is ours whatever happened next: it runs.
                 with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._release_adopted, inc)
                     await trio.to_thread.run_sync(_resume, list(inc.host_pids.values()))
                 inc.phase = "running"
                 inc.error = f"{inc.gfvm_id} runs on {self.svc.node}, but: {exc}"
@@ -281,10 +282,13 @@ class TargetSide:
                                       daemon=True)
             thread.start()
             t1 = time.monotonic()
-            result = await criu.restore(
-                images, work_dir=wd, pidfile=wd / "root.pid", lazy_pages=True,
-                require_manifest=False, extra=["--leave-stopped"], manage_cgroups="ignore",
-                verbosity=CRIU_VERBOSITY,
+            result = await _restore_while_served(
+                server, thread, 0.8 * svc.settings.restore_timeout,  # the source waits longer
+                lambda: criu.restore(
+                    images, work_dir=wd, pidfile=wd / "root.pid", lazy_pages=True,
+                    require_manifest=False, extra=["--leave-stopped"], manage_cgroups="ignore",
+                    verbosity=CRIU_VERBOSITY,
+                ),
             )
             inc.root_pid = result.root_pid
             svc.watch_restored_root(result.root_pid)
@@ -349,6 +353,12 @@ class TargetSide:
                                                  "pids": sorted(inc.host_pids.values())})
             t["commit"] = time.monotonic() - t1
             t1 = time.monotonic()
+            if not remote:
+                # Only now may this node write the process's files (page-out, index records,
+                # compaction): before `owner` the source may still take them back.
+                await trio.to_thread.run_sync(self._release_adopted, inc)
+            t["release"] = time.monotonic() - t1
+            t1 = time.monotonic()
             await trio.to_thread.run_sync(_resume, list(inc.host_pids.values()))
             t["resume"] = time.monotonic() - t1
             t["total"] = time.monotonic() - t0
@@ -394,7 +404,7 @@ class TargetSide:
             pager.adopt_restored(
                 inc.gfvm_id, name=spec.get("name") or inc.gfvm_id,
                 cmd=list(spec.get("cmd") or []), init_pid=inc.root_pid, host_pids=host_pids,
-                mem_limit=spec.get("mem_limit"), prepared=prepared,
+                mem_limit=spec.get("mem_limit"), prepared=prepared, hold=True,
             )
         finally:
             prepared.close()  # spent by adopt_restored unless it failed before taking it
@@ -402,6 +412,18 @@ class TargetSide:
         if spec.get("log_path"):
             tree.rec.log_path = spec["log_path"]
             pager.save_record(tree.rec)
+
+    def _release_adopted(self, inc: Incoming) -> None:
+        """After the commit point: the adopted tree may write its paging file (blocking; a
+        tree this node does not manage, e.g. --allow-remote, is left alone)."""
+        pager = self.svc.pager
+        tree = pager.trees.get(inc.gfvm_id)
+        if tree is None or not tree.held:
+            return
+        try:
+            pager.release_adopted(inc.gfvm_id)
+        except Exception:  # noqa: BLE001 - the process runs here regardless; tracking reports it
+            log.exception("%s: releasing the adopted tree", inc.gfvm_id)
 
     def _kill_restored(self, inc: Incoming) -> None:
         """Failure before the process ran here: no copy of it may survive on this node."""
@@ -593,6 +615,45 @@ def _unpack_and_verify(blob: bytes, images: Path):
     shutil.rmtree(images, ignore_errors=True)
     ckptfile.unpack(blob, images)
     return verify_manifest(images)
+
+
+#: how long CRIU may take to fail on its own once the lazy-pages server ended
+SERVER_GONE_GRACE = 2.0
+
+
+async def _restore_while_served(server: LazyPagesServer, thread: threading.Thread,
+                                timeout: float, run_restore):
+    """Runs `run_restore()` (CRIU's lazy restore) while `thread` serves its faults. CRIU waits
+    for every page it touches: when the server ends (an error: a page it cannot read), CRIU
+    would wait forever, so it is cancelled (which kills what it restored so far); so it is
+    after `timeout` seconds. Raises GfvmError in both cases."""
+    box: dict = {}
+    failure = ""
+
+    async def restore(cancel_scope: trio.CancelScope) -> None:
+        try:
+            box["result"] = await run_restore()
+        except Exception as exc:  # noqa: BLE001 - raised below as itself (no exception group)
+            box["error"] = exc
+        cancel_scope.cancel()
+
+    with trio.move_on_after(timeout) as overall:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(restore, nursery.cancel_scope)
+            while thread.is_alive():
+                await trio.sleep(0.05)
+            with trio.move_on_after(SERVER_GONE_GRACE):
+                await trio.sleep_forever()  # CRIU's own failure, if it comes, says more
+            failure = f"the lazy-pages server ended during the restore: {server.error or 'no error'}"
+            nursery.cancel_scope.cancel()
+    if "result" in box:
+        return box["result"]
+    if "error" in box:
+        raise box["error"]
+    if overall.cancelled_caught:
+        failure = f"criu restore did not finish within {timeout:.0f} s"
+    log.warning("%s", failure)
+    raise GfvmError(failure)
 
 
 def _run_server(server: LazyPagesServer) -> None:

@@ -39,6 +39,7 @@ other nodes open their own PagingFile. Every method that touches the backing blo
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from array import array
@@ -355,6 +356,10 @@ class PagingFile:
         self._free_set: set[int] = set()
         self._pending_free: list[int] = []  # unreferenced, reusable after the next commit (I3)
         self._staged: set[int] = set()  # slots handed out by stage(), not yet put or released
+        #: while True nothing is written: commit() keeps its records buffered, page writes and
+        #: compaction are refused (a migration target before its commit point: the files are
+        #: still the source's to take back, see docs/migration.md)
+        self.held = False
 
     # --- open / create ---------------------------------------------------------------------------
 
@@ -444,6 +449,50 @@ class PagingFile:
         self._free_sorted = False
         return records
 
+    def reopen(self) -> str:
+        """Opens `pages` and `index` again and makes sure they are still what this object wrote
+        (a migration's rollback: while another node was the files' master, this node's File
+        Manager may have replaced its copies, and a target may have written to them). An index
+        that differs from ours (length or generation) is rewritten from this object's state
+        (compaction: what we committed is the truth, anything appended since never committed).
+        Returns "" or a description of what was repaired. Raises PagingFileError when `pages` is
+        too short for the slots the index uses (its data is lost here). Blocks."""
+        if self._buffer or self._staged:
+            raise PagingFileError("reopen of a paging file with uncommitted writes")
+        for f in (self._pages, self._log):
+            if f is not None:
+                f.close()
+        self._pages = self.backing.open(self._rel(PAGES))
+        self._log = self.backing.open(self._rel(INDEX))
+        used = len(self.index.refs)
+        while used and self.index.refs[used - 1] == 0:
+            used -= 1
+        nslots = -(-self._pages.size() // PAGE_SIZE)
+        local = os.fstat(self._pages.local_read_fd()).st_size // PAGE_SIZE  # what faults read
+        if min(nslots, local) < used:
+            raise PagingFileError(
+                f"{self._rel(PAGES)} holds {nslots} slots ({local} in this node's copy); the "
+                f"index uses slots up to {used - 1}")
+        appended = [s for s in range(self._nslots, nslots) if self.index.slot_refs(s) == 0]
+        self._nslots = max(self._nslots, nslots)
+        self._free.extend(appended)  # slots another writer added: nothing of ours is there
+        self._free_set.update(appended)
+        self._free_sorted = False
+        size = self._log.size()
+        head = self._log.pread(HEADER.size, 0)
+        try:
+            _id, generation, _r, _v = parse_index(head)
+        except Exception:  # noqa: BLE001 - a damaged header is rewritten below like any change
+            generation = -1
+        if size == self._log_end and generation == self.generation:
+            return ""
+        what = (f"{self._rel(INDEX)} was changed while this node was not its master "
+                f"({size} bytes at generation {generation}, we wrote {self._log_end} at "
+                f"{self.generation}): rewritten from this node's index")
+        self.generation = max(self.generation, generation)
+        self.compact()
+        return what
+
     def read_meta(self) -> dict:
         """meta.json as a dict. Blocks."""
         return json.loads(self.backing.read_file(self._rel(META)))
@@ -522,6 +571,8 @@ class PagingFile:
         """stage() in two halves: allocates slots and checksums now, returns the write as a
         callable that may run on another thread (it only writes the pages file; `data` must stay
         untouched until it has returned). Call sync_pages() after every write has returned."""
+        if self.held:
+            raise PagingFileError("the paging file is held (migration not committed): no page writes")
         n = len(vpages)
         if len(data) != n * PAGE_SIZE:
             raise ValueError("stage: data is not len(vpages) pages")
@@ -599,8 +650,11 @@ class PagingFile:
 
     def commit(self) -> None:
         """Appends the buffered records, fsyncs the index, then frees superseded slots (I3).
-        Compacts the log when it has grown COMPACT_RATIO times past the live entries. Blocks."""
+        Compacts the log when it has grown COMPACT_RATIO times past the live entries. While
+        `held`, does nothing (the records stay buffered until the hold ends). Blocks."""
         assert self._log is not None
+        if self.held:
+            return
         if self._buffer:
             blob = b"".join(self._buffer)
             self._log.pwrite(blob, self._log_end)
@@ -630,6 +684,8 @@ class PagingFile:
 
     def compact(self) -> None:
         """Rewrites the index as one PUT per live entry (atomic replace, I4). Blocks."""
+        if self.held:
+            raise PagingFileError("the paging file is held (migration not committed): no compaction")
         if self._buffer:
             self.commit()
         self.generation += 1

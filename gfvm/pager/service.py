@@ -372,6 +372,7 @@ class Pager:
         host_pids: list[int],
         mem_limit: int | None = None,
         prepared: AdoptionPrep | None = None,
+        hold: bool = False,
     ) -> dict:
         """Target side of a migration: manage the restored tree `gfvm_id`, whose paging file is
         already here (local copy). Preconditions: every process in `host_pids` (the tree's
@@ -379,7 +380,9 @@ class Pager:
         (CRIU's lazy-pages uffd has been unregistered), and every page that is not in the paging
         file is present (served from CRIU's images). For each process a new uffd is injected and
         registered; pages present now count as dirty, missing ones come from the paging file.
-        Blocking."""
+        With `hold` (a migration target before its commit point) nothing is written to the
+        paging file until `release_adopted`: no page-out, no records, no compaction, and an
+        `abandon` leaves the file exactly as the source wrote it. Blocking."""
         if gfvm_id in self.trees:
             raise UsageError(f"{gfvm_id} is already managed here")
         paging_dir = f"procs/{gfvm_id}"
@@ -409,6 +412,8 @@ class Pager:
             except OSError as exc:
                 log.warning("moving %d into %s: %s", pid, cgroup.paths, exc)
         tree = ManagedTree(rec, pf, self)
+        if hold:
+            tree.hold()  # before its worker's first tick
         tree.start()
         assert self.tracer is not None
         try:
@@ -432,6 +437,13 @@ class Pager:
         with self._trees_lock:
             self.trees[gfvm_id] = tree
         return self._summary(tree)
+
+    def release_adopted(self, ident: str) -> None:
+        """The migration committed (`owner` names this node): the tree adopted with `hold`
+        starts writing its paging file (records buffered meanwhile first; the pages present
+        since the adoption are flushed by the next ticks). Blocking."""
+        tree = self.tree(ident)
+        tree.call(tree.release_hold)
 
     def paging_dir(self, ident: str) -> str:
         """The tree's paging-file directory, relative to `self.backing`."""
@@ -823,8 +835,9 @@ class Pager:
             self.trees.pop(tree.rec.id, None)
             self.finished[tree.rec.id] = status
         tree.pf.close()
-        if tree.state == "released":
-            # Dumped for a migration: the paging file is the process's memory now; keep it.
+        if tree.state == "released" or tree.held:
+            # Dumped for a migration (the paging file is the process's memory now), or an
+            # uncommitted migration target's copy (the files are still the source's): keep it.
             self.store.remove(tree.rec.id)
             return
         self._cleanup_record(tree.rec)

@@ -252,6 +252,10 @@ class ManagedTree:
         self._evict_cursor: dict[int, int] = {}
         self._published: dict = {}
         self._racing: list[tuple[str, int, int, int]] = []  # events popped during a flush
+        #: a migration target's tree before the commit point (`owner` written): its processes
+        #: are stopped and nothing may be written to the paging file, which the source may
+        #: still take back (no ticks, no records, no final commit). See release_hold.
+        self.held = False
         self.loop.start()
 
     # ------------------------------------------------------------------ worker thread plumbing
@@ -651,7 +655,23 @@ class ManagedTree:
             self._fail_stop(
                 f"fault service for pid {space.host_pid} failed: "
                 f"{os.strerror(ev.error) if ev.error else 'unknown error'}"
+                f"{self._describe_fault(space, ev)}"
             )
+
+    def _describe_fault(self, space: AddressSpace, ev: native.LoopEvent) -> str:
+        """What a failed fault read: the window's first slot and the size of the file the loop
+        reads (for the log of a fail-stop; never raises)."""
+        try:
+            where = ""
+            addr = ev.start & ~(PAGE_SIZE - 1)
+            if addr and space.cindex is not None:
+                where = f"window at {addr:#x}, slot {space.cindex.get(addr)}; "
+            st = os.fstat(self.pf.pages_read_fd())
+            return (f" ({where}the local copy of pages read has {st.st_size // PAGE_SIZE} "
+                    f"slots, inode {st.st_ino}, {st.st_nlink} links; "
+                    f"{self.pf.stats()['slots']} slots known here)")
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            return f" (no details: {exc!r})"
 
     def _on_fork(self, parent: AddressSpace | None, ev: native.LoopEvent) -> None:
         if ev.uffd is None:
@@ -765,7 +785,7 @@ class ManagedTree:
         elsewhere; CRIU's dump ends it here)."""
         log.info("tree %s: pid %d (inner %d) %s", self.rec.id, space.host_pid, space.asid, why)
         space.alive = False
-        if self.state != "released":
+        if self.state != "released" and not self.held:
             self.pf.forget(space.asid)
         self._remove_from_loop(space)
         self.spaces.pop(space.asid, None)
@@ -778,8 +798,9 @@ class ManagedTree:
 
     def run_tick(self) -> None:
         """One interval: events, new VMAs, scan, page out cold dirty pages, enforce the limit.
-        Runs on the worker (blocking). Does nothing while the tree is released for a migration."""
-        if self.state == "released":
+        Runs on the worker (blocking). Does nothing while the tree is released for a migration
+        or held before a migration's commit point."""
+        if self.state == "released" or self.held:
             return
         self.tick += 1
         now = time.monotonic()
@@ -1318,12 +1339,36 @@ class ManagedTree:
         self.pf.commit()
         return dropped
 
+    def hold(self) -> None:
+        """A migration target's adopted tree, before its commit point: the paging file is left
+        exactly as the source wrote it (see `held`). Worker only."""
+        self.held = True
+        self.pf.held = True
+
+    def release_hold(self) -> None:
+        """The migration committed (`owner` names this node): records buffered while held are
+        committed and tracking starts; the pages present count as dirty since the adoption and
+        are flushed by the next ticks. Worker only."""
+        self.held = False
+        self.pf.held = False
+        self.pf.commit()
+
     def reattach(self) -> None:
         """Rollback of release_memory (migration failed before the target ran the process):
         tracking resumes; the released pages, still registered, come back from the paging file
         on fault. Worker only."""
         if self.state != "released":
             raise GfvmError("reattach: the tree was not released")
+        # While the target was the files' master, this node's File Manager may have replaced
+        # or resynced its copies: the fault loop must read the copy the files are now, through
+        # a new descriptor, and the index must be the one this tracker wrote.
+        repaired = self.pf.reopen()
+        if repaired:
+            log.warning("tree %s: %s", self.rec.id, repaired)
+        fd = self.pf.pages_read_fd()
+        for space in list(self.spaces.values()):
+            if space.loop_id in self.by_loop_id and space.cindex is not None:
+                self.loop.set_sources(space.loop_id, [native.Source(space.cindex, fd)])
         for space in list(self.spaces.values()):
             if space.resolved and _alive(space):
                 self._register_vmas(space)  # VMAs that appeared meanwhile (none while frozen)
@@ -1363,6 +1408,8 @@ class ManagedTree:
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             self._wake_r = self._wake_w = -1
+        if self.held:
+            return  # never committed: the files stay the source's, untouched
         try:
             self.pf.commit()
         except Exception:  # noqa: BLE001
