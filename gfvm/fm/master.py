@@ -135,8 +135,22 @@ class Master:
             waits[node] = (kind, ws)
         return waits
 
-    async def _await_acks(self, fs, e: Entry, waits: dict) -> list[str]:
+    def _expected(self, fs) -> set[str]:
+        """The members (other than us) whose copy is in sync now: every change sent from here on
+        must reach each of them before it is acknowledged, or they are dropped first (call
+        under fs.lock, where the change's frames are queued)."""
+        return {n for n in self.fm.file_entry(fs.fid).in_sync() if n != self.node}
+
+    async def _await_acks(self, fs, e: Entry, waits: dict, expected: set[str]) -> list[str]:
         """Waits for every ack (up to write_timeout each); drops in-sync members that failed.
+        `expected`: the members that were in sync when the frames were queued (`_expected`).
+
+        Promise 1 holds for whatever the caller acknowledges next: every member that is in
+        sync when this returns and was in sync when the frames were queued acknowledged them,
+        or it has been dropped (marked outdated) before we return. A member that was in sync
+        but got no frame (it left `fs.targets` without being marked outdated) is dropped too.
+        A member that was catching up and failed stops being a target; if it has become in
+        sync meanwhile (its resync finished while this frame was in flight), it is dropped.
         Returns the nodes that failed."""
         failed: list[tuple[str, str, str]] = []
 
@@ -156,10 +170,18 @@ class Master:
             for node, (kind, ws) in waits.items():
                 n.start_soon(one, node, kind, ws)
         for node, kind, reason in failed:
-            if kind == IN_SYNC:
+            now = self.fm.file_entry(fs.fid).members.get(node)
+            if kind == IN_SYNC or now == IN_SYNC or fs.targets.get(node) == IN_SYNC:
                 await self.drop(fs, node, reason)
             else:
-                fs.targets.pop(node, None)  # its resync fails and starts again later
+                fs.targets.pop(node, None)  # its resync fails (see resync) and starts again later
+        bad = {f[0] for f in failed}
+        acked = {node for node, (kind, _) in waits.items() if node not in bad}
+        for node in sorted(expected - acked):
+            if self.fm.file_entry(fs.fid).members.get(node) == IN_SYNC:
+                log.warning("file %d: in-sync member %s did not receive a change (not a target)",
+                            fs.fid, node)
+                await self.drop(fs, node, "it did not receive a change that is being acknowledged")
         return [f[0] for f in failed]
 
     def _check_copies(self, fs, epoch: int) -> None:
@@ -313,12 +335,14 @@ class Master:
                 await self._wait_one(waits.pop(0), node)
         if final_flush:
             async with fs.lock:
+                if fs.targets.get(node) is None:
+                    # a frame to it failed meanwhile (see _await_acks): it may lack that change
+                    raise Unavailable(f"{node} stopped receiving frames")
                 token = link.next_token()
                 fid_flush = self._flush_id(fs)
                 waits.append(link.send_stream(m.ReplFlush(fs.fid, e.epoch, fs.last_seq, token, e.gen,
                                                           fid_flush, fs.flushed_everywhere), token))
-                if fs.targets.get(node) is not None:
-                    fs.targets[node] = IN_SYNC  # from here on its acks count (see resync)
+                fs.targets[node] = IN_SYNC  # from here on its acks count (see resync)
         for w in waits:
             await self._wait_one(w, node)
 
@@ -471,6 +495,7 @@ class Master:
                 chunks = chunks()
             seq = [self._seq(fs) for _ in range(nseq)] if nseq else self._seq(fs)
             self._mark(fs, chunks)
+            expected = self._expected(fs)
             # queue the frames first, so the members apply while we apply locally; the local
             # write is queued behind the earlier ones (the same order as the frames on every
             # member's stream) and the lock is released at once, so the next change can go out
@@ -494,7 +519,7 @@ class Master:
             if not from_kernel:
                 await fm.invalidate_kernel(fs)
             await fm.faults.hit("master.after_send")
-            await self._await_acks(fs, e, waits)
+            await self._await_acks(fs, e, waits, expected)
             self._check_copies(fs, epoch)
 
         return acknowledged
@@ -547,6 +572,7 @@ class Master:
             seq = fs.last_seq
             cut = fs.wcount
             flush_id = self._flush_id(fs)
+            expected = self._expected(fs)
             waits = self._send(fs, lambda token: m.ReplFlush(fs.fid, epoch, seq, token, gen, flush_id,
                                                               fs.flushed_everywhere), only_in_sync=True)
         local_cut: list = []
@@ -559,7 +585,7 @@ class Master:
 
         async with trio.open_nursery() as n:
             n.start_soon(local)
-            failed = await self._await_acks(fs, e, waits)
+            failed = await self._await_acks(fs, e, waits, expected)
         if isinstance(local_cut[0], OSError):
             raise local_cut[0]  # our own fsync failed: nothing is acknowledged
         if not failed:
@@ -592,6 +618,9 @@ class Master:
                 bm |= await self.fm.io(lf.hot_chunks)
             except StoreError:
                 pass
+            if node in fs.bitmaps:  # dropped again before its resync finished: keep what it lacked
+                old = fs.bitmaps[node]
+                bm = None if old is None else bm | old
             fs.bitmaps[node] = bm
             fs.bitmap_base[node] = e.gen
             await self._save_bitmaps(fs)
@@ -679,8 +708,15 @@ class Master:
             e2 = fm.file_entry(fid)
             members = dict(e2.members)
             members[node] = IN_SYNC
+            if fs.targets.get(node) != IN_SYNC:
+                raise Unavailable(f"{node} stopped receiving frames before it was marked in sync")
             await fm._submit({"op": "config", "ino": fid, "epoch": e2.epoch, "master": self.node,
                               "members": members, "expect_epoch": e.epoch, "expect_members": e2.members})
+            if fs.targets.get(node) != IN_SYNC:
+                # a frame to it failed while the commit was under way: it may lack a change
+                # that is acknowledged, so it is outdated again (with its bitmap)
+                await self.drop(fs, node, "a frame failed while it was being marked in sync")
+                return
             fs.bitmaps.pop(node, None)
             fs.bitmap_base.pop(node, None)
             try:
@@ -742,11 +778,12 @@ class Master:
             # FLUSH every in-sync member while no write can start
             seq = fs.last_seq
             flush_id = self._flush_id(fs)
+            expected = self._expected(fs)
             waits = self._send(fs, lambda token: m.ReplFlush(fs.fid, e.epoch, seq, token, e.gen, flush_id,
                                                               fs.flushed_everywhere), only_in_sync=True)
             lf = await fm.local(fs)
             await fm.io(lambda: lf.flush(gen=e.gen, epoch=e.epoch, seq=seq, clear=False))
-            await self._await_acks(fs, e, waits)
+            await self._await_acks(fs, e, waits, expected)
             e = fm.file_entry(fs.fid)
             members = dict(e.members)
             members.setdefault(target, OUTDATED)
