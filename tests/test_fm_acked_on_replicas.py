@@ -112,7 +112,7 @@ def test_fsynced_pages_are_on_every_in_sync_replica(make_cluster, impaired):
     finally:
         if impaired:
             c.impair("n1")
-        if problems:
+        if problems or rnd - failed < 5:
             for node in c.nodes:
                 print(f"===== gfvmd log of {node}\n{c.daemon_log(node).read_text(errors='replace')[-20000:]}")
     assert not problems, "\n".join(problems)

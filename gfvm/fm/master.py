@@ -149,22 +149,28 @@ class Master:
         sync when this returns and was in sync when the frames were queued acknowledged them,
         or it has been dropped (marked outdated) before we return. A member that was in sync
         but got no frame (it left `fs.targets` without being marked outdated) is dropped too.
-        A member that was catching up and failed stops being a target; if it has become in
-        sync meanwhile (its resync finished while this frame was in flight), it is dropped.
+        A member that was catching up and refused a frame (or lost its channel) stops being a
+        target; if it has become in sync meanwhile, it is dropped. One that is only slow stays a
+        target (see `one`).
         Returns the nodes that failed."""
         failed: list[tuple[str, str, str]] = []
+        acked: set[str] = set()
 
         async def one(node, kind, ws):
             with trio.move_on_after(self.fm.timing.write_timeout) as cs:
                 try:
                     for w in ws:
                         await w.wait()
+                    acked.add(node)
                     return
                 except GfvmError as exc:
                     failed.append((node, kind, str(exc)))
                     return
-            if cs.cancelled_caught:
+            if cs.cancelled_caught and kind == IN_SYNC:
                 failed.append((node, kind, f"no ack within {self.fm.timing.write_timeout:g} s"))
+            # a member catching up that is slow is not failing: its acks count for nothing yet,
+            # and its resync's final FLUSH, queued behind this frame, is acknowledged only once
+            # this frame is applied (a frame that fails there breaks its copy: the FLUSH fails)
 
         async with trio.open_nursery() as n:
             for node, (kind, ws) in waits.items():
@@ -175,8 +181,6 @@ class Master:
                 await self.drop(fs, node, reason)
             else:
                 fs.targets.pop(node, None)  # its resync fails (see resync) and starts again later
-        bad = {f[0] for f in failed}
-        acked = {node for node, (kind, _) in waits.items() if node not in bad}
         for node in sorted(expected - acked):
             if self.fm.file_entry(fs.fid).members.get(node) == IN_SYNC:
                 log.warning("file %d: in-sync member %s did not receive a change (not a target)",
@@ -697,8 +701,10 @@ class Master:
             lf = await fm.local(fs)
             r = await fm.net.request(node, m.Probe(fid, e.epoch))
             bm = fs.bitmaps.get(node)
+            # its copy is where the bitmap starts, or it already took the FLUSH of a resync
+            # since (that failed later): the bitmap still holds every chunk changed since
             full = not (r.exists and r.usable and bm is not None and r.gen and
-                        r.gen == fs.bitmap_base.get(node) and r.hot_known)
+                        r.gen in (fs.bitmap_base.get(node), e.gen) and r.hot_known)
             chunks = None if full else (set(bm) | set(r.hot_chunks))
             log.info("file %d: %s resync of %s (%s chunks)", fid, "full" if full else "incremental", node,
                      "all" if chunks is None else len(chunks))
