@@ -157,17 +157,16 @@ class Master:
         acked: set[str] = set()
 
         async def one(node, kind, ws):
-            with trio.move_on_after(self.fm.timing.write_timeout) as cs:
-                try:
-                    for w in ws:
-                        await w.wait()
-                    acked.add(node)
-                    return
-                except GfvmError as exc:
-                    failed.append((node, kind, str(exc)))
-                    return
-            if cs.cancelled_caught and kind == IN_SYNC:
-                failed.append((node, kind, f"no ack within {self.fm.timing.write_timeout:g} s"))
+            try:
+                for w in ws:
+                    if not await self._ack_or_stall(w, node):
+                        if kind == IN_SYNC:
+                            failed.append((node, kind, f"no ack within {self.fm.timing.write_timeout:g} s "
+                                                       "(and none for earlier frames either)"))
+                        return
+                acked.add(node)
+            except GfvmError as exc:
+                failed.append((node, kind, str(exc)))
             # a member catching up that is slow is not failing: its acks count for nothing yet,
             # and its resync's final FLUSH, queued behind this frame, is acknowledged only once
             # this frame is applied (a frame that fails there breaks its copy: the FLUSH fails)
@@ -187,6 +186,21 @@ class Master:
                             fs.fid, node)
                 await self.drop(fs, node, "it did not receive a change that is being acknowledged")
         return [f[0] for f in failed]
+
+    async def _ack_or_stall(self, w, node: str, timeout: float | None = None) -> bool:
+        """Waits for the ack of frame `w` to `node`: True once acknowledged, False once the
+        member stalls: no ack at all on its link for `timeout` (write_timeout). Frames are
+        applied in order, so while acks for earlier frames keep coming the member is working
+        (a slow link queues megabytes ahead of this frame: a deadline per frame would drop a
+        healthy member, and again after every resync). Raises what `w.wait` raises."""
+        timeout = timeout or self.fm.timing.write_timeout
+        link = self.fm.net.link(node)
+        while True:
+            with trio.move_on_after(timeout):
+                await w.wait()
+                return True
+            if not link.acking(timeout):
+                return False
 
     def _check_copies(self, fs, epoch: int) -> None:
         e = self.fm.file_entry(fs.fid)
@@ -351,9 +365,7 @@ class Master:
             await self._wait_one(w, node)
 
     async def _wait_one(self, w, node: str) -> None:
-        with trio.move_on_after(self.fm.timing.write_timeout * 4) as cs:
-            await w.wait()
-        if cs.cancelled_caught:
+        if not await self._ack_or_stall(w, node, self.fm.timing.write_timeout * 4):
             raise Unavailable(f"{node} did not acknowledge resync frames in time")
 
     async def _restore_members(self, fid: int, chunks: set[int], waits: dict) -> None:
