@@ -141,23 +141,68 @@ class FmService:
         return {"seconds": time.perf_counter() - t}
 
     async def _bench_pages(self, args: dict, progress) -> dict:
-        """For `gfvm bench fm`: what the pager does when it pages out: from one worker thread,
-        through FmBacking, `write_pages` batches of `batch_pages` consecutive slots (the
-        pager's default is 2048 = 8 MiB), then fsync; returns the seconds taken."""
+        """For `gfvm bench fm` and the replication tests: what the pager does when it pages out:
+        from one worker thread, through FmBacking, `write_pages` batches of `batch_pages`
+        consecutive slots (the pager's default is 2048 = 8 MiB) from slot `first_slot` on, then
+        fsync; with `index_path`, then appends one 64-byte record to that file and fsyncs it
+        (the paging file's order: data durable before the index names it). With `seed`, page
+        `s` holds `bench_page(seed, s)` and the record is `bench_record(seed, first_slot,
+        pages)` (so a test can check every copy); without, random bytes. With `threads`, the
+        batches are written from that many threads at once (the pager's writeback). Returns the seconds
+        taken and the index file's size. Blocks a worker thread, not the trio thread."""
+        import concurrent.futures
         import time
 
         rel = self._path(args)
-        size_mib, batch = int(args.get("size_mib", 256)), int(args.get("batch_pages", 2048))
-        npages = size_mib * 256
-        block = memoryview(os.urandom(batch * 4096))
+        batch = int(args.get("batch_pages", 2048))
+        npages = int(args["pages"]) if "pages" in args else int(args.get("size_mib", 256)) * 256
+        first_slot = int(args.get("first_slot", 0))
+        threads = int(args.get("threads", 1))
+        seed = args.get("seed")
+        index_rel = self._path({"path": args["index_path"]}) if args.get("index_path") else None
+        if seed is None:
+            block = memoryview(os.urandom(batch * 4096))
 
-        def run() -> float:
+        def run() -> dict:
+            if "/" in rel.strip("/"):
+                self.backing.makedirs(rel.strip("/").rsplit("/", 1)[0])
             f = self.backing.open(rel, create=True)
             t = time.perf_counter()
-            for first in range(0, npages, batch):
-                n = min(batch, npages - first)
-                f.write_pages([(first + i) * 4096 for i in range(n)], block[: n * 4096])
-            f.fsync()
-            return time.perf_counter() - t
+            batches = [(first, min(batch, npages - first)) for first in range(0, npages, batch)]
 
-        return {"seconds": await trio.to_thread.run_sync(run)}
+            def write(part) -> None:
+                for first, n in part:
+                    slots = range(first_slot + first, first_slot + first + n)
+                    data = (memoryview(b"".join(bench_page(int(seed), s) for s in slots)) if seed is not None
+                            else block[: n * 4096])
+                    f.write_pages([s * 4096 for s in slots], data)
+
+            if threads <= 1 or len(batches) < 2:
+                write(batches)
+            else:  # as the pager's writeback: several batches written at once, then one fsync
+                with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                    for fut in [pool.submit(write, batches[i::threads]) for i in range(threads)]:
+                        fut.result()
+            f.fsync()
+            index_size = 0
+            if index_rel is not None:
+                ix = self.backing.open(index_rel, create=True)
+                index_size = ix.size()
+                ix.pwrite(bench_record(int(seed or 0), first_slot, npages), index_size)
+                ix.fsync()
+                index_size += 64
+            return {"seconds": time.perf_counter() - t, "index_size": index_size}
+
+        return await trio.to_thread.run_sync(run)
+
+
+def bench_page(seed: int, slot: int) -> bytes:
+    """The 4096 bytes `fm.bench_pages` writes at `slot` with `seed`."""
+    import hashlib
+
+    return hashlib.blake2b(f"{seed}:{slot}".encode(), digest_size=16).digest() * 256
+
+
+def bench_record(seed: int, first_slot: int, pages: int) -> bytes:
+    """The 64-byte index record `fm.bench_pages` appends after writing those pages."""
+    return f"{seed}:{first_slot}:{pages}".encode().ljust(64, b".")

@@ -79,7 +79,6 @@ class FileRuntime:
         self.dropping: dict[str, trio.Event] = {}
         self.resyncing: set[str] = set()
         #: node -> ack waiters of live writes a member catching up did not acknowledge in time
-        self.catchup_waits: dict = {}
         self.since_flush: set[int] = set()  # chunks written since the last flush everyone did
         self.promoted_at: float | None = None
         self.handoff = False

@@ -12,8 +12,9 @@ Master side, per file (state in core.FileRuntime):
   members catching up), queue the local write behind the file's earlier ones (applied in that
   order by one task, `_run_local`: the local order is the seq order). Then, without the lock,
   wait for the local write and the in-sync members' acks; a local write that failed first
-  gives the members our version of the chunks back, then fails the write. A member that fails
-  or does not ack within `write_timeout` is dropped: its missing chunks go to a bitmap
+  gives the members our version of the chunks back, then fails the write. A member that fails,
+  or whose link delivers no ack at all for `write_timeout` (one frame may wait behind megabytes
+  of earlier ones on a slow link: that is not a failure), is dropped: its missing chunks go to a bitmap
   (persisted), it is marked outdated in the metadata (new generation id), and the write waits
   one lease before it is acknowledged. The write is acknowledged only if at least
   min(min_copies, R) in-sync copies (master included) have it; otherwise it fails (EIO).
@@ -27,8 +28,12 @@ Master side, per file (state in core.FileRuntime):
 - Handoff (promote): under the file lock, FLUSH everyone, check that the target's copy has our
   size (else it is dropped and not promoted), then commit epoch+1 with the new master; every
   acknowledged write is on every in-sync copy, so nobody needs a resync.
-- A member is declared in sync only if it is still a target when that is committed: a live
-  write it failed to acknowledge while catching up removes it from the targets (it missed it).
+- A member is declared in sync only if it is still a target when that is committed (checked
+  before and after the commit): a live write it failed (refused, or a lost channel) while
+  catching up removes it from the targets (it missed it); one that is only slow stays a
+  target, and its resync's final FLUSH is acknowledged only after every earlier frame. Every
+  acknowledged change was acknowledged by each member in sync when its frames were queued, or
+  that member was dropped first.
 
 Member side: frames arrive in order on the master's channel; each is checked against our
 metadata (epoch fencing: an older epoch is refused; a newer one waits for our metadata to catch
@@ -138,37 +143,72 @@ class Master:
             waits[node] = (kind, ws)
         return waits
 
-    async def _await_acks(self, fs, e: Entry, waits: dict) -> list[str]:
+    def _expected(self, fs) -> set[str]:
+        """The members (other than us) whose copy is in sync now: every change sent from here on
+        must reach each of them before it is acknowledged, or they are dropped first (call
+        under fs.lock, where the change's frames are queued)."""
+        return {n for n in self.fm.file_entry(fs.fid).in_sync() if n != self.node}
+
+    async def _await_acks(self, fs, e: Entry, waits: dict, expected: set[str]) -> list[str]:
         """Waits for every ack (up to write_timeout each); drops in-sync members that failed.
+        `expected`: the members that were in sync when the frames were queued (`_expected`).
+
+        Promise 1 holds for whatever the caller acknowledges next: every member that is in
+        sync when this returns and was in sync when the frames were queued acknowledged them,
+        or it has been dropped (marked outdated) before we return. A member that was in sync
+        but got no frame (it left `fs.targets` without being marked outdated) is dropped too.
+        A member that was catching up and refused a frame (or lost its channel) stops being a
+        target; if it has become in sync meanwhile, it is dropped. One that is only slow stays a
+        target (see `one`).
         Returns the nodes that failed."""
         failed: list[tuple[str, str, str]] = []
+        acked: set[str] = set()
 
         async def one(node, kind, ws):
-            with trio.move_on_after(self.fm.timing.write_timeout) as cs:
-                try:
-                    for w in ws:
-                        await w.wait()
-                    return
-                except GfvmError as exc:
-                    failed.append((node, kind, str(exc)))
-                    return
-            if cs.cancelled_caught:
-                if kind == CATCHING_UP:
-                    # Its acks come in stream order behind the resync's chunks (slow on a slow
-                    # link): the resync waits for them before it declares it in sync.
-                    fs.catchup_waits.setdefault(node, []).extend(ws)
-                    return
-                failed.append((node, kind, f"no ack within {self.fm.timing.write_timeout:g} s"))
+            try:
+                for w in ws:
+                    if not await self._ack_or_stall(w, node):
+                        if kind == IN_SYNC:
+                            failed.append((node, kind, f"no ack within {self.fm.timing.write_timeout:g} s "
+                                                       "(and none for earlier frames either)"))
+                        return
+                acked.add(node)
+            except GfvmError as exc:
+                failed.append((node, kind, str(exc)))
+            # a member catching up that is slow is not failing: its acks count for nothing yet,
+            # and its resync's final FLUSH, queued behind this frame, is acknowledged only once
+            # this frame is applied (a frame that fails there breaks its copy: the FLUSH fails)
 
         async with trio.open_nursery() as n:
             for node, (kind, ws) in waits.items():
                 n.start_soon(one, node, kind, ws)
         for node, kind, reason in failed:
-            if kind == IN_SYNC:
+            now = self.fm.file_entry(fs.fid).members.get(node)
+            if kind == IN_SYNC or now == IN_SYNC or fs.targets.get(node) == IN_SYNC:
                 await self.drop(fs, node, reason)
             else:
-                fs.targets.pop(node, None)  # its resync fails and starts again later
+                fs.targets.pop(node, None)  # its resync fails (see resync) and starts again later
+        for node in sorted(expected - acked):
+            if self.fm.file_entry(fs.fid).members.get(node) == IN_SYNC:
+                log.warning("file %d: in-sync member %s did not receive a change (not a target)",
+                            fs.fid, node)
+                await self.drop(fs, node, "it did not receive a change that is being acknowledged")
         return [f[0] for f in failed]
+
+    async def _ack_or_stall(self, w, node: str, timeout: float | None = None) -> bool:
+        """Waits for the ack of frame `w` to `node`: True once acknowledged, False once the
+        member stalls: no ack at all on its link for `timeout` (write_timeout). Frames are
+        applied in order, so while acks for earlier frames keep coming the member is working
+        (a slow link queues megabytes ahead of this frame: a deadline per frame would drop a
+        healthy member, and again after every resync). Raises what `w.wait` raises."""
+        timeout = timeout or self.fm.timing.write_timeout
+        link = self.fm.net.link(node)
+        while True:
+            with trio.move_on_after(timeout):
+                await w.wait()
+                return True
+            if not link.acking(timeout):
+                return False
 
     def _check_copies(self, fs, epoch: int) -> None:
         e = self.fm.file_entry(fs.fid)
@@ -321,10 +361,11 @@ class Master:
                 await self._wait_one(waits.pop(0), node)
         if final_flush:
             async with fs.lock:
+                if fs.targets.get(node) is None:
+                    # a frame to it failed meanwhile (see _await_acks): it may lack that change
+                    raise Unavailable(f"{node} stopped receiving frames")
                 token = link.next_token()
                 fid_flush = self._flush_id(fs)
-                if fs.targets.get(node) is None:  # a live write to it failed: it misses one
-                    raise Unavailable(f"{node} stopped receiving frames")
                 waits.append(link.send_stream(m.ReplFlush(fs.fid, e.epoch, fs.last_seq, token, e.gen,
                                                           fid_flush, fs.flushed_everywhere), token))
                 fs.targets[node] = IN_SYNC  # from here on its acks count (see resync)
@@ -332,9 +373,7 @@ class Master:
             await self._wait_one(w, node)
 
     async def _wait_one(self, w, node: str) -> None:
-        with trio.move_on_after(self.fm.timing.write_timeout * 4) as cs:
-            await w.wait()
-        if cs.cancelled_caught:
+        if not await self._ack_or_stall(w, node, self.fm.timing.write_timeout * 4):
             raise Unavailable(f"{node} did not acknowledge resync frames in time")
 
     async def _restore_members(self, fid: int, chunks: set[int], waits: dict) -> None:
@@ -480,6 +519,7 @@ class Master:
                 chunks = chunks()
             seq = [self._seq(fs) for _ in range(nseq)] if nseq else self._seq(fs)
             self._mark(fs, chunks)
+            expected = self._expected(fs)
             # queue the frames first, so the members apply while we apply locally; the local
             # write is queued behind the earlier ones (the same order as the frames on every
             # member's stream) and the lock is released at once, so the next change can go out
@@ -503,7 +543,7 @@ class Master:
             if not from_kernel:
                 await fm.invalidate_kernel(fs)
             await fm.faults.hit("master.after_send")
-            await self._await_acks(fs, e, waits)
+            await self._await_acks(fs, e, waits, expected)
             self._check_copies(fs, epoch)
 
         return acknowledged
@@ -556,6 +596,7 @@ class Master:
             seq = fs.last_seq
             cut = fs.wcount
             flush_id = self._flush_id(fs)
+            expected = self._expected(fs)
             waits = self._send(fs, lambda token: m.ReplFlush(fs.fid, epoch, seq, token, gen, flush_id,
                                                               fs.flushed_everywhere), only_in_sync=True)
         local_cut: list = []
@@ -568,7 +609,7 @@ class Master:
 
         async with trio.open_nursery() as n:
             n.start_soon(local)
-            failed = await self._await_acks(fs, e, waits)
+            failed = await self._await_acks(fs, e, waits, expected)
         if isinstance(local_cut[0], OSError):
             raise local_cut[0]  # our own fsync failed: nothing is acknowledged
         if not failed:
@@ -599,12 +640,16 @@ class Master:
             # between): every write ordered from now on adds its chunks to it (`_mark`), where a
             # bitmap built after the awaits below lost the writes ordered meanwhile (the member
             # then came back "in sync" without them).
-            bm = fs.bitmaps[node] = set(fs.since_flush)
-            try:
-                lf = await self.fm.local(fs)
-                bm |= await self.fm.io(lf.hot_chunks)
-            except StoreError:
-                pass
+            # A member dropped again before its resync finished keeps what it lacked then (None:
+            # it needs a full resync).
+            old = fs.bitmaps.get(node, set())
+            bm = fs.bitmaps[node] = None if old is None else set(fs.since_flush) | old
+            if bm is not None:
+                try:
+                    lf = await self.fm.local(fs)
+                    bm |= await self.fm.io(lf.hot_chunks)
+                except StoreError:
+                    pass
             await self.fm.faults.hit("drop.collect")
             fs.bitmap_base[node] = e.gen
             await self._save_bitmaps(fs)
@@ -630,7 +675,6 @@ class Master:
     def demoted(self, fs) -> None:
         fs.ready_epoch = 0
         fs.targets = {}
-        fs.catchup_waits = {}
         fs.bitmaps = {}
         fs.resyncing = set()
 
@@ -682,17 +726,16 @@ class Master:
             lf = await fm.local(fs)
             r = await fm.net.request(node, m.Probe(fid, e.epoch))
             bm = fs.bitmaps.get(node)
+            # its copy is where the bitmap starts, or it already took the FLUSH of a resync
+            # since (that failed later): the bitmap still holds every chunk changed since
             full = not (r.exists and r.usable and bm is not None and r.gen and
-                        r.gen == fs.bitmap_base.get(node) and r.hot_known)
+                        r.gen in (fs.bitmap_base.get(node), e.gen) and r.hot_known)
             chunks = None if full else (set(bm) | set(r.hot_chunks))
             log.info("file %d: %s resync of %s (%s chunks)", fid, "full" if full else "incremental", node,
                      "all" if chunks is None else len(chunks))
             fs.targets[node] = CATCHING_UP
-            fs.catchup_waits.pop(node, None)
             await self._push(fs, e, lf, node, chunks, full=full, final_flush=True)
             await fm.faults.hit("resync.before_in_sync")
-            for w in fs.catchup_waits.pop(node, []):  # live writes it has not acknowledged yet
-                await self._wait_one(w, node)
             # A live write it failed to acknowledge meanwhile removed it from the targets: it
             # misses that write, and would miss every later one (found here: a member declared
             # in sync this way was 8 MiB short, was promoted, and cut the others to its size).
@@ -701,10 +744,14 @@ class Master:
             e2 = fm.file_entry(fid)
             members = dict(e2.members)
             members[node] = IN_SYNC
+            if fs.targets.get(node) != IN_SYNC:
+                raise Unavailable(f"{node} stopped receiving frames before it was marked in sync")
             await fm._submit({"op": "config", "ino": fid, "epoch": e2.epoch, "master": self.node,
                               "members": members, "expect_epoch": e.epoch, "expect_members": e2.members})
-            if fs.targets.get(node) is None:  # the same, while the change was being committed
-                await self.drop(fs, node, "missed a write while it was being declared in sync")
+            if fs.targets.get(node) != IN_SYNC:
+                # a frame to it failed while the commit was under way: it may lack a change
+                # that is acknowledged, so it is outdated again (with its bitmap)
+                await self.drop(fs, node, "a frame failed while it was being marked in sync")
                 return
             fs.bitmaps.pop(node, None)
             fs.bitmap_base.pop(node, None)
@@ -767,11 +814,12 @@ class Master:
             # FLUSH every in-sync member while no write can start
             seq = fs.last_seq
             flush_id = self._flush_id(fs)
+            expected = self._expected(fs)
             waits = self._send(fs, lambda token: m.ReplFlush(fs.fid, e.epoch, seq, token, e.gen, flush_id,
                                                               fs.flushed_everywhere), only_in_sync=True)
             lf = await fm.local(fs)
             await fm.io(lambda: lf.flush(gen=e.gen, epoch=e.epoch, seq=seq, clear=False))
-            await self._await_acks(fs, e, waits)
+            await self._await_acks(fs, e, waits, expected)
             if not stale:
                 await self._check_identical(fs, e, lf, target)
             e = fm.file_entry(fs.fid)

@@ -101,6 +101,8 @@ class Link:
         self._pending: dict[int, StreamWaiter] = {}
         self._tokens = itertools.count(1)
         self.last_error = ""
+        #: when the peer last acknowledged a replication frame on this link (trio time)
+        self.last_ack_at = 0.0
 
     @property
     def name(self) -> str:
@@ -123,6 +125,13 @@ class Link:
 
     def queued_bytes(self) -> int:
         return self._queue_bytes
+
+    def acking(self, within: float) -> bool:
+        """The channel is up and the peer acknowledged a frame in the last `within` seconds:
+        it is working through our frames (a frame queued behind many others on a slow link
+        waits long for its ack without the peer failing). Never blocks."""
+        return (self.chan is not None and not self.chan.closed
+                and trio.current_time() - self.last_ack_at <= within)
 
     async def run(self) -> None:
         """Keeps a channel to the peer open for as long as the daemon runs."""
@@ -183,6 +192,7 @@ class Link:
         try:
             async for msg in chan:
                 if isinstance(msg, m.ReplAck):
+                    self.last_ack_at = trio.current_time()
                     w = self._pending.pop(msg.token, None)
                     if w is not None:
                         w.done(msg.errno, msg.reason)
