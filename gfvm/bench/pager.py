@@ -1,7 +1,8 @@
 """`gfvm bench pager`: what managing a process costs and how fast the pager moves pages.
 
 Runs on this machine without a cluster: a Pager in a temporary directory (its own keeper, local
-paging files: R=1 until the File Manager provides replication), the C workload of
+paging files, R=1; the page-out at R=2 through the File Manager is `gfvm bench fm`'s "R=2 pager
+page-out" line), the C workload of
 gfvm/pager/workload.c. Prints a table and writes JSON. Not a test: numbers are compared with the
 targets, nothing asserts. Needs root and gcc. Blocking from start to end.
 
