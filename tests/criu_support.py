@@ -7,7 +7,6 @@ Not a test module (no test_ prefix); test modules import the fixtures they use f
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shlex
 import shutil
@@ -15,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +23,6 @@ from conftest import require, require_root, unique_name
 
 WORKLOAD_SRC = Path(__file__).with_name("criu_workload.c")
 REPO = Path(__file__).resolve().parents[1]
-CLONE_NEWNET = 0x40000000
 
 
 def reap(pid: int) -> None:
@@ -47,30 +44,10 @@ def kill_and_reap(pid: int | None) -> None:
 
 
 def netns_connect(netns_path: Path | None, port: int, timeout: float) -> socket.socket:
-    """A TCP connection to 127.0.0.1:port inside the network namespace at `netns_path` (the
-    socket is created by a helper thread that entered that namespace; it stays bound to it)."""
-    result: dict = {}
+    """A TCP connection to 127.0.0.1:port inside the network namespace at `netns_path`."""
+    from gfvm.migrate.workload import connect_in_netns
 
-    def work() -> None:
-        try:
-            if netns_path is not None:
-                libc = ctypes.CDLL(None, use_errno=True)
-                fd = os.open(netns_path, os.O_RDONLY)
-                try:
-                    if libc.setns(fd, CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), "setns")
-                finally:
-                    os.close(fd)
-            result["sock"] = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        except BaseException as exc:  # handed to the caller
-            result["error"] = exc
-
-    t = threading.Thread(target=work)
-    t.start()
-    t.join()
-    if "error" in result:
-        raise result["error"]
-    return result["sock"]
+    return connect_in_netns(netns_path, port, timeout)
 
 
 class Workload:
