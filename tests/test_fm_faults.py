@@ -572,6 +572,25 @@ def test_writes_ordered_while_a_member_is_dropped_reach_it_by_resync(tmp_path):
         c.close()
 
 
+def _n3_dropped_and_resync_held(c) -> int:
+    """File f written from n1 (R=3); n3 misses a write (paused) and is dropped; its resync is
+    then held for 3 s right before it would be declared in sync. Returns f's fid."""
+    n1, _, n3 = c.nodes
+    path = n1.mount / "f"
+    write_file(path, b"".join(page(i) for i in range(256)))
+    fid = n1.where("f")["fid"]
+    n3.proc.send_signal(signal.SIGSTOP)
+    try:
+        fsync_write(path, 0, page(1000))  # n3 misses it: dropped
+    finally:
+        n3.proc.send_signal(signal.SIGCONT)
+    assert "n3" not in n1.where("f")["in_sync"]
+    arm(n1, "resync.before_in_sync", "delay:3")
+    wait_for(lambda: "fault point resync.before_in_sync" in n1.log.read_text(), 30,
+             what="n3's resync to reach its end")
+    return fid
+
+
 def test_member_slow_to_acknowledge_a_live_write_gets_it_before_in_sync(tmp_path):
     """A member catching up that acknowledges a live write late (here: paused) right before
     the resync declares it in sync is declared in sync only with that write (it once was
@@ -580,18 +599,7 @@ def test_member_slow_to_acknowledge_a_live_write_gets_it_before_in_sync(tmp_path
     c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120})
     try:
         n1, n2, n3 = c.nodes
-        path = n1.mount / "f"
-        write_file(path, b"".join(page(i) for i in range(256)))
-        fid = n1.where("f")["fid"]
-        n3.proc.send_signal(signal.SIGSTOP)
-        try:
-            fsync_write(path, 0, page(1000))  # n3 misses it: dropped
-        finally:
-            n3.proc.send_signal(signal.SIGCONT)
-        assert "n3" not in n1.where("f")["in_sync"]
-        arm(n1, "resync.before_in_sync", "delay:3")
-        wait_for(lambda: "fault point resync.before_in_sync" in n1.log.read_text(), 30,
-                 what="n3's resync to reach its end")
+        fid = _n3_dropped_and_resync_held(c)
         n3.proc.send_signal(signal.SIGSTOP)
         try:
             fsync_write(n2.mount / "f", 4 << 20, page(2000))  # n3 (catching up) misses it
@@ -613,17 +621,7 @@ def test_member_failing_a_live_write_is_not_declared_in_sync(tmp_path):
     c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120})
     try:
         n1, n2, n3 = c.nodes
-        path = n1.mount / "f"
-        write_file(path, b"".join(page(i) for i in range(256)))
-        fid = n1.where("f")["fid"]
-        n3.proc.send_signal(signal.SIGSTOP)
-        try:
-            fsync_write(path, 0, page(1000))  # n3 misses it: dropped
-        finally:
-            n3.proc.send_signal(signal.SIGCONT)
-        arm(n1, "resync.before_in_sync", "delay:3")
-        wait_for(lambda: "fault point resync.before_in_sync" in n1.log.read_text(), 30,
-                 what="n3's resync to reach its end")
+        fid = _n3_dropped_and_resync_held(c)
         arm(n3, "member.before_apply", "error")
         fsync_write(n2.mount / "f", 4 << 20, page(2000))  # n3 (catching up) refuses it
         wait_for(lambda: "n3" in n1.where("f")["in_sync"], 60, what="n3 in sync")
