@@ -13,7 +13,8 @@ Parts (one per C module in csrc/):
 - pidfd: `pidfd_open`, `pidfd_getfd`, `pidfd_send_signal`.
 - ptrace: `Tracer` (own OS thread; stop all threads of a process, inject syscalls, helpers for
   userfaultfd/madvise/close/mmap/munmap).
-- `crc32_pages` (zlib's CRC-32 of each page, without the GIL).
+- `crc32_pages` (zlib's CRC-32 of each page, without the GIL), `page_matches` (one page against
+  a File Manager page sum: the same-node verified read's check).
 - `PageIndex` (virtual page -> paging-file slot and page CRC-32, in C, shared with the fault
   loop) and `FaultLoop` (native fault service on its own pthread, no GIL); `evict_pages` (drop pages
   that are safely in the paging file, with everything a pager must get right about it).
@@ -678,6 +679,51 @@ def crc32_pages(buf: Any, n: int | None = None) -> array.array:
     if n:
         lib.gfvm_crc32_pages(cbuf, n, ffi.from_buffer("uint32_t[]", out))
     return out
+
+
+#: CRC-32 implementations in csrc/checksum.c, by number (crc32_pages uses the best one the CPU has)
+CRC32_IMPLS = {lib.GFVM_CRC32_ZLIB: "zlib", lib.GFVM_CRC32_PCLMUL: "pclmul",
+               lib.GFVM_CRC32_VPCLMUL512: "vpclmul512"}
+
+
+def crc32_impls() -> list[str]:
+    """Names of the CRC-32 implementations this CPU can run, slowest first; the last is the one
+    crc32_pages and page_matches use. Never blocks."""
+    best = lib.gfvm_crc32_best_impl()
+    return [name for n, name in sorted(CRC32_IMPLS.items()) if n <= best]
+
+
+def crc32_page_using(page: Any, impl: str) -> int:
+    """CRC-32 of one 4 KiB page with implementation `impl` (a name from crc32_impls; for tests
+    that check each against zlib). OSError(ENOTSUP) if this CPU cannot run it. Never blocks."""
+    cbuf = ffi.from_buffer(page)
+    if len(cbuf) != PAGE_SIZE:
+        raise ValueError(f"crc32_page_using: a page is {PAGE_SIZE} bytes, not {len(cbuf)}")
+    number = {name: n for n, name in CRC32_IMPLS.items()}[impl]
+    out = ffi.new("uint32_t *")
+    check(lib.gfvm_crc32_page_using(cbuf, number, out), f"crc32 ({impl})")
+    return out[0]
+
+
+_page_verify = lib.gfvm_page_verify
+_EBADMSG = -errno.EBADMSG
+
+
+def page_matches(page: bytes | Any, want: int) -> bool:
+    """Whether one page matches `want`, a page sum as the File Manager stores them: 0 = a hole
+    (every byte must be zero), else zlib's CRC-32 of the page with 0 stored as 0xFFFFFFFF.
+    `page`: bytes (or any buffer) of at most 4096 bytes; a shorter one is the file's tail page
+    and is checked zero-filled to 4096. About 0.1 us in C without the GIL; never blocks
+    otherwise. The same-node verified read calls this once per page read: keep it thin."""
+    if type(page) is not bytes:
+        page = ffi.from_buffer(page)
+    rc = _page_verify(page, len(page), want)
+    if rc == 0:
+        return True
+    if rc == _EBADMSG:
+        return False
+    check(rc, f"page_matches ({len(page)} bytes)")  # only a page longer than 4096 gets here
+    return False
 
 
 # --------------------------------------------------------------------------- page index
