@@ -16,7 +16,7 @@ from gfvm.config import ClusterConfig, NodePaths, NodeSpec
 from gfvm.errors import NotFound, Unavailable, UsageError
 from gfvm.fm.api import Files
 from gfvm.fm.core import FileManager
-from gfvm.fm.store import PAGE
+from gfvm.fm.store import PAGE, CorruptData
 from test_fm_harness import FAST
 
 _k = itertools.count()
@@ -103,6 +103,30 @@ async def test_local_fd_and_reader_give_the_written_pages(tmp_path):
         await trio.to_thread.run_sync(lambda: (t.start(), t.join()))
         reader.close()
         assert results == [True]
+
+
+async def test_local_reader_refuses_a_damaged_page_and_a_dirty_hole(tmp_path):
+    async with single(tmp_path) as files:
+        f = await files.open("p", create=True)
+        data = os.urandom(8 * PAGE)
+        await f.write(0, data)
+        await f.write(20 * PAGE, b"z" * PAGE)  # pages 8..19: holes
+        with open(f.local_path(), "r+b") as raw:  # damage behind the File Manager's back
+            raw.seek(3 * PAGE + 5)
+            raw.write(bytes([data[3 * PAGE + 5] ^ 1]))
+            raw.seek(10 * PAGE + 9)
+            raw.write(b"!")
+        reader = await f.local_reader()
+        try:
+            for slot in (3, 10):
+                with pytest.raises(CorruptData) as info:
+                    await trio.to_thread.run_sync(reader.read_page, slot)
+                assert info.value.pages == [slot]
+            assert await trio.to_thread.run_sync(reader.read_page, 2) == data[2 * PAGE : 3 * PAGE]
+            assert await trio.to_thread.run_sync(reader.read_page, 11) == bytes(PAGE)
+            assert await trio.to_thread.run_sync(reader.read_page, 21) == bytes(PAGE)  # past the end
+        finally:
+            reader.close()
 
 
 async def test_open_errors(tmp_path):

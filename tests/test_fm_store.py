@@ -275,3 +275,134 @@ def test_write_pages_in_runs_and_out_of_order(store):
     assert lf.hot.extents == {0, 5 * PAGE * (1 << 12) >> HOT_SHIFT}
     with pytest.raises(OSError):
         lf.write_pages([PAGE + 1], bytes(PAGE))
+
+
+# --- the per-page verified read (LocalFile.read_page: the same-node API's and the fault path's) ---
+
+
+def test_read_page_gives_pages_tail_zero_padded_and_zeros_past_the_end(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    data = os.urandom(2 * PAGE + 100)
+    lf.write(0, data)
+    assert lf.read_page(0) == data[:PAGE]
+    assert lf.read_page(1) == data[PAGE : 2 * PAGE]
+    assert lf.read_page(2) == data[2 * PAGE :] + bytes(PAGE - 100)  # the tail: a short pread
+    assert lf.read_page(3) == bytes(PAGE)  # past the end
+    assert lf.read_page(1 << 30) == bytes(PAGE)
+    assert lf.read(2 * PAGE + 50, PAGE) == data[2 * PAGE + 50 :]  # one-page read() goes there too
+    assert lf.read(PAGE + 1, 10) == data[PAGE + 1 : PAGE + 11]
+
+
+def test_read_page_of_a_hole_is_zeros(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(5 * PAGE, b"x" * PAGE)
+    assert lf.sums[2] == 0
+    assert lf.read_page(2) == bytes(PAGE)
+
+
+def _rot(store, fid: int, offset: int, data: bytes) -> None:
+    """Changes the data file behind the store's back (bit rot, a stray write)."""
+    with open(store.path_of(fid) / "data", "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_read_page_refuses_a_flipped_bit(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    data = os.urandom(4 * PAGE)
+    lf.write(0, data)
+    _rot(store, 1, 2 * PAGE + 17, bytes([data[2 * PAGE + 17] ^ 0x10]))
+    with pytest.raises(CorruptData) as info:
+        lf.read_page(2)
+    assert info.value.pages == [2]
+    with pytest.raises(CorruptData):
+        lf.read(2 * PAGE + 100, 10)  # a one-page read() refuses it too
+    assert lf.read_page(3) == data[3 * PAGE :]  # the other pages still read
+
+
+def test_read_page_refuses_garbage_in_a_hole(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(8 * PAGE, b"x" * PAGE)
+    _rot(store, 1, PAGE + PAGE - 1, b"\x01")  # the hole's last byte
+    with pytest.raises(CorruptData) as info:
+        lf.read_page(1)
+    assert info.value.pages == [1]
+
+
+def test_read_page_refuses_a_damaged_tail(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, b"t" * (PAGE + 10))
+    _rot(store, 1, PAGE + 3, b"u")
+    with pytest.raises(CorruptData):
+        lf.read_page(1)
+
+
+def test_read_page_of_a_damaged_copy_is_missing(store):
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, os.urandom(10 * PAGE))
+    lf.flush()
+    store.release(lf)
+    os.truncate(store.path_of(1) / "data", 3 * PAGE)
+    lf = store.open(1)
+    with pytest.raises(MissingCopy):
+        lf.read_page(0)
+
+
+def test_read_page_racing_a_writer_retries_under_the_lock_instead_of_failing(store):
+    """A writer holds the lock between changing the data and its sum: the reader's first check
+    fails, its second (under the lock, after the writer) returns the new page."""
+    import threading
+
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, b"o" * PAGE)
+    got = []
+    with lf.lock:  # the "writer": new data on disk, its sum not yet updated
+        os.pwrite(lf.fd, b"n" * PAGE, 0)
+        reader = threading.Thread(target=lambda: got.append(lf.read_page(0)))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive()  # the reader saw the mismatch and waits for the lock
+        lf.sums[0] = page_sum(b"n" * PAGE)
+    reader.join(10)
+    assert got == [b"n" * PAGE]
+
+
+def test_read_page_after_a_concurrent_truncation_reads_zeros(store):
+    """The page was there when the reader looked at the size, gone by its retry under the lock."""
+    import threading
+
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, os.urandom(3 * PAGE))
+    got = []
+    with lf.lock:
+        os.pwrite(lf.fd, b"junk", 2 * PAGE)  # a mismatch sends the reader to the lock
+        reader = threading.Thread(target=lambda: got.append(lf.read_page(2)))
+        reader.start()
+        reader.join(0.5)
+        lf.truncate(PAGE)  # (the lock is reentrant: this thread plays the writer)
+    reader.join(10)
+    assert got == [bytes(PAGE)]
+
+
+@pytest.mark.parametrize("check", ["page_matches", "_page_matches_py"])
+def test_page_matches_with_and_without_the_native_layer(check):
+    from gfvm.fm import store as store_mod
+
+    matches = getattr(store_mod, check)
+    tail = os.urandom(10)
+    full = os.urandom(PAGE)
+    assert matches(full, page_sum(full))
+    assert not matches(full, page_sum(full) ^ 1)
+    assert matches(bytes(PAGE), 0)
+    assert not matches(b"\0" * 9 + b"\1", 0)  # a hole with a byte set
+    assert matches(tail, page_sum(tail + bytes(PAGE - 10)))  # the tail, zero-padded
+    assert not matches(tail, page_sum(tail))
+    assert matches(memoryview(_page_with_crc_zero(b"z")), 0xFFFFFFFF)

@@ -88,10 +88,27 @@ def page_sum(page: bytes | memoryview) -> int:
     return zlib.crc32(page) or 0xFFFFFFFF
 
 
-try:  # the native layer computes many pages' CRCs in C, without holding the GIL
+def _page_matches_py(page: bytes | memoryview, want: int) -> bool:
+    if want == _HOLE:
+        return page == ZERO_PAGE[: len(page)]
+    if len(page) < PAGE:  # the file's tail page: its sum covers it zero-padded
+        page = bytes(page).ljust(PAGE, b"\0")
+    return page_sum(page) == want
+
+
+try:  # the native layer checksums pages in C (PCLMULQDQ folding), without holding the GIL
     from gfvm.native import crc32_pages as _crc32_pages
+    from gfvm.native import page_matches as _page_matches
 except (ImportError, AttributeError):  # not built here, or an older native layer
     _crc32_pages = None
+    _page_matches = _page_matches_py
+
+
+def page_matches(page: bytes | memoryview, want: int) -> bool:
+    """Whether one page (at most PAGE bytes; a shorter one is the file's tail, checked
+    zero-padded) matches its stored sum `want` (0: a hole, all zeros). Blocks for the
+    computation only (~0.1 us with the native layer, ~0.7 us with zlib)."""
+    return _page_matches(page, want)
 
 #: below this many pages one zlib call per page is cheaper than a call into the native layer
 _NATIVE_MIN_PAGES = 4
@@ -349,6 +366,10 @@ class LocalFile:
         length = min(length, self.size - offset)
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT
+        if first == last:  # within one page (the fault path, most FUSE reads): the fast path
+            page = self.read_page(first)
+            skip = offset - (first << PAGE_SHIFT)
+            return page if length == PAGE else page[skip : skip + length]
         start = first << PAGE_SHIFT
         raw = os.pread(self.fd, ((last + 1) << PAGE_SHIFT) - start, start)
         bad = self._verify(raw, first, last)
@@ -363,6 +384,40 @@ class LocalFile:
             return raw
         return raw[skip : skip + length]
 
+    def read_page(self, page: int) -> bytes:
+        """Page `page` of the copy, verified: PAGE bytes, zeros past the end of the file (blocks).
+
+        Raises CorruptData if the page does not match its sum (a hole: if it is not all zeros).
+        The same-node API's per-page read (the pager's): one pread and one native check, with
+        as little Python around them as possible; see `read` for the locking rule.
+        """
+        if self.damaged:
+            raise MissingCopy(f"file {self.fid}: local copy damaged ({self.damaged})")
+        offset = page << PAGE_SHIFT
+        if offset >= self.size:
+            return ZERO_PAGE
+        try:  # (no length check first: writers may shrink the array between the two)
+            want = self.sums[page]
+        except IndexError:
+            want = _HOLE
+        data = os.pread(self.fd, PAGE, offset)
+        if not _page_matches(data, want):
+            data = self._read_page_locked(page)
+        return data if len(data) == PAGE else data.ljust(PAGE, b"\0")
+
+    def _read_page_locked(self, page: int) -> bytes:
+        """read_page's second attempt, under the lock: a writer may have been between data and
+        sums. Raises CorruptData if the page still does not match."""
+        with self.lock:
+            offset = page << PAGE_SHIFT
+            if offset >= self.size:  # truncated meanwhile
+                return ZERO_PAGE
+            want = self.sums[page] if page < len(self.sums) else _HOLE
+            data = os.pread(self.fd, PAGE, offset)
+            if _page_matches(data, want):
+                return data
+        raise CorruptData(self.fid, [page])
+
     def _verify(self, raw: bytes, first: int, last: int) -> list[int]:
         """The pages in [first, last] whose bytes in `raw` (read from page `first` on) do not
         match their sums. Whole pages are checksummed in one call and compared as arrays; only
@@ -372,7 +427,7 @@ class LocalFile:
         mv = memoryview(raw)
         whole = len(raw) >> PAGE_SHIFT
         suspects = range(first, last + 1)
-        if whole >= _NATIVE_MIN_PAGES:  # (a single page, the fault path's case: the loop below)
+        if whole >= _NATIVE_MIN_PAGES:
             got = page_sums(mv, whole)
             if sums[first : first + whole] == got:
                 suspects = range(first + whole, last + 1)
@@ -384,16 +439,8 @@ class LocalFile:
         bad = []
         for page in suspects:
             i = page - first
-            chunk = mv[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT]
             want = sums[page] if page < nsums else _HOLE
-            if want == _HOLE:
-                if chunk != ZERO_PAGE[: len(chunk)]:
-                    bad.append(page)
-            elif len(chunk) < PAGE:
-                # the page is the file's tail: sums cover it zero-padded
-                if page_sum(bytes(chunk).ljust(PAGE, b"\0")) != want:
-                    bad.append(page)
-            elif page_sum(chunk) != want:
+            if not _page_matches(mv[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT], want):
                 bad.append(page)
         return bad
 
