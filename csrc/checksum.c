@@ -187,24 +187,22 @@ int gfvm_crc32_pages(const void *buf, uint64_t n, uint32_t *out)
     return 0;
 }
 
-/* Checks one page against `want`, a stored page sum as the File Manager keeps them
+/* Whether one page matches `want`, a stored page sum as the File Manager keeps them
  * (gfvm/fm/store.py): 0 = a hole, whose bytes must all be zero; otherwise the page's CRC-32 with
  * 0 stored as 0xFFFFFFFF. `len` (<= PAGE) bytes are given; the page is those bytes zero-filled
- * to PAGE (the file's tail page). Returns 0 when the page matches, -EBADMSG when it does not,
- * -EINVAL when len > PAGE. */
-int gfvm_page_verify(const void *buf, uint64_t len, uint32_t want)
+ * to PAGE (the file's tail page). Returns 1 if it matches, 0 if not (and for len > PAGE: a
+ * page is never longer). A boolean, not -errno: Python calls this directly, once per page read. */
+int gfvm_page_matches(const void *buf, uint64_t len, uint32_t want)
 {
     const unsigned char *p = buf;
     unsigned char padded[PAGE] __attribute__((aligned(64)));
     if (len > PAGE)
-        return -EINVAL;
+        return 0;
     if (want == 0) {
         /* a hole: every byte zero (the first 8, then the page against itself 8 bytes on) */
         static const unsigned char zero[8];
         size_t head = len < sizeof zero ? len : sizeof zero;
-        if (memcmp(p, zero, head) != 0 || (len > head && memcmp(p, p + head, len - head) != 0))
-            return -EBADMSG;
-        return 0;
+        return memcmp(p, zero, head) == 0 && (len <= head || memcmp(p, p + head, len - head) == 0);
     }
     if (len < PAGE) {
         memcpy(padded, p, len);
@@ -212,5 +210,5 @@ int gfvm_page_verify(const void *buf, uint64_t len, uint32_t want)
         p = padded;
     }
     uint32_t sum = gfvm_crc32_page(p);
-    return (sum ? sum : 0xFFFFFFFFu) == want ? 0 : -EBADMSG;
+    return (sum ? sum : 0xFFFFFFFFu) == want;
 }

@@ -12,6 +12,6 @@ uint32_t gfvm_crc32_page(const void *page);
 int gfvm_crc32_best_impl(void);
 int gfvm_crc32_page_using(const void *page, int impl, uint32_t *out);
 int gfvm_crc32_pages(const void *buf, uint64_t n, uint32_t *out);
-int gfvm_page_verify(const void *buf, uint64_t len, uint32_t want);
+int gfvm_page_matches(const void *buf, uint64_t len, uint32_t want);
 
 #endif

@@ -102,7 +102,16 @@ def test_a_short_page_is_the_tail_checked_zero_padded():
     assert native.page_matches(b"", 0) and native.page_matches(b"", _sum(bytes(P)))
 
 
-def test_more_than_a_page_is_refused():
-    with pytest.raises(OSError) as info:
-        native.page_matches(bytes(P + 1), 0)
-    assert info.value.errno == errno.EINVAL
+def test_more_than_a_page_never_matches():
+    page = os.urandom(P)
+    assert not native.page_matches(page + b"\0", _sum(page))
+    assert not native.page_matches(bytes(P + 1), 0)
+
+
+def test_the_direct_call_for_bytes_gives_the_same_answers():
+    page = os.urandom(P)
+    assert native.page_bytes_match(page, P, _sum(page)) == 1
+    assert native.page_bytes_match(page, P, _sum(page) ^ 1) == 0
+    assert native.page_bytes_match(page[:10], 10, _sum(page[:10] + bytes(P - 10))) == 1
+    assert native.page_bytes_match(bytes(P), P, 0) == 1
+    assert native.page_bytes_match(bytes(P + 1), P + 1, 0) == 0

@@ -98,10 +98,14 @@ def _page_matches_py(page: bytes | memoryview, want: int) -> bool:
 
 try:  # the native layer checksums pages in C (PCLMULQDQ folding), without holding the GIL
     from gfvm.native import crc32_pages as _crc32_pages
+    from gfvm.native import page_bytes_match as _page_bytes_match
     from gfvm.native import page_matches as _page_matches
 except (ImportError, AttributeError):  # not built here, or an older native layer
     _crc32_pages = None
     _page_matches = _page_matches_py
+
+    def _page_bytes_match(page: bytes, length: int, want: int) -> int:
+        return length <= PAGE and _page_matches_py(page, want)
 
 
 def page_matches(page: bytes | memoryview, want: int) -> bool:
@@ -401,7 +405,7 @@ class LocalFile:
         except IndexError:
             want = _HOLE
         data = os.pread(self.fd, PAGE, offset)
-        if not _page_matches(data, want):
+        if not _page_bytes_match(data, len(data), want):
             data = self._read_page_locked(page)
         return data if len(data) == PAGE else data.ljust(PAGE, b"\0")
 
