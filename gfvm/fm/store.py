@@ -23,8 +23,8 @@ double every write for nothing those copies do not already give. So, as DRBD's a
 - the size is the data file's length; info.json keeps the size at the last flush or truncate, so
   an external truncation (the data file shorter than that) is detected as damage at open.
 
-Checksums are verified on every read (`LocalFile.read`): a page whose crc differs from its sum
-raises CorruptData naming the pages; it is never returned. A sum of 0 means "never written", and
+Checksums are verified on every read (`LocalFile.read`, `LocalFile.read_page`): a page whose crc
+differs from its sum raises CorruptData naming the pages; it is never returned. A sum of 0 means "never written", and
 the page must then read as zeros. crc32 values of 0 are stored as 0xFFFFFFFF so 0 stays free.
 
 Threads: every method here blocks (file I/O) and is safe to call from several threads at once;
@@ -392,8 +392,10 @@ class LocalFile:
         """Page `page` of the copy, verified: PAGE bytes, zeros past the end of the file (blocks).
 
         Raises CorruptData if the page does not match its sum (a hole: if it is not all zeros).
-        The same-node API's per-page read (the pager's): one pread and one native check, with
-        as little Python around them as possible; see `read` for the locking rule.
+        This is LocalReader.read_page (the same-node API's verified per-page read) and one-page
+        `read`s: one pread and one direct call into C for the check, with as little Python
+        around them as possible (this runs at ~1.5 us per page, Python's own pread at ~1). See
+        `read` for the locking rule.
         """
         if self.damaged:
             raise MissingCopy(f"file {self.fid}: local copy damaged ({self.damaged})")
