@@ -400,11 +400,12 @@ class LocalFile:
         # Measured alternatives (random reads of a 64-256 MiB copy in the page cache, thread CPU
         # time): pread and check in one C call into a per-thread buffer, then a copy into bytes,
         # costs ~0.1 us more than os.pread (which makes its bytes directly) plus this check.
-        # Copying from a mapping of the data file saves the system call but, each page read
-        # once, pays a page fault and a TLB miss per page (4 KiB PTEs; the kernel's copy goes
-        # through its huge-page direct map) and ended slower, besides SIGBUS when the file
-        # shrinks under it. What is left above pread is the check (~0.1 us), the cffi call and
-        # this function's Python (~0.1-0.2 us each).
+        # Copying from a mapping of the data file saves the system call, but with each page read
+        # once it pays page faults and a TLB miss per page (4 KiB PTEs, where the kernel's copy
+        # goes through its huge-page direct map): ~0.1-0.2 us gained in all, not enough for
+        # pread's speed, for a process-wide SIGBUS guard (a file shrinking under the mapping, a
+        # disk error) and a GiB of address space per open copy. What is left above pread is the
+        # check (~0.1 us), the cffi call and this function's Python (~0.1-0.2 us each).
         if self.damaged:
             raise MissingCopy(f"file {self.fid}: local copy damaged ({self.damaged})")
         offset = page << PAGE_SHIFT
