@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -390,6 +391,17 @@ def test_read_page_after_a_concurrent_truncation_reads_zeros(store):
         lf.truncate(PAGE)  # (the lock is reentrant: this thread plays the writer)
     reader.join(10)
     assert got == [bytes(PAGE)]
+
+
+def test_read_page_of_a_closed_copy_raises_instead_of_returning_zeros(tmp_path):
+    store = LocalStore(tmp_path)
+    store.create(1, "g")
+    lf = store.open(1)
+    lf.write(0, b"c" * PAGE)
+    store.release(lf)  # the last reference: closes the copy's files
+    with pytest.raises(OSError) as info:
+        lf.read_page(0)
+    assert info.value.errno == errno.EBADF
 
 
 @pytest.mark.parametrize("check", ["page_matches", "_page_matches_py"])
