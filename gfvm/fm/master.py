@@ -666,6 +666,7 @@ class Master:
                 e2 = self.fm.file_entry(fs.fid)
                 if e2.members.get(node) == IN_SYNC:
                     raise Unavailable(f"could not mark {node} outdated: {exc}") from None
+            await self.fm.faults.hit("drop.after_commit")
             # the dropped node may still read its copy until its lease runs out
             await trio.sleep(self.fm.timing.lease)
         finally:
