@@ -443,6 +443,43 @@ def test_row10_corrupted_frames_are_rejected_nothing_corrupt_stored(tmp_path):
         c.close()
 
 
+def test_fsync_on_the_master_is_retried_when_a_member_cannot_be_dropped_at_once(tmp_path):
+    """A member that misses a FLUSH is dropped; when its drop cannot be committed at once (here
+    the fault point says Unavailable: the metadata leader not answering or the configuration
+    changed meanwhile, as row 10's corrupted link can cause), an fsync on the master is retried
+    like a write and acknowledged by the two good copies. It once failed with EIO at once: the
+    error left the fsync's nursery wrapped in an exception group, which the retry loop did not
+    recognise as "try again"."""
+    c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120})
+    try:
+        n1 = c["n1"]
+        path = n1.mount / "f"
+        write_file(path, b"".join(page(i) for i in range(16)))
+        fid = n1.where("f")["fid"]
+        # the member that misses the FLUSH is not the metadata leader (no election meanwhile)
+        victim, good = (c["n3"], c["n2"]) if n1.status()["leader"] == "n2" else (c["n2"], c["n3"])
+        arm(n1, "drop.before_commit", "unavailable")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(fd, page(1000), 0)  # acknowledged by all three
+            victim.proc.send_signal(signal.SIGSTOP)
+            try:
+                os.fsync(fd)  # the victim never acknowledges the FLUSH: it is dropped
+            finally:
+                victim.proc.send_signal(signal.SIGCONT)
+        finally:
+            os.close(fd)
+        text = n1.log.read_text()
+        assert "fault point drop.before_commit: unavailable" in text
+        assert f"dropping member {victim.name} from the in-sync set" in text
+        want = copy_bytes(n1, fid)
+        assert want[:4096] == page(1000) and copy_bytes(good, fid) == want
+        wait_for(lambda: victim.name in n1.where("f")["in_sync"], 60, what="the victim in sync")
+        wait_for(lambda: copy_bytes(victim, fid) == want, 30, what="the copy to equal ours")
+    finally:
+        c.close()
+
+
 def _tmpfs(path, size):
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
 

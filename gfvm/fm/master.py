@@ -607,11 +607,21 @@ class Master:
             except OSError as exc:
                 local_cut.append(exc)
 
+        # Our fsync runs beside the wait for the acks. What the wait raises is kept and raised
+        # after the nursery, as it is: raised inside it, it would leave wrapped in an exception
+        # group, and the caller would not retry an Unavailable (a member's drop that could not be
+        # committed yet) but fail the fsync with EIO at once.
+        acks_error: list[Exception] = []
         async with trio.open_nursery() as n:
             n.start_soon(local)
-            failed = await self._await_acks(fs, e, waits, expected)
+            try:
+                failed = await self._await_acks(fs, e, waits, expected)
+            except (GfvmError, OSError) as exc:
+                acks_error.append(exc)
         if isinstance(local_cut[0], OSError):
             raise local_cut[0]  # our own fsync failed: nothing is acknowledged
+        if acks_error:
+            raise acks_error[0]
         if not failed:
             fs.flushed_everywhere = flush_id
             fs.since_flush = {c: w for c, w in fs.since_flush.items() if w > cut}
