@@ -635,10 +635,15 @@ class Master:
 
     async def drop(self, fs, node: str, reason: str) -> None:
         """Marks in-sync member `node` outdated (it missed or may have missed a frame)."""
-        ev = fs.dropping.get(node)
-        if ev is not None:
+        # A drop of it under way is waited for, then this one goes on: that drop need not cover
+        # our caller's frame. It commits early and then waits out a lease; a resync may declare
+        # the member in sync meanwhile, and our caller's frame may be one that member refused
+        # or lost while being caught up (found here: returning after the wait acknowledged a
+        # write the member, back "in sync", never got). If the member is outdated by now, the
+        # checks below return at once; a resync under way loses it as a target (it may lack
+        # the frame) and starts again.
+        while (ev := fs.dropping.get(node)) is not None:
             await ev.wait()
-            return
         ev = fs.dropping[node] = trio.Event()
         try:
             fs.targets.pop(node, None)
