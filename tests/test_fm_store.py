@@ -357,6 +357,16 @@ def test_write_pages_runs_go_direct_and_read_back(store):
         assert lf.read(off, PAGE) == data[i * PAGE : (i + 1) * PAGE]
 
 
+def test_a_replicas_write_stays_in_the_page_cache(store):
+    store.create(9, "g1")
+    lf = store.open(9)
+    data = os.urandom(64 * PAGE)
+    lf.write(0, data, cached=True)
+    lf.write_pages([p * PAGE for p in range(64, 128)], data, cached=True)
+    assert _resident_pages(store.path_of(9) / "data", 128 * PAGE) == 128
+    assert lf.read(0, 64 * PAGE) == data and lf.read(64 * PAGE, 64 * PAGE) == data
+
+
 def test_without_o_direct_writes_go_through_the_page_cache(tmp_path):
     from gfvm.fm.store import write_data
 

@@ -23,15 +23,18 @@ double every write for nothing those copies do not already give. So, as DRBD's a
 - the size is the data file's length; info.json keeps the size at the last flush or truncate, so
   an external truncation (the data file shorter than that) is detected as damage at open.
 
-Data writes bypass the page cache (O_DIRECT) when they carry at least `DIRECT_MIN` bytes of whole
-pages: a copy is a paging file, i.e. a second copy of a process's memory on its master and a copy
-of other nodes' processes on a replica; caching it again in the page cache would take as much RAM
-again, and allocating those cache pages was the largest CPU cost of a replicated write (measured:
-0.6-1.5 ms per MiB for buffered writes into fresh page cache on our VMs, 0.1 ms for O_DIRECT from a
-reused aligned buffer). Smaller and unaligned pieces go through the page cache (the kernel keeps
-the two coherent: a direct write first writes back and drops cached pages of its range). Nothing
-else changes: durability still comes from the fsyncs of `flush`, and reads still use the page
-cache. A filesystem without O_DIRECT (EINVAL at open) gets buffered writes only.
+The master's large writes bypass the page cache (O_DIRECT) when they carry at least `DIRECT_MIN`
+bytes of whole pages; a replica's writes go through it (`cached=True`). Why: the master's copy is
+the paging file of a process that runs on this node and already holds those pages in its own
+memory, so caching them again takes as much RAM again for nothing, and allocating those cache pages
+was the largest CPU cost of a replicated write (measured: 0.6-1.5 ms per MiB for buffered writes
+into fresh page cache on our VMs, 0.1 ms for O_DIRECT from a reused aligned buffer). A replica's
+cached copy is the opposite: a warm standby, so that after a migration to that node its faults
+are served from memory (the kernel drops it when memory is needed). Smaller and unaligned pieces
+go through the page cache (the kernel keeps the two coherent: a direct write first writes back and
+drops cached pages of its range), and so do resync and repair chunks. Nothing else changes:
+durability still comes from the fsyncs of `flush`, and reads use the page cache. A filesystem
+without O_DIRECT (EINVAL at open) gets buffered writes only.
 
 Checksums are verified on every read (`LocalFile.read`): a page whose crc differs from its sum
 raises CorruptData naming the pages; it is never returned. A sum of 0 means "never written", and
@@ -499,8 +502,9 @@ class LocalFile:
         if len(self.sums) < npages:
             self.sums.extend([_HOLE] * (npages - len(self.sums)))
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        """Writes `data` at `offset` (any alignment) and updates the sums (blocks).
+    def write(self, offset: int, data: bytes | memoryview, *, cached: bool = False) -> None:
+        """Writes `data` at `offset` (any alignment) and updates the sums (blocks). `cached`:
+        keep the bytes in the page cache (a replica's write; see the module header).
 
         The touched extents are recorded in the intent log first.
         """
@@ -519,13 +523,15 @@ class LocalFile:
         with self.lock:
             self.wnum += 1
             self.hot.mark(set(range(hot_extent(offset), hot_extent(end - 1) + 1)), self.wnum)
-            write_data(self.fd, self.direct_fd, data, offset)
+            write_data(self.fd, None if cached else self.direct_fd, data, offset)
             if end > self.size:
                 self.size = end
             self._update_sums(offset, end, whole)
 
-    def write_pages(self, offsets: list[int] | tuple[int, ...], data: bytes | memoryview) -> None:
+    def write_pages(self, offsets: list[int] | tuple[int, ...], data: bytes | memoryview, *,
+                    cached: bool = False) -> None:
         """Writes len(offsets) whole pages: page i of `data` at byte offset offsets[i] (blocks).
+        `cached` as in `write`.
 
         Offsets must be page-aligned; adjacent pages are written with one pwrite."""
         mv = memoryview(data)
@@ -547,7 +553,7 @@ class LocalFile:
                 hot.update(range(hot_extent(offsets[i]), hot_extent(offsets[j - 1]) + 1))
             self.hot.mark(hot, self.wnum)
             for i, j in runs:  # one pwrite per run of adjacent pages
-                write_data(self.fd, self.direct_fd, mv[i * PAGE : j * PAGE], offsets[i])
+                write_data(self.fd, None if cached else self.direct_fd, mv[i * PAGE : j * PAGE], offsets[i])
             end = hi_off + PAGE
             if end > self.size:
                 self.size = end
@@ -619,7 +625,7 @@ class LocalFile:
             self.wnum += 1
             self.hot.mark({hot_extent(offset)}, self.wnum)
             if len(data):
-                write_data(self.fd, self.direct_fd, data, offset)
+                _pwrite_all(self.fd, data, offset)
             chunk_end = offset + len(data)
             first = offset >> PAGE_SHIFT
             npages = (chunk_end - offset + PAGE - 1) >> PAGE_SHIFT
