@@ -48,6 +48,7 @@ import errno
 import json
 import logging
 import os
+from functools import partial
 
 import trio
 
@@ -1072,9 +1073,9 @@ class Master:
         def apply_all() -> None:
             for msg in todo:
                 if isinstance(msg, m.ReplWrite):
-                    lf.write(msg.offset, msg.data)
+                    lf.write(msg.offset, msg.data, cached=True)
                 else:
-                    lf.write_pages(list(msg.offsets), msg.data)
+                    lf.write_pages(list(msg.offsets), msg.data, cached=True)
                 done.append(msg)
 
         failure: BaseException | None = None
@@ -1126,11 +1127,11 @@ class Master:
             lf = await fm.local(fs)
             if isinstance(msg, m.ReplWrite):
                 if (msg.epoch, msg.seq) > fs.applied:
-                    await fm.io(lf.write, msg.offset, msg.data)
+                    await fm.io(partial(lf.write, msg.offset, msg.data, cached=True))
                     fs.applied = (msg.epoch, msg.seq)
             elif isinstance(msg, m.ReplPages):
                 if (msg.epoch, msg.seq) > fs.applied:
-                    await fm.io(lf.write_pages, list(msg.offsets), msg.data)
+                    await fm.io(partial(lf.write_pages, list(msg.offsets), msg.data, cached=True))
                     fs.applied = (msg.epoch, msg.seq)
             elif isinstance(msg, m.ReplTruncate):
                 if (msg.epoch, msg.seq) > fs.applied:
