@@ -305,7 +305,22 @@ def _resident_pages(path, length: int) -> int:
         m.close()
 
 
-def test_large_aligned_write_leaves_no_copy_in_the_page_cache(store):
+@pytest.fixture
+def disk_store():
+    """A store on a disk-backed directory (/var/tmp): what O_DIRECT bypasses is only visible
+    there (on tmpfs the page cache is the storage)."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="gfvm-test-", dir="/var/tmp")
+    try:
+        yield LocalStore(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_large_aligned_write_leaves_no_copy_in_the_page_cache(disk_store):
+    store = disk_store
     from gfvm.fm.store import DIRECT_MIN
 
     store.create(9, "g1")
@@ -317,7 +332,8 @@ def test_large_aligned_write_leaves_no_copy_in_the_page_cache(store):
     assert lf.read(0, len(data)) == data  # and reads see it (from disk)
 
 
-def test_unaligned_large_write_splits_into_cached_edges_and_direct_middle(store):
+def test_unaligned_large_write_splits_into_cached_edges_and_direct_middle(disk_store):
+    store = disk_store
     from gfvm.fm.store import DIRECT_MIN
 
     store.create(9, "g1")
@@ -346,7 +362,8 @@ def test_direct_write_over_cached_dirty_pages_keeps_the_newest_bytes(store):
     assert (store.path_of(9) / "data").read_bytes() == bytes(want)
 
 
-def test_write_pages_runs_go_direct_and_read_back(store):
+def test_write_pages_runs_go_direct_and_read_back(disk_store):
+    store = disk_store
     store.create(9, "g1")
     lf = store.open(9)
     offsets = [p * PAGE for p in range(100, 164)] + [7 * PAGE]  # a 64-page run and a lone page
