@@ -443,6 +443,75 @@ def test_row10_corrupted_frames_are_rejected_nothing_corrupt_stored(tmp_path):
         c.close()
 
 
+def test_fsync_on_the_master_is_retried_when_a_member_cannot_be_dropped_at_once(tmp_path):
+    """A member that misses a FLUSH is dropped; when its drop cannot be committed at once (here
+    the fault point says Unavailable: the metadata leader not answering or the configuration
+    changed meanwhile, as row 10's corrupted link can cause), an fsync on the master is retried
+    like a write and acknowledged by the two good copies. It once failed with EIO at once: the
+    error left the fsync's nursery wrapped in an exception group, which the retry loop did not
+    recognise as "try again"."""
+    c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120})
+    try:
+        n1 = c["n1"]
+        path = n1.mount / "f"
+        write_file(path, b"".join(page(i) for i in range(16)))
+        fid = n1.where("f")["fid"]
+        # the member that misses the FLUSH is not the metadata leader (no election meanwhile)
+        victim, good = (c["n3"], c["n2"]) if n1.status()["leader"] == "n2" else (c["n2"], c["n3"])
+        arm(n1, "drop.before_commit", "unavailable")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(fd, page(1000), 0)  # acknowledged by all three
+            victim.proc.send_signal(signal.SIGSTOP)
+            try:
+                os.fsync(fd)  # the victim never acknowledges the FLUSH: it is dropped
+            finally:
+                victim.proc.send_signal(signal.SIGCONT)
+        finally:
+            os.close(fd)
+        text = n1.log.read_text()
+        assert "fault point drop.before_commit: unavailable" in text
+        assert f"dropping member {victim.name} from the in-sync set" in text
+        want = copy_bytes(n1, fid)
+        assert want[:4096] == page(1000) and copy_bytes(good, fid) == want
+        wait_for(lambda: victim.name in n1.where("f")["in_sync"], 60, what="the victim in sync")
+        wait_for(lambda: copy_bytes(victim, fid) == want, 30, what="the copy to equal ours")
+    finally:
+        c.close()
+
+
+def test_member_refusing_a_write_as_its_earlier_drop_ends_is_dropped_again(tmp_path):
+    """A member's drop still waiting out the lease after its commit does not cover a frame the
+    member refuses after a resync declared it in sync meanwhile (here: n3 reported its copy
+    lost, was dropped, and was resynced in full while that drop was held): the write that saw
+    the refusal drops it again. It once waited for the earlier drop and returned: the write was
+    acknowledged, n3 stayed "in sync" without it, and nothing brought it later."""
+    c = Cluster(tmp_path, 3, replicas=3, fm={"rereplicate_after": 120})
+    try:
+        n1, n2, n3 = c.nodes
+        write_file(n1.mount / "f", b"".join(page(i) for i in range(256)))
+        fid = n1.where("f")["fid"]
+        arm(n1, "drop.after_commit", "delay:6")
+        arm(n1, "resync.before_in_sync", "delay:2")
+        os.unlink(n3.copy_dir(fid) / "info.json")  # n3 reports its copy lost: dropped, held
+        wait_for(lambda: "fault point drop.after_commit" in n1.log.read_text(), 30,
+                 what="n3's drop to be committed")
+        wait_for(lambda: "fault point resync.before_in_sync" in n1.log.read_text(), 30,
+                 what="n3's resync to reach its end")
+        arm(n3, "member.before_apply", "error")
+        fd = os.open(n2.mount / "f", os.O_WRONLY)
+        try:
+            os.pwrite(fd, page(2000), 4 << 20)  # n3 refuses it (no fsync after it: nothing else
+        finally:  # tells the master that n3 lacks it)
+            os.close(fd)
+        wait_for(lambda: "n3" in n1.where("f")["in_sync"], 60, what="n3 in sync")
+        want = copy_bytes(n1, fid)
+        assert len(want) == (4 << 20) + 4096
+        wait_for(lambda: copy_bytes(n3, fid) == want, 30, what="n3's copy to equal n1's")
+    finally:
+        c.close()
+
+
 def _tmpfs(path, size):
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
 

@@ -418,3 +418,124 @@ def test_page_matches_with_and_without_the_native_layer(check):
     assert matches(tail, page_sum(tail + bytes(PAGE - 10)))  # the tail, zero-padded
     assert not matches(tail, page_sum(tail))
     assert matches(memoryview(_page_with_crc_zero(b"z")), 0xFFFFFFFF)
+
+
+# --- large writes bypass the page cache (O_DIRECT) ---------------------------------------------
+
+
+def _resident_pages(path, length: int) -> int:
+    """How many of the first `length` bytes' pages of `path` are in the page cache (mincore of a
+    shared mapping: mapping a file does not read it in)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    npages = (length + PAGE - 1) // PAGE
+    fd = os.open(path, os.O_RDWR)
+    try:
+        m = mmap.mmap(fd, length)
+    finally:
+        os.close(fd)
+    try:
+        anchor = ctypes.c_char.from_buffer(m)
+        vec = ctypes.create_string_buffer(npages)
+        rc = libc.mincore(ctypes.addressof(anchor), length, vec)
+        del anchor
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        return sum(b & 1 for b in vec.raw)
+    finally:
+        m.close()
+
+
+@pytest.fixture
+def disk_store():
+    """A store on a disk-backed directory (/var/tmp): what O_DIRECT bypasses is only visible
+    there (on tmpfs the page cache is the storage)."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="gfvm-test-", dir="/var/tmp")
+    try:
+        yield LocalStore(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_large_aligned_write_leaves_no_copy_in_the_page_cache(disk_store):
+    store = disk_store
+    from gfvm.fm.store import DIRECT_MIN
+
+    store.create(9, "g1")
+    lf = store.open(9)
+    assert lf.direct_fd is not None, "the test directory's filesystem has no O_DIRECT"
+    data = os.urandom(4 * DIRECT_MIN)
+    lf.write(0, data)
+    assert _resident_pages(store.path_of(9) / "data", len(data)) == 0
+    assert lf.read(0, len(data)) == data  # and reads see it (from disk)
+
+
+def test_unaligned_large_write_splits_into_cached_edges_and_direct_middle(disk_store):
+    store = disk_store
+    from gfvm.fm.store import DIRECT_MIN
+
+    store.create(9, "g1")
+    lf = store.open(9)
+    offset = 3 * PAGE + 100
+    data = os.urandom(2 * DIRECT_MIN + 2 * PAGE + 7)
+    lf.write(offset, data)
+    end = offset + len(data)
+    assert lf.size == end
+    resident = _resident_pages(store.path_of(9) / "data", end)
+    assert 1 <= resident <= 2  # the partial head and tail pages only
+    assert lf.read(0, end) == bytes(offset) + data
+
+
+def test_direct_write_over_cached_dirty_pages_keeps_the_newest_bytes(store):
+    store.create(9, "g1")
+    lf = store.open(9)
+    lf.write(PAGE + 10, b"old bytes, cached and dirty")  # small: through the page cache
+    new = os.urandom(64 * PAGE)
+    lf.write(0, new)  # direct, over the dirty cached page
+    lf.write(5 * PAGE + 1, b"small again")  # cached, inside the direct range
+    want = bytearray(new)
+    want[5 * PAGE + 1 : 5 * PAGE + 12] = b"small again"
+    assert lf.read(0, len(new)) == bytes(want)
+    lf.flush()
+    assert (store.path_of(9) / "data").read_bytes() == bytes(want)
+
+
+def test_write_pages_runs_go_direct_and_read_back(disk_store):
+    store = disk_store
+    store.create(9, "g1")
+    lf = store.open(9)
+    offsets = [p * PAGE for p in range(100, 164)] + [7 * PAGE]  # a 64-page run and a lone page
+    data = os.urandom(len(offsets) * PAGE)
+    lf.write_pages(offsets, data)
+    assert _resident_pages(store.path_of(9) / "data", 164 * PAGE) == 1  # the lone page only
+    for i, off in enumerate(offsets):
+        assert lf.read(off, PAGE) == data[i * PAGE : (i + 1) * PAGE]
+
+
+def test_a_replicas_write_stays_in_the_page_cache(store):
+    store.create(9, "g1")
+    lf = store.open(9)
+    data = os.urandom(64 * PAGE)
+    lf.write(0, data, cached=True)
+    lf.write_pages([p * PAGE for p in range(64, 128)], data, cached=True)
+    assert _resident_pages(store.path_of(9) / "data", 128 * PAGE) == 128
+    assert lf.read(0, 64 * PAGE) == data and lf.read(64 * PAGE, 64 * PAGE) == data
+
+
+def test_without_o_direct_writes_go_through_the_page_cache(tmp_path):
+    from gfvm.fm.store import write_data
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        data = os.urandom(1 << 20)
+        write_data(fd, None, data, 4096)
+        assert os.pread(fd, len(data), 4096) == data
+        assert _resident_pages(path, 4096 + len(data)) >= 256
+    finally:
+        os.close(fd)

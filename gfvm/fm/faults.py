@@ -9,6 +9,8 @@ or at run time through the control op `fm.fault` (`{"name": ..., "action": ...}`
 disarms). Actions:
     crash       the daemon dies at once (os._exit(137), as a SIGKILL would leave things)
     error       the step raises an I/O error (EIO)
+    unavailable the step fails for now (Unavailable: a peer or the metadata leader not
+                answering), as a transient condition would; callers retry until io_timeout
     delay:S     the step sleeps S seconds first
     hang        the step never completes
     stop        the daemon SIGSTOPs itself (a paused node; SIGCONT resumes it)
@@ -27,7 +29,7 @@ import sys
 
 import trio
 
-from gfvm.errors import UsageError
+from gfvm.errors import Unavailable, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ POINTS = {
     "promote.after_commit": "old master: epoch+1 committed, not yet reported",
     "drop.collect": "master: a member failed, the chunks it missed collected, not yet saved",
     "drop.before_commit": "master: a member failed, its removal not yet committed",
+    "drop.after_commit": "master: a member's removal committed, its lease not yet waited out",
     "recover.before_fetch": "restarted master: hot extents known, not yet fetched",
     "meta.before_append": "metadata: an op applied in memory, not yet persisted",
 }
@@ -76,7 +79,7 @@ class Faults:
             action, _, n = action.partition("@")
             nth = int(n)
         kind = action.split(":", 1)[0]
-        if kind not in ("crash", "error", "delay", "hang", "stop"):
+        if kind not in ("crash", "error", "unavailable", "delay", "hang", "stop"):
             raise UsageError(f"unknown fault action {action!r}")
         if kind == "delay":
             float(action.split(":", 1)[1])
@@ -117,6 +120,8 @@ class Faults:
             os._exit(137)
         if kind == "error":
             raise OSError(errno.EIO, f"fault point {name}")
+        if kind == "unavailable":
+            raise Unavailable(f"fault point {name}")
         if kind == "delay":
             await trio.sleep(float(action.split(":", 1)[1]))
         elif kind == "hang":

@@ -48,6 +48,7 @@ import errno
 import json
 import logging
 import os
+from functools import partial
 
 import trio
 
@@ -607,11 +608,21 @@ class Master:
             except OSError as exc:
                 local_cut.append(exc)
 
+        # Our fsync runs beside the wait for the acks. What the wait raises is kept and raised
+        # after the nursery, as it is: raised inside it, it would leave wrapped in an exception
+        # group, and the caller would not retry an Unavailable (a member's drop that could not be
+        # committed yet) but fail the fsync with EIO at once.
+        acks_error: list[Exception] = []
         async with trio.open_nursery() as n:
             n.start_soon(local)
-            failed = await self._await_acks(fs, e, waits, expected)
+            try:
+                failed = await self._await_acks(fs, e, waits, expected)
+            except (GfvmError, OSError) as exc:
+                acks_error.append(exc)
         if isinstance(local_cut[0], OSError):
             raise local_cut[0]  # our own fsync failed: nothing is acknowledged
+        if acks_error:
+            raise acks_error[0]
         if not failed:
             fs.flushed_everywhere = flush_id
             fs.since_flush = {c: w for c, w in fs.since_flush.items() if w > cut}
@@ -625,10 +636,15 @@ class Master:
 
     async def drop(self, fs, node: str, reason: str) -> None:
         """Marks in-sync member `node` outdated (it missed or may have missed a frame)."""
-        ev = fs.dropping.get(node)
-        if ev is not None:
+        # A drop of it under way is waited for, then this one goes on: that drop need not cover
+        # our caller's frame. It commits early and then waits out a lease; a resync may declare
+        # the member in sync meanwhile, and our caller's frame may be one that member refused
+        # or lost while being caught up (found here: returning after the wait acknowledged a
+        # write the member, back "in sync", never got). If the member is outdated by now, the
+        # checks below return at once; a resync under way loses it as a target (it may lack
+        # the frame) and starts again.
+        while (ev := fs.dropping.get(node)) is not None:
             await ev.wait()
-            return
         ev = fs.dropping[node] = trio.Event()
         try:
             fs.targets.pop(node, None)
@@ -666,6 +682,7 @@ class Master:
                 e2 = self.fm.file_entry(fs.fid)
                 if e2.members.get(node) == IN_SYNC:
                     raise Unavailable(f"could not mark {node} outdated: {exc}") from None
+            await self.fm.faults.hit("drop.after_commit")
             # the dropped node may still read its copy until its lease runs out
             await trio.sleep(self.fm.timing.lease)
         finally:
@@ -1056,9 +1073,9 @@ class Master:
         def apply_all() -> None:
             for msg in todo:
                 if isinstance(msg, m.ReplWrite):
-                    lf.write(msg.offset, msg.data)
+                    lf.write(msg.offset, msg.data, cached=True)
                 else:
-                    lf.write_pages(list(msg.offsets), msg.data)
+                    lf.write_pages(list(msg.offsets), msg.data, cached=True)
                 done.append(msg)
 
         failure: BaseException | None = None
@@ -1110,11 +1127,11 @@ class Master:
             lf = await fm.local(fs)
             if isinstance(msg, m.ReplWrite):
                 if (msg.epoch, msg.seq) > fs.applied:
-                    await fm.io(lf.write, msg.offset, msg.data)
+                    await fm.io(partial(lf.write, msg.offset, msg.data, cached=True))
                     fs.applied = (msg.epoch, msg.seq)
             elif isinstance(msg, m.ReplPages):
                 if (msg.epoch, msg.seq) > fs.applied:
-                    await fm.io(lf.write_pages, list(msg.offsets), msg.data)
+                    await fm.io(partial(lf.write_pages, list(msg.offsets), msg.data, cached=True))
                     fs.applied = (msg.epoch, msg.seq)
             elif isinstance(msg, m.ReplTruncate):
                 if (msg.epoch, msg.seq) > fs.applied:

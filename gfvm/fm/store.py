@@ -23,9 +23,23 @@ double every write for nothing those copies do not already give. So, as DRBD's a
 - the size is the data file's length; info.json keeps the size at the last flush or truncate, so
   an external truncation (the data file shorter than that) is detected as damage at open.
 
+The master's large writes bypass the page cache (O_DIRECT) when they carry at least `DIRECT_MIN`
+bytes of whole pages; a replica's writes go through it (`cached=True`). Why: the master's copy is
+the paging file of a process that runs on this node and already holds those pages in its own
+memory, so caching them again takes as much RAM again for nothing, and allocating those cache pages
+was the largest CPU cost of a replicated write (measured: 0.6-1.5 ms per MiB for buffered writes
+into fresh page cache on our VMs, 0.1 ms for O_DIRECT from a reused aligned buffer). A replica's
+cached copy is the opposite: a warm standby, so that after a migration to that node its faults
+are served from memory (the kernel drops it when memory is needed). Smaller and unaligned pieces
+go through the page cache (the kernel keeps the two coherent: a direct write first writes back and
+drops cached pages of its range), and so do resync and repair chunks. Nothing else changes:
+durability still comes from the fsyncs of `flush`, and reads use the page cache. A filesystem
+without O_DIRECT (EINVAL at open) gets buffered writes only.
+
 Checksums are verified on every read (`LocalFile.read`, `LocalFile.read_page`): a page whose crc
-differs from its sum raises CorruptData naming the pages; it is never returned. A sum of 0 means "never written", and
-the page must then read as zeros. crc32 values of 0 are stored as 0xFFFFFFFF so 0 stays free.
+differs from its sum raises CorruptData naming the pages; it is never returned. A sum of 0 means
+"never written", and the page must then read as zeros. crc32 values of 0 are stored as 0xFFFFFFFF
+so 0 stays free.
 
 Threads: every method here blocks (file I/O) and is safe to call from several threads at once;
 call them from worker threads (trio.to_thread.run_sync), never from the trio thread.
@@ -37,6 +51,7 @@ import array
 import errno
 import json
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -136,6 +151,77 @@ def page_sums(buf: bytes | bytearray | memoryview, n: int | None = None) -> arra
         return out
     return array.array("I", [zlib.crc32(mv[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT]) or 0xFFFFFFFF
                              for i in range(n)])
+
+
+#: a write with at least this many bytes of whole pages sends them with O_DIRECT (module header)
+DIRECT_MIN = 64 * 1024
+#: largest piece one direct pwrite sends (the size of a thread's bounce buffer)
+_DIRECT_PIECE = 8 << 20
+
+
+class _BounceBuffer(threading.local):
+    """One page-aligned buffer per thread for O_DIRECT writes (Python's bytes are not aligned).
+    It is reused for the thread's life on purpose: memory that stays touched is cheap to copy
+    into, fresh memory is not."""
+
+    buf: mmap.mmap | None = None
+
+    def get(self, n: int) -> mmap.mmap:
+        if self.buf is None or len(self.buf) < n:
+            if self.buf is not None:
+                self.buf.close()
+            self.buf = mmap.mmap(-1, max(n, 1 << 20))
+        return self.buf
+
+
+_bounce = _BounceBuffer()
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    written = os.pwrite(fd, data, offset)
+    if written != len(data):
+        raise OSError(errno.EIO, f"short write ({written} of {len(data)} bytes)")
+
+
+def _pwrite_direct(fd: int, data: memoryview, offset: int) -> None:
+    """Writes `data` (whole pages, `offset` page-aligned) through the O_DIRECT descriptor `fd`,
+    copied through this thread's bounce buffer up to `_DIRECT_PIECE` bytes at a time."""
+    for start in range(0, len(data), _DIRECT_PIECE):
+        piece = data[start : start + _DIRECT_PIECE]
+        n = len(piece)
+        with memoryview(_bounce.get(n)) as aligned:
+            aligned[:n] = piece
+            _pwrite_all(fd, aligned[:n], offset + start)
+
+
+def open_direct(path: Path | str) -> int | None:
+    """A read-write O_DIRECT descriptor of `path`, or None where the filesystem has no O_DIRECT."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return None
+
+
+def write_data(fd: int, direct_fd: int | None, data: bytes | memoryview, offset: int) -> None:
+    """Writes all of `data` at `offset` of a data file (blocks): the whole pages in the middle
+    with O_DIRECT through `direct_fd` when they are at least DIRECT_MIN bytes, the rest (and
+    everything when `direct_fd` is None) through `fd` and the page cache."""
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    end = offset + len(mv)
+    lo = (offset + PAGE - 1) & ~(PAGE - 1)  # the aligned middle: [lo, hi)
+    hi = end & ~(PAGE - 1)
+    if direct_fd is None or hi - lo < DIRECT_MIN:
+        _pwrite_all(fd, mv, offset)
+        return
+    if lo > offset:
+        _pwrite_all(fd, mv[: lo - offset], offset)
+    _pwrite_direct(direct_fd, mv[lo - offset : hi - offset], lo)
+    if end > hi:
+        _pwrite_all(fd, mv[hi - offset :], hi)
 
 
 def hot_extent(offset: int) -> int:
@@ -339,6 +425,8 @@ class LocalFile:
         if self.info.fid != fid:
             raise StoreError(f"{path}: info.json names file {self.info.fid}, expected {fid}")
         self.fd = os.open(path / "data", os.O_RDWR)
+        #: the same data file for large page-aligned writes (None: no O_DIRECT here)
+        self.direct_fd = open_direct(path / "data")
         self.sums_fd = os.open(path / "sums", os.O_RDWR)
         self.hot = IntentLog(path / "hot")
         raw = os.pread(self.sums_fd, os.fstat(self.sums_fd).st_size, 0)
@@ -477,8 +565,9 @@ class LocalFile:
         if len(self.sums) < npages:
             self.sums.extend([_HOLE] * (npages - len(self.sums)))
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        """Writes `data` at `offset` (any alignment) and updates the sums (blocks).
+    def write(self, offset: int, data: bytes | memoryview, *, cached: bool = False) -> None:
+        """Writes `data` at `offset` (any alignment) and updates the sums (blocks). `cached`:
+        keep the bytes in the page cache (a replica's write; see the module header).
 
         The touched extents are recorded in the intent log first.
         """
@@ -497,15 +586,15 @@ class LocalFile:
         with self.lock:
             self.wnum += 1
             self.hot.mark(set(range(hot_extent(offset), hot_extent(end - 1) + 1)), self.wnum)
-            written = os.pwrite(self.fd, data, offset)
-            if written != n:
-                raise OSError(errno.EIO, f"short write ({written} of {n} bytes)")
+            write_data(self.fd, None if cached else self.direct_fd, data, offset)
             if end > self.size:
                 self.size = end
             self._update_sums(offset, end, whole)
 
-    def write_pages(self, offsets: list[int] | tuple[int, ...], data: bytes | memoryview) -> None:
+    def write_pages(self, offsets: list[int] | tuple[int, ...], data: bytes | memoryview, *,
+                    cached: bool = False) -> None:
         """Writes len(offsets) whole pages: page i of `data` at byte offset offsets[i] (blocks).
+        `cached` as in `write`.
 
         Offsets must be page-aligned; adjacent pages are written with one pwrite."""
         mv = memoryview(data)
@@ -527,9 +616,7 @@ class LocalFile:
                 hot.update(range(hot_extent(offsets[i]), hot_extent(offsets[j - 1]) + 1))
             self.hot.mark(hot, self.wnum)
             for i, j in runs:  # one pwrite per run of adjacent pages
-                run = mv[i * PAGE : j * PAGE]
-                if os.pwrite(self.fd, run, offsets[i]) != len(run):
-                    raise OSError(errno.EIO, "short write")
+                write_data(self.fd, None if cached else self.direct_fd, mv[i * PAGE : j * PAGE], offsets[i])
             end = hi_off + PAGE
             if end > self.size:
                 self.size = end
@@ -601,7 +688,7 @@ class LocalFile:
             self.wnum += 1
             self.hot.mark({hot_extent(offset)}, self.wnum)
             if len(data):
-                os.pwrite(self.fd, data, offset)
+                _pwrite_all(self.fd, data, offset)
             chunk_end = offset + len(data)
             first = offset >> PAGE_SHIFT
             npages = (chunk_end - offset + PAGE - 1) >> PAGE_SHIFT
@@ -732,7 +819,9 @@ class LocalFile:
         return st.st_blocks * 512
 
     def close(self) -> None:
-        for fd in (self.fd, self.sums_fd):
+        for fd in (self.fd, self.direct_fd, self.sums_fd):
+            if fd is None:
+                continue
             try:
                 os.close(fd)
             except OSError:

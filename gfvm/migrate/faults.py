@@ -1,6 +1,6 @@
 """Named fault points of the migration, so tests can fail each step on purpose (RELIABILITY.md
 row 8). Same mechanism and actions as the File Manager's (gfvm/fm/faults.py: crash, error,
-delay:S, hang, stop, with @N and * suffixes), same variable:
+unavailable, delay:S, hang, stop, with @N and * suffixes), same variable:
 
     GFVM_FAULT="migrate.after_dump=crash"     (when gfvmd starts)
     control op `migrate.fault` {"name": ..., "action": ...}  (at run time; "" disarms)
