@@ -176,3 +176,28 @@ async def test_send_chunks_arrive_as_their_concatenation(nursery, tls):
         n.start_soon(client.send_chunks, chunks)
         got, _ = await read_exactly(server, len(want), 1 << 20)
     assert got == want
+
+
+async def test_large_send_chunks_both_ways_at_once_go_out_in_pieces_intact(nursery, tls):
+    # Each side sends several SEND_PIECE-sized frames (written to the socket piece by piece)
+    # while the other does the same: more than the socket buffers hold, so each sender waits
+    # for the other's reader; nothing may deadlock, reorder or be lost.
+    from gfvm.wire.tls import SEND_PIECE
+
+    client, server = await pair(nursery, tls)
+    out_c = [b"hdr1", os.urandom(SEND_PIECE), b"hdr2", os.urandom(3 * SEND_PIECE + 5), b"end"]
+    out_s = [os.urandom(2 * SEND_PIECE - 1), b"x", os.urandom(SEND_PIECE + 1)]
+    want_s, want_c = b"".join(out_c), b"".join(out_s)
+    got = {}
+
+    async def read(name, stream, n):
+        got[name], _ = await read_exactly(stream, n, 1 << 20)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            n.start_soon(client.send_chunks, out_c)
+            n.start_soon(server.send_chunks, out_s)
+            n.start_soon(read, "server", server, len(want_s))
+            n.start_soon(read, "client", client, len(want_c))
+    assert got["server"] == want_s
+    assert got["client"] == want_c
