@@ -713,6 +713,25 @@ def crc32_page_using(page: Any, impl: str) -> int:
 page_bytes_match: Callable[[bytes, int, int], int] = lib.gfvm_page_matches
 
 
+def pread_pages(fd: int, pages: array.array, out: Any, wants: array.array | None = None) -> int:
+    """Reads 4 KiB page pages[i] of `fd` into out[i*4096 : (i+1)*4096] for each i, checking it
+    against wants[i] (File Manager page sums; see `page_matches`) when `wants` is given.
+    `pages`: array("Q"); `wants`: array("I") of the same length; `out`: a writable buffer of at
+    least len(pages) pages. Returns len(pages) when every page was read whole (and matched);
+    else the index of the first page that was short (end of file) or did not match. Raises
+    OSError if a pread fails. One call for the whole batch, without the GIL; blocks on disk
+    I/O."""
+    n = len(pages)
+    if pages.typecode != "Q" or (wants is not None and (wants.typecode != "I" or len(wants) != n)):
+        raise ValueError("pread_pages: pages must be array('Q'), wants array('I') of the same length")
+    cout = ffi.from_buffer(out, require_writable=True)
+    if len(cout) < n * PAGE_SIZE:
+        raise ValueError(f"pread_pages: {n} pages need {n * PAGE_SIZE} bytes, the buffer has {len(cout)}")
+    cwants = ffi.NULL if wants is None else ffi.from_buffer("uint32_t[]", wants)
+    rc = lib.gfvm_pread_pages(fd, ffi.from_buffer("uint64_t[]", pages), n, cwants, cout)
+    return check(rc, "pread of pages")
+
+
 def page_matches(page: Any, want: int) -> bool:
     """Whether one page matches `want`, a page sum as the File Manager stores them: 0 = a hole
     (every byte must be zero), else zlib's CRC-32 of the page with 0 stored as 0xFFFFFFFF.

@@ -7,7 +7,8 @@ Measured in one run, on the same machine and filesystem:
   synchronous: one request at a time per writer); and R=2 the way the pager pages out
   (`fm.bench_pages`: one worker thread, FmBacking.write_pages of 8 MiB batches, then fsync);
 - random 4 KiB reads of a file whose in-sync copy is on the reading node (a replica): through
-  the FUSE mount, through the same-node API inside gfvmd (verified `LocalReader.read_page`, and
+  the FUSE mount, through the same-node API inside gfvmd (verified `LocalReader.read_page` one
+  page a call, the same pages in one verified `LocalReader.read_pages` call, and
   `pread` on `FmFile.local_fd`), and plain `pread` of the copy's backing file. Every read offset
   is distinct, so each FUSE read reaches the daemon; the backing file is in the page cache for all.
 
@@ -144,6 +145,7 @@ def measure(size_mib: int = 512, reads: int = 20000, out_dir: Path = Path("bench
         api = call(replica, "fm.bench_read", {"path": "bench-r2/f", "count": reads, "seed": 1})
         res["api_verified_s"], res["api_fd_s"] = api["api_verified_s"], api["api_fd_pread_s"]
         res["api_verified_cpu_s"], res["api_fd_cpu_s"] = api["api_verified_cpu_s"], api["api_fd_pread_cpu_s"]
+        res["api_batch_s"], res["api_batch_cpu_s"] = api["api_batch_s"], api["api_batch_cpu_s"]
         res["fuse_s"] = _random_reads(f"{mount[replica]}/bench-r2/f", slots)
         res["pread_again_s"] = _random_reads(backing, slots)
     finally:
@@ -158,6 +160,7 @@ def measure(size_mib: int = 512, reads: int = 20000, out_dir: Path = Path("bench
                        "R=2 pager page-out (API)": mb / res["pages_r2_s"]},
         "read_us_per_4k": {"plain pread": pread_us, "API pread(local_fd)": res["api_fd_s"] / n * 1e6,
                            "API LocalReader (verified)": res["api_verified_s"] / n * 1e6,
+                           "API read_pages (verified)": res["api_batch_s"] / n * 1e6,
                            "FUSE": res["fuse_s"] / n * 1e6},
     }
     res["results"]["cpu_ms_per_mib"] = {k: {"daemons": d / size_mib * 1e3, "writer": wr / size_mib * 1e3}
@@ -171,6 +174,8 @@ def measure(size_mib: int = 512, reads: int = 20000, out_dir: Path = Path("bench
         # the same two in one thread of gfvmd, best of three alternating rounds, thread CPU time:
         # the steadiest comparison on a shared machine
         "API verified / pread, same thread (CPU)": res["api_fd_cpu_s"] / res["api_verified_cpu_s"],
+        "API read_pages / pread": pread_us / r_["API read_pages (verified)"],
+        "API read_pages / pread, same thread (CPU)": res["api_fd_cpu_s"] / res["api_batch_cpu_s"],
         "API local_fd / pread": pread_us / r_["API pread(local_fd)"],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +200,9 @@ def print_table(res: dict) -> None:
           f"{t['R=2 / local write']:.0%}; R=2 page-out >= 400 MB/s: {t['R=2 page-out MB/s']:.0f} MB/s; "
           "same-node API >= 80% of pread: verified "
           f"{t['API verified / pread']:.0%}, local_fd {t['API local_fd / pread']:.0%}; "
-          f"verified / pread in one thread of gfvmd (CPU time) {t['API verified / pread, same thread (CPU)']:.0%}")
+          f"verified / pread in one thread of gfvmd (CPU time) {t['API verified / pread, same thread (CPU)']:.0%}; "
+          f"read_pages (verified, one call a batch) {t['API read_pages / pread']:.0%}, "
+          f"in one thread (CPU time) {t['API read_pages / pread, same thread (CPU)']:.0%}")
     print(f"JSON: {res['json']}")
 
 

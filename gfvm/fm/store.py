@@ -58,6 +58,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,8 +116,10 @@ try:  # the native layer checksums pages in C (PCLMULQDQ folding), without holdi
     from gfvm.native import crc32_pages as _crc32_pages
     from gfvm.native import page_bytes_match as _page_bytes_match
     from gfvm.native import page_matches as _page_matches
+    from gfvm.native import pread_pages as _pread_pages
 except (ImportError, AttributeError):  # not built here, or an older native layer
     _crc32_pages = None
+    _pread_pages = None
     _page_matches = _page_matches_py
 
     def _page_bytes_match(page: bytes, length: int, want: int) -> int:
@@ -507,6 +510,42 @@ class LocalFile:
         if not _page_bytes_match(data, len(data), want):
             data = self._read_page_locked(page)
         return data if len(data) == PAGE else data.ljust(PAGE, b"\0")
+
+    def read_pages(self, pages: Sequence[int], out: bytearray | memoryview | None = None
+                   ) -> bytearray | memoryview:
+        """Pages `pages` of the copy (any order, repeats allowed), verified, one after the other:
+        len(pages) * PAGE bytes, zeros past the end of the file, into `out` when given (a
+        writable buffer of at least that size; reuse one across calls: fresh memory costs a fault
+        per page) or a new bytearray. Returns the buffer. Blocks on disk I/O.
+
+        Raises CorruptData for a page that does not match its sum. The batch is read and checked
+        in one native call (a pread and a check per page, ~0.1 us above the plain pread, where a
+        Python call per page costs more than the check); a page it stops at (the end of the file,
+        a mismatch) goes through `read_page`, which retries under the lock."""
+        if self.damaged:
+            raise MissingCopy(f"file {self.fid}: local copy damaged ({self.damaged})")
+        n = len(pages)
+        if out is None:
+            out = bytearray(n * PAGE)
+        view = memoryview(out)
+        if view.nbytes < n * PAGE:
+            raise ValueError(f"{n} pages need {n * PAGE} bytes, the buffer has {view.nbytes}")
+        if _pread_pages is None:
+            for i, p in enumerate(pages):
+                view[i * PAGE : (i + 1) * PAGE] = self.read_page(p)
+            return out
+        where = array.array("Q", pages)
+        with self.lock:  # the sums as no writer is halfway (a read racing a write: see `read`)
+            sums, nsums = self.sums, len(self.sums)
+            wants = array.array("I", [sums[p] if p < nsums else _HOLE for p in where])
+        done = 0
+        while done < n:
+            done += _pread_pages(self.fd, where[done:] if done else where, view[done * PAGE :],
+                                 wants[done:] if done else wants)
+            if done < n:  # the end of the file, a page written meanwhile, or damage
+                view[done * PAGE : (done + 1) * PAGE] = self.read_page(where[done])
+                done += 1
+        return out
 
     def _read_page_locked(self, page: int) -> bytes:
         """read_page's second attempt, under the lock: a writer may have been between data and
