@@ -8,6 +8,7 @@ equals the process's memory (and that the workload still verifies its own memory
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -101,6 +102,51 @@ def test_background_flush_pages_out_cold_pages(pager, workload_bin, tmp_path):
         assert result.pages < 64  # almost everything was already out
     finally:
         wl.close()
+
+
+def test_page_written_between_scan_and_protection_walk_is_paged_out(workload_bin, tmp_path):
+    """A protection walk covers the gaps between the pages it was asked to protect, so it also
+    protects a page of a gap written after the tick's scan: that page must become dirty and
+    reach the paging file. The tick is run step by step on the worker (automatic ticks are an
+    hour apart) with the write in the middle."""
+    from gfvm.pager.tracker import PagerSettings
+
+    pager = make_pager(tmp_path, settings=PagerSettings(interval=3600))
+    try:
+        wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=256)
+        try:
+            conn.cmd("fill 0 256 1")
+            for _ in range(3):  # seen dirty, probed, then cold: everything paged out
+                tree.call(tree.run_tick)
+            assert tree.dirty_pages() == 0
+            conn.cmd("fill 10 1 2")
+            conn.cmd("fill 12 1 2")
+
+            def scan():
+                tree.tick += 1
+                tree.tick_times[tree.tick] = time.monotonic()
+                space = tree.spaces[conn.pid]
+                tree._scan(space)
+                return space
+
+            space = tree.call(scan)
+            page = (conn.region >> 12) + 11
+            assert page - 1 in space.hot and page not in space.hot
+            conn.cmd("fill 11 1 3")  # after the scan, between two pages about to be probed
+
+            def protect_and_flush():
+                tree._flush_space(space, tree._flush_candidates(space))
+                tree.pf.commit()
+
+            tree.call(protect_and_flush)
+            assert page in space.dirty
+            _, checked = frozen_flush_and_check(pager, tree)
+            assert checked >= 256
+            assert conn.cmd("verify") == "ok 256"
+        finally:
+            wl.close()
+    finally:
+        close_pager(pager)
 
 
 def test_threads_writing_in_parallel(pager, workload_bin, tmp_path):
