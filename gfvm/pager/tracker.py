@@ -142,7 +142,8 @@ class AddressSpace:
         self.buckets: dict[int, set[int]] = {}  # tick -> vpages first seen dirty then (lazy:
         #                                         a member may have been cleaned or re-dirtied)
         self.probe: dict[int, int] = {}  # dirty vpage -> tick it was protected, or -1: found hot
-        self.was_hot: set[int] = set()  # paged out at the hot bound: presumed hot when re-dirtied
+        self.was_hot: dict[int, int] = {}  # paged out at the hot bound (vpage -> tick): presumed
+        #                                   hot when re-dirtied, until quiet for a hot bound
         self.hot: set[int] = set()  # W: present pages written (unprotected) at the latest scan
         self.removed_since_flush = False  # a REMOVE/UNMAP happened: check presence at flush
         self.resolved = asid < TMP_ASID_BASE
@@ -942,10 +943,16 @@ class ManagedTree:
         to_probe = unprobed & written
         leftover = unprobed - written  # protected by us and not written since (flush failed)
         # A page that was still hot when the bound forced it out is presumed hot again: no probe
-        # (each probe costs the process a write fault), it goes out at the next bound.
+        # (each probe costs the process a write fault), it goes out at the next bound. It is
+        # forgotten once it has stayed clean for a whole hot bound since then (checked once per
+        # bound: a check right after the page-out would forget a page paused for one tick).
+        was_hot = space.was_hot
         if self.tick % bound_ticks == 0:
-            space.was_hot &= space.dirty.keys()  # forget pages that went quiet
-        presumed_hot = to_probe & space.was_hot
+            dirty = space.dirty
+            space.was_hot = was_hot = {
+                v: t for v, t in was_hot.items() if v in dirty or self.tick - t < bound_ticks
+            }
+        presumed_hot = to_probe & was_hot.keys()
         probe.update(dict.fromkeys(presumed_hot, -1))
         to_probe -= presumed_hot
         forced = space.due(self.tick - bound_ticks) & written
@@ -960,8 +967,9 @@ class ManagedTree:
         # Protected now: if a flush does not index one (an event raced with it), it is judged
         # cold at the next tick and flushed again.
         probe.update(dict.fromkeys(to_probe | forced, self.tick))
-        space.was_hot -= cold
-        space.was_hot |= forced
+        for v in cold & was_hot.keys():
+            del was_hot[v]
+        was_hot.update(dict.fromkeys(forced, self.tick))
         return sorted(cold | leftover | forced)
 
     # ------------------------------------------------------------------ paging out
@@ -1488,7 +1496,7 @@ def _child_space(
     space.dirty = dict(parent.dirty)  # the child's memory is the parent's: same pages unflushed
     space.buckets = {t: set(b) for t, b in parent.buckets.items()}
     space.probe = dict(parent.probe)
-    space.was_hot = set(parent.was_hot)
+    space.was_hot = dict(parent.was_hot)
     space.hot = set(parent.hot)
     space.removed_since_flush = parent.removed_since_flush
     space.resolved = False
