@@ -24,8 +24,10 @@ Per tick (every `interval` seconds):
      "cold dirty" and is paged out; if it was written again it is "hot" and waits, but no longer
      than `hot_bound` seconds after it was first seen dirty: then it is protected and paged out.
      A dirty page that is not in W (we protected it and its flush did not go through) is paged
-     out at once. A page forced out while hot is presumed hot when it is dirtied again (no
-     probe), so a page written all the time costs one protection per `hot_bound`.
+     out at once. A page forced out while hot and written again by the next tick is presumed
+     hot (no probe), so a page written all the time costs one protection per `hot_bound`.
+     Recently hot pages dirtied again after a pause are probed by sample: the others wait one
+     tick and follow the sample (presumed hot, or probed then; see `_flush_candidates`).
   Protection walks cover runs of pages joined across small gaps (`_protect`); a walk also
   protects the pages in those gaps that were written since their last protection. It reports
   them, and they become dirty (and probed, or paged out with the forced pages they sit among):
@@ -143,8 +145,10 @@ class AddressSpace:
         self.buckets: dict[int, set[int]] = {}  # tick -> vpages first seen dirty then (lazy:
         #                                         a member may have been cleaned or re-dirtied)
         self.probe: dict[int, int] = {}  # dirty vpage -> tick it was protected, or -1: found hot
-        self.was_hot: dict[int, int] = {}  # paged out at the hot bound (vpage -> tick): presumed
-        #                                   hot when re-dirtied, until quiet for a hot bound
+        self.was_hot: dict[int, int] = {}  # vpage -> tick it was paged out at the hot bound
+        #                      while hot (see _flush_candidates)
+        self.sampled: tuple[set[int], set[int]] | None = None  # (probed sample, pages waiting
+        #                      on it) of recently hot pages dirtied again at the last tick
         self.hot: set[int] = set()  # W: present pages written (unprotected) at the latest scan
         self.removed_since_flush = False  # a REMOVE/UNMAP happened: check presence at flush
         self.resolved = asid < TMP_ASID_BASE
@@ -944,17 +948,39 @@ class ManagedTree:
         unprobed = space.dirty.keys() - probe.keys()
         to_probe = unprobed & written
         leftover = unprobed - written  # protected by us and not written since (flush failed)
-        # A page that was still hot when the bound forced it out is presumed hot again: no probe
-        # (each probe costs the process a write fault), it goes out at the next bound. It is
-        # forgotten once it has stayed clean for a whole hot bound since then (checked once per
-        # bound: a check right after the page-out would forget a page paused for one tick).
+        # Pages forced out at the bound while hot are remembered in was_hot (vpage -> tick).
+        # One written again by the very next tick showed it is still hot (the forced protection
+        # was its probe): presumed hot, no probe (each probe costs the process a write fault),
+        # it goes out at the next bound. Recently hot pages dirtied again after a pause are
+        # probed by sample (see SAMPLE_*): the others wait one tick and are presumed hot if
+        # most of the sample was written again, else probed then. was_hot forgets a page once
+        # it has stayed clean for two hot bounds (checked once per bound).
         was_hot = space.was_hot
         if self.tick % bound_ticks == 0:
             dirty = space.dirty
             space.was_hot = was_hot = {
-                v: t for v, t in was_hot.items() if v in dirty or self.tick - t < bound_ticks
+                v: t for v, t in was_hot.items() if v in dirty or self.tick - t < 2 * bound_ticks
             }
-        presumed_hot = to_probe & was_hot.keys()
+        presumed_hot: set[int] = set()
+        waited: set[int] = set()
+        if space.sampled is not None:  # last tick's deferred pages: judged by their sample
+            sample, waited = space.sampled
+            space.sampled = None
+            waited &= to_probe  # still dirty, unprobed, written
+            judged = sample & probed
+            if waited and judged and 2 * len(judged & written) >= len(judged):
+                presumed_hot |= waited
+        recent = (to_probe - waited) & was_hot.keys()  # a page waits at most one tick
+        if recent:
+            tick = self.tick
+            presumed_hot |= {v for v in recent if was_hot[v] == tick - 1}
+            paused = recent - presumed_hot
+            if len(paused) >= SAMPLE_MIN_PAGES:
+                sample = {v for v in paused if not (v >> SAMPLE_BLOCK_SHIFT) % SAMPLE_EVERY}
+                if sample:
+                    deferred = paused - sample
+                    to_probe -= deferred
+                    space.sampled = (sample, deferred)
         probe.update(dict.fromkeys(presumed_hot, -1))
         to_probe -= presumed_hot
         forced = space.due(self.tick - bound_ticks) & written
@@ -1147,6 +1173,7 @@ class ManagedTree:
                 self._protect(space, space.hot)  # pages written since the scan: dirty too
                 space.hot = set()  # everything is protected now
                 space.probe.clear()
+                space.sampled = None
                 r = self._flush_space(space, sorted(space.dirty))
             except ProcessLookupError:
                 self._forget_space(space, "exited")
@@ -1519,6 +1546,7 @@ def _child_space(
     space.buckets = {t: set(b) for t, b in parent.buckets.items()}
     space.probe = dict(parent.probe)
     space.was_hot = dict(parent.was_hot)
+    space.sampled = None  # its pages waiting on a sample are simply probed at the next tick
     space.hot = set(parent.hot)
     space.removed_since_flush = parent.removed_since_flush
     space.resolved = False
@@ -1612,6 +1640,15 @@ def _minus_pages(ranges: list[tuple[int, int]], pages: set[int]) -> list[tuple[i
 #: keeps walks out of large unpopulated areas, where write-protection markers would be installed.
 PROTECT_GAP_PAGES = 64
 PROTECT_GAP_WRITTEN = 8
+
+#: Recently hot pages dirtied again after a pause (at least SAMPLE_MIN_PAGES of them in a tick):
+#: only those in one 64-page block out of SAMPLE_EVERY are probed; the others wait one tick and
+#: follow the sample's majority (a writer that pauses and resumes then pays a probe fault for a
+#: sixteenth of its pages, and pages that went cold are still probed, a tick later). Whole
+#: blocks keep the sample's protection walks few (see PROTECT_GAP_PAGES).
+SAMPLE_BLOCK_SHIFT = 6
+SAMPLE_EVERY = 16
+SAMPLE_MIN_PAGES = 1024
 
 
 def _protect_ranges(vpages: list[int], written: set[int]) -> list[tuple[int, int]]:
