@@ -1058,8 +1058,7 @@ class ManagedTree:
         """The two read buffers of _flush_space, at least `size` bytes each. Kept from one flush
         to the next (at most 2 x batch_pages pages per tree): fresh ones cost the kernel a
         fault and a zeroed page for every 4 KiB at each flush (~7 ms per 16 MiB here), and
-        memory the guest has not used lately is slower still. Page-aligned (mmap), so the
-        backing can write them with O_DIRECT. Worker only."""
+        memory the guest has not used lately is slower still. Worker only."""
         if not self._read_bufs or len(self._read_bufs[0]) < size:
             # the old ones are unmapped once no view of them is left
             self._read_bufs = [mmap.mmap(-1, size) for _ in range(2)]
