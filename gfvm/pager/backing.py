@@ -106,25 +106,45 @@ class LocalFile:
     def write_pages(self, offsets: Sequence[int], data: memoryview) -> None:
         if len(data) != len(offsets) * PAGE_SIZE:
             raise ValueError("write_pages: data is not len(offsets) pages")
-        order = sorted(range(len(offsets)), key=offsets.__getitem__)
-        run: list[memoryview] = []
+        data = memoryview(data)
+        n = len(offsets)
+        first = offsets[0] if n else 0
+        if (
+            n
+            and first % PAGE_SIZE == 0
+            and offsets[-1] == first + (n - 1) * PAGE_SIZE
+            and list(offsets) == list(range(first, first + n * PAGE_SIZE, PAGE_SIZE))
+        ):
+            # The usual case (fresh slots are allocated in order): no per-page Python work.
+            for i in range(0, n, IOV_MAX):
+                self._pwritev_all(data, [(i, min(IOV_MAX, n - i))], first + i * PAGE_SIZE)
+            return
+        # One pwritev per run of consecutive file offsets, one iovec per stretch of pages that
+        # are consecutive in `data` too.
+        order = sorted(range(n), key=offsets.__getitem__)
+        iov: list[tuple[int, int]] = []  # (first page in data, pages)
         run_start = run_next = -1
         for i in order:
             off = offsets[i]
             if off % PAGE_SIZE:
                 raise ValueError(f"write_pages: offset {off} is not page-aligned")
-            if run and (off != run_next or len(run) == IOV_MAX):
-                self._pwritev_all(run, run_start)
-                run = []
-            if not run:
-                run_start = off
-            run.append(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+            if iov and off == run_next and i == iov[-1][0] + iov[-1][1]:
+                iov[-1] = (iov[-1][0], iov[-1][1] + 1)
+            else:
+                if iov and (off != run_next or len(iov) == IOV_MAX):
+                    self._pwritev_all(data, iov, run_start)
+                    iov = []
+                if not iov:
+                    run_start = off
+                iov.append((i, 1))
             run_next = off + PAGE_SIZE
-        if run:
-            self._pwritev_all(run, run_start)
+        if iov:
+            self._pwritev_all(data, iov, run_start)
 
-    def _pwritev_all(self, bufs: list[memoryview], offset: int) -> None:
-        total = PAGE_SIZE * len(bufs)
+    def _pwritev_all(self, data: memoryview, iov: list[tuple[int, int]], offset: int) -> None:
+        """Writes the stretches (first page, pages) of `data` one after the other at `offset`."""
+        bufs = [data[i * PAGE_SIZE : (i + n) * PAGE_SIZE] for i, n in iov]
+        total = PAGE_SIZE * sum(n for _, n in iov)
         done = os.pwritev(self._fd, bufs, offset)
         if done != total:  # short write (rare): finish with plain pwrite
             joined = b"".join(bufs)

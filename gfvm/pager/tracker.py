@@ -24,7 +24,15 @@ Per tick (every `interval` seconds):
      "cold dirty" and is paged out; if it was written again it is "hot" and waits, but no longer
      than `hot_bound` seconds after it was first seen dirty: then it is protected and paged out.
      A dirty page that is not in W (we protected it and its flush did not go through) is paged
-     out at once. So a page written all the time costs two protections per `hot_bound`.
+     out at once. A page forced out while hot and written again by the next tick is presumed
+     hot (no probe), so a page written all the time costs one protection per `hot_bound`.
+     Recently hot pages dirtied again after a pause are probed by sample: the others wait one
+     tick and follow the sample (presumed hot, or probed then; see `_flush_candidates`).
+  Protection walks cover runs of pages joined across small gaps (`_protect`); a walk also
+  protects the pages in those gaps that were written since their last protection. It reports
+  them, and they become dirty (and probed, or paged out with the forced pages they sit among):
+  every page we protect is either paged out after the protection or dirty in our books, so no
+  write is lost.
 Paging out: read the pages with process_vm_readv after they were protected (a write racing with the
 read makes them written, hence dirty, again), write them to fresh slots, fsync, then index them: in
 the C index of the fault loop and in the paging file's log (committed = fsynced).
@@ -62,6 +70,7 @@ import concurrent.futures
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import queue
 import select
@@ -136,7 +145,10 @@ class AddressSpace:
         self.buckets: dict[int, set[int]] = {}  # tick -> vpages first seen dirty then (lazy:
         #                                         a member may have been cleaned or re-dirtied)
         self.probe: dict[int, int] = {}  # dirty vpage -> tick it was protected, or -1: found hot
-        self.was_hot: set[int] = set()  # paged out at the hot bound: presumed hot when re-dirtied
+        self.was_hot: dict[int, int] = {}  # vpage -> tick it was paged out at the hot bound
+        #                      while hot (see _flush_candidates)
+        self.sampled: tuple[set[int], set[int]] | None = None  # (probed sample, pages waiting
+        #                      on it) of recently hot pages dirtied again at the last tick
         self.hot: set[int] = set()  # W: present pages written (unprotected) at the latest scan
         self.removed_since_flush = False  # a REMOVE/UNMAP happened: check presence at flush
         self.resolved = asid < TMP_ASID_BASE
@@ -246,6 +258,7 @@ class ManagedTree:
         self._writer = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"gfvm-write-{rec.id}"
         )
+        self._read_bufs: list[mmap.mmap] = []  # see _flush_buffers
         self._thread: threading.Thread | None = None
         self._stop = False
         self._tmp_next = 0
@@ -886,12 +899,40 @@ class ManagedTree:
         self.counters.scans += 1
         self.counters.last_scan_s = time.monotonic() - t0
 
-    def _protect(self, space: AddressSpace, vpages: list[int]) -> None:
-        """Write-protects the pages (runs); a later write makes them written again. A range that
-        vanished meanwhile is skipped (the scan walks only what is mapped and registered)."""
-        for start, end in _runs_to_ranges(sorted(vpages)):
-            native.scan_written(space.pagemap_fd, start, end, reprotect=True, check_wpasync=False)
-        self.counters.protections += len(vpages)
+    def _protect(self, space: AddressSpace, vpages: Iterable[int]) -> set[int]:
+        """Write-protects the pages; a later write makes them written again. A range that
+        vanished meanwhile is skipped (the scan walks only what is mapped and registered).
+
+        Each walk is one ioctl and, while the process runs on another CPU, one TLB-flush IPI
+        to it per page table touched: pages scattered by random writes made thousands of walks
+        per tick. So runs closer than PROTECT_GAP_PAGES, with at most PROTECT_GAP_WRITTEN pages
+        of W between them, are protected in one walk. The walk protects every page written
+        since its last protection in the range, so it may protect pages it was not asked to:
+        those it reports are returned (present ones only: the others hold nothing) and are
+        made dirty at this tick here, so that no write is ever lost from the books; the caller
+        decides whether they are probed or paged out."""
+        wanted = vpages if isinstance(vpages, (set, frozenset)) else set(vpages)
+        extra: set[int] = set()
+        for start, end in _protect_ranges(sorted(wanted), space.hot):
+            for region in native.scan_written(
+                space.pagemap_fd,
+                start,
+                end,
+                reprotect=True,
+                check_wpasync=False,
+                return_mask=native.PAGE_IS_WRITTEN | native.PAGE_IS_PRESENT,
+            ):
+                if region.categories & native.PAGE_IS_PRESENT:
+                    first, last = region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT
+                    if last - first == 1:
+                        if first not in wanted:
+                            extra.add(first)
+                    else:
+                        extra.update(v for v in range(first, last) if v not in wanted)
+        if extra:
+            space.add_dirty(extra, self.tick)
+        self.counters.protections += len(wanted) + len(extra)
+        return extra
 
     def _flush_candidates(self, space: AddressSpace) -> list[int]:
         """Probes new dirty pages, judges probed ones, and returns the (protected) pages to page
@@ -907,20 +948,56 @@ class ManagedTree:
         unprobed = space.dirty.keys() - probe.keys()
         to_probe = unprobed & written
         leftover = unprobed - written  # protected by us and not written since (flush failed)
-        # A page that was still hot when the bound forced it out is presumed hot again: no probe
-        # (each probe costs the process a write fault), it goes out at the next bound.
+        # Pages forced out at the bound while hot are remembered in was_hot (vpage -> tick).
+        # One written again by the very next tick showed it is still hot (the forced protection
+        # was its probe): presumed hot, no probe (each probe costs the process a write fault),
+        # it goes out at the next bound. Recently hot pages dirtied again after a pause are
+        # probed by sample (see SAMPLE_*): the others wait one tick and are presumed hot if
+        # most of the sample was written again, else probed then. was_hot forgets a page once
+        # it has stayed clean for two hot bounds (checked once per bound).
+        was_hot = space.was_hot
         if self.tick % bound_ticks == 0:
-            space.was_hot &= space.dirty.keys()  # forget pages that went quiet
-        presumed_hot = to_probe & space.was_hot
+            dirty = space.dirty
+            space.was_hot = was_hot = {
+                v: t for v, t in was_hot.items() if v in dirty or self.tick - t < 2 * bound_ticks
+            }
+        presumed_hot: set[int] = set()
+        waited: set[int] = set()
+        if space.sampled is not None:  # last tick's deferred pages: judged by their sample
+            sample, waited = space.sampled
+            space.sampled = None
+            waited &= to_probe  # still dirty, unprobed, written
+            judged = sample & probed
+            if waited and judged and 2 * len(judged & written) >= len(judged):
+                presumed_hot |= waited
+        recent = (to_probe - waited) & was_hot.keys()  # a page waits at most one tick
+        if recent:
+            tick = self.tick
+            presumed_hot |= {v for v in recent if was_hot[v] == tick - 1}
+            paused = recent - presumed_hot
+            if len(paused) >= SAMPLE_MIN_PAGES:
+                sample = {v for v in paused if not (v >> SAMPLE_BLOCK_SHIFT) % SAMPLE_EVERY}
+                if sample:
+                    deferred = paused - sample
+                    to_probe -= deferred
+                    space.sampled = (sample, deferred)
         probe.update(dict.fromkeys(presumed_hot, -1))
         to_probe -= presumed_hot
         forced = space.due(self.tick - bound_ticks) & written
         to_probe -= forced
-        if to_probe or forced:
-            self._protect(space, list(to_probe | forced))
-        probe.update(dict.fromkeys(to_probe, self.tick))
-        space.was_hot -= cold
-        space.was_hot |= forced
+        if forced:
+            # Pages protected along with them (see _protect) are dirty and protected: they go
+            # out now too, which also puts interleaved hot pages on one bound cycle.
+            forced |= self._protect(space, forced)
+            to_probe -= forced
+        if to_probe:
+            to_probe |= self._protect(space, to_probe) - forced  # protected along: probed
+        # Protected now: if a flush does not index one (an event raced with it), it is judged
+        # cold at the next tick and flushed again.
+        probe.update(dict.fromkeys(to_probe | forced, self.tick))
+        for v in cold & was_hot.keys():
+            del was_hot[v]
+        was_hot.update(dict.fromkeys(forced, self.tick))
         return sorted(cold | leftover | forced)
 
     # ------------------------------------------------------------------ paging out
@@ -943,7 +1020,7 @@ class ManagedTree:
         batch = self.settings.batch_pages
         # Double buffering: the writer thread writes batch i while this thread reads and
         # checksums batch i+1 (pwritev and crc32_pages release the GIL).
-        bufs = [bytearray(min(batch, len(vpages)) * PAGE_SIZE) for _ in range(2)]
+        bufs = self._flush_buffers(min(batch, len(vpages)) * PAGE_SIZE)
         writes: list[Any] = [None, None]
         try:
             for n, i in enumerate(range(0, len(vpages), batch)):
@@ -976,6 +1053,16 @@ class ManagedTree:
         self.counters.flushes += 1
         self.counters.last_flush_s = result.seconds
         return result
+
+    def _flush_buffers(self, size: int) -> list[mmap.mmap]:
+        """The two read buffers of _flush_space, at least `size` bytes each. Kept from one flush
+        to the next (at most 2 x batch_pages pages per tree): fresh ones cost the kernel a
+        fault and a zeroed page for every 4 KiB at each flush (~7 ms per 16 MiB here), and
+        memory the guest has not used lately is slower still. Worker only."""
+        if not self._read_bufs or len(self._read_bufs[0]) < size:
+            # the old ones are unmapped once no view of them is left
+            self._read_bufs = [mmap.mmap(-1, size) for _ in range(2)]
+        return self._read_bufs
 
     def _present_only(self, space: AddressSpace, vpages: list[int]) -> list[int]:
         """Drops from `vpages` (and from dirty) the pages that are no longer present."""
@@ -1020,29 +1107,37 @@ class ManagedTree:
     def _index_batch(self, space: AddressSpace, staged: StagedPages, seq: int | None) -> list[int]:
         """Indexes a durable staged batch, except pages an event may have raced with (they stay
         dirty). Returns the accepted vpages (no longer dirty unless written again)."""
+        accepted: list[int] | None  # positions in the batch; None: all (the usual case)
         if space.cindex is not None:
+            addresses = [v << PAGE_SHIFT for v in staged.vpages]
             try:
-                skipped = set(
-                    space.cindex.set_many(
-                        [v << PAGE_SHIFT for v in staged.vpages],
-                        staged.slots,
-                        crcs=staged.crcs,  # the fault loop verifies them before serving
-                        unless_changed_since=seq,
-                    )
+                skipped = space.cindex.set_many(
+                    addresses,
+                    staged.slots,
+                    crcs=staged.crcs,  # the fault loop verifies them before serving
+                    unless_changed_since=seq,
                 )
             except OSError as exc:
                 if exc.errno != errno.ESTALE:
                     raise
-                skipped = {v << PAGE_SHIFT for v in staged.vpages}  # too much changed: retry later
-            accepted = [i for i, v in enumerate(staged.vpages) if v << PAGE_SHIFT not in skipped]
+                skipped = addresses  # too much changed: retry later
+            if skipped:
+                skip = set(skipped)
+                accepted = [i for i, a in enumerate(addresses) if a not in skip]
+            else:
+                accepted = None
         else:
             self._drain_events_only()
             raced = set(self._touched(space, self._racing))
             accepted = [i for i, v in enumerate(staged.vpages) if v not in raced]
         self.pf.put(staged, accepted)
-        vpages = [staged.vpages[i] for i in accepted]
-        for v in vpages:  # written after its protection? then the next scan sees it again
-            space.clean(v)
+        vpages = staged.vpages if accepted is None else [staged.vpages[i] for i in accepted]
+        # No longer dirty (space.clean, inlined: this runs for every page paged out). Written
+        # after its protection? Then the next scan sees it again.
+        dirty_pop, probe_pop = space.dirty.pop, space.probe.pop
+        for v in vpages:
+            dirty_pop(v, None)
+            probe_pop(v, None)
         return vpages
 
     def _drain_events_only(self) -> None:
@@ -1074,9 +1169,10 @@ class ManagedTree:
             try:
                 self._register_vmas(space)
                 self._scan(space)
-                self._protect(space, list(space.hot))
+                self._protect(space, space.hot)  # pages written since the scan: dirty too
                 space.hot = set()  # everything is protected now
                 space.probe.clear()
+                space.sampled = None
                 r = self._flush_space(space, sorted(space.dirty))
             except ProcessLookupError:
                 self._forget_space(space, "exited")
@@ -1398,6 +1494,7 @@ class ManagedTree:
         """Stops the fault loop and closes our fds (the keeper's copies keep the uffds alive
         unless the tree ended)."""
         self._writer.shutdown(wait=True)
+        self._read_bufs = []
         try:
             self.loop.close()
         except Exception:  # noqa: BLE001
@@ -1447,7 +1544,8 @@ def _child_space(
     space.dirty = dict(parent.dirty)  # the child's memory is the parent's: same pages unflushed
     space.buckets = {t: set(b) for t, b in parent.buckets.items()}
     space.probe = dict(parent.probe)
-    space.was_hot = set(parent.was_hot)
+    space.was_hot = dict(parent.was_hot)
+    space.sampled = None  # its pages waiting on a sample are simply probed at the next tick
     space.hot = set(parent.hot)
     space.removed_since_flush = parent.removed_since_flush
     space.resolved = False
@@ -1532,6 +1630,44 @@ def _minus_pages(ranges: list[tuple[int, int]], pages: set[int]) -> list[tuple[i
         if start < end:
             out.append((start, end))
     return out
+
+
+#: _protect joins two runs of pages into one walk when the gap between them is at most this many
+#: pages and at most PROTECT_GAP_WRITTEN of them are written (protecting one of those costs the
+#: process a write fault if it writes it again, ~1 us, against ~15 us for one more walk plus the
+#: TLB-flush IPI it sends; pages not written are skipped by the walk at no cost). The gap limit
+#: keeps walks out of large unpopulated areas, where write-protection markers would be installed.
+PROTECT_GAP_PAGES = 64
+PROTECT_GAP_WRITTEN = 8
+
+#: Recently hot pages dirtied again after a pause (at least SAMPLE_MIN_PAGES of them in a tick):
+#: only those in one 64-page block out of SAMPLE_EVERY are probed; the others wait one tick and
+#: follow the sample's majority (a writer that pauses and resumes then pays a probe fault for a
+#: sixteenth of its pages, and pages that went cold are still probed, a tick later). Whole
+#: blocks keep the sample's protection walks few (see PROTECT_GAP_PAGES).
+SAMPLE_BLOCK_SHIFT = 6
+SAMPLE_EVERY = 16
+SAMPLE_MIN_PAGES = 1024
+
+
+def _protect_ranges(vpages: list[int], written: set[int]) -> list[tuple[int, int]]:
+    """Address ranges covering the sorted `vpages`, runs joined across small gaps (see above)."""
+    ranges: list[list[int]] = []  # [first vpage, last vpage + 1]
+    for v in vpages:
+        if ranges:
+            last = ranges[-1]
+            gap = v - last[1]
+            if gap <= 0:
+                last[1] = v + 1
+                continue
+            if gap <= PROTECT_GAP_PAGES and (
+                gap <= PROTECT_GAP_WRITTEN
+                or sum(1 for g in range(last[1], v) if g in written) <= PROTECT_GAP_WRITTEN
+            ):
+                last[1] = v + 1
+                continue
+        ranges.append([v, v + 1])
+    return [(a << PAGE_SHIFT, b << PAGE_SHIFT) for a, b in ranges]
 
 
 def _runs_to_ranges(vpages: list[int]) -> list[tuple[int, int]]:
