@@ -1,0 +1,65 @@
+"""The metadata log under cancellation: three File Managers in the test's own trio loop (as in
+test_fm_api.py), their real Consensus objects, a fault point to hold an op in the middle of
+being applied, and a cancel delivered right there.
+
+An op the leader has applied locally must reach the followers: otherwise the leader's metadata
+holds an op no other node ever gets, and the nodes disagree for good (seen as a rolled-back
+migration whose source believed the target master of a file, and the target the source)."""
+
+from __future__ import annotations
+
+import trio
+
+from gfvm.fm.consensus import LEADER
+from test_fm_api import trio_cluster
+
+
+async def _cancel_while_applying(files, op) -> None:
+    """Runs `op()` and cancels it once the node is inside applying a metadata op (held there
+    by the fault point for a second)."""
+    faults = files.fm.faults
+    before = faults.hits.get("meta.before_effects", 0)
+    faults.arm("meta.before_effects", "delay:1")
+    scope = trio.CancelScope()
+
+    async def run() -> None:
+        with scope:
+            await op()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run)
+        while faults.hits.get("meta.before_effects", 0) == before:
+            await trio.sleep(0.005)
+        scope.cancel()
+
+
+async def _all_agree(nodes) -> None:
+    """Every node caught up with the leader; their metadata is identical."""
+    for files in nodes.values():
+        await files.fm.consensus.sync()
+    states = {name: (f.fm.consensus.last, f.fm.consensus.state.to_dict()) for name, f in nodes.items()}
+    first = next(iter(states.values()))
+    assert all(s == first for s in states.values()), {n: s[0] for n, s in states.items()}
+
+
+async def test_a_submit_cancelled_after_the_leader_applied_it_still_reaches_every_node(tmp_path):
+    async with trio_cluster(tmp_path) as nodes:
+        leader = next(f for f in nodes.values() if f.fm.consensus.role == LEADER)
+        await _cancel_while_applying(leader, lambda: leader.makedirs("cancelled"))
+        await leader.makedirs("after")  # the next op builds on the cancelled one everywhere
+        await _all_agree(nodes)
+        for files in nodes.values():
+            assert sorted(await files.listdir("")) == ["after", "cancelled"]
+
+
+async def test_a_submit_cancelled_after_the_leader_applied_it_commits_without_another_op(tmp_path):
+    async with trio_cluster(tmp_path) as nodes:
+        leader = next(f for f in nodes.values() if f.fm.consensus.role == LEADER)
+        c = leader.fm.consensus
+        await _cancel_while_applying(leader, lambda: leader.makedirs("cancelled"))
+        with trio.fail_after(5):  # the followers' acknowledgements move the commit point
+            while c.commit < c.last:
+                await c.wait_changed()
+        await _all_agree(nodes)
+        for files in nodes.values():
+            assert await files.listdir("") == ["cancelled"]
