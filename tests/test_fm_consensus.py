@@ -8,6 +8,7 @@ migration whose source believed the target master of a file, and the target the 
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from gfvm.fm.consensus import LEADER
@@ -63,3 +64,26 @@ async def test_a_submit_cancelled_after_the_leader_applied_it_commits_without_an
         await _all_agree(nodes)
         for files in nodes.values():
             assert await files.listdir("") == ["cancelled"]
+
+
+@pytest.mark.parametrize("where", ["leader", "follower"])
+async def test_a_read_barrier_waits_for_the_op_in_flight_at_the_leader(tmp_path, where):
+    """sync() while the leader's op waits for the followers' acknowledgements (each follower
+    holds it 0.3 s, less than an election timeout) returns only once that op is committed and
+    applied here: whoever re-reads after a cancelled or failed submit learns its fate."""
+    async with trio_cluster(tmp_path) as nodes:
+        leader = next(f for f in nodes.values() if f.fm.consensus.role == LEADER)
+        followers = [f for f in nodes.values() if f is not leader]
+        before = [f.fm.faults.hits.get("meta.before_effects", 0) for f in followers]
+        for f in followers:
+            f.fm.faults.arm("meta.before_effects", "delay:0.3")
+        reader = leader if where == "leader" else followers[0]
+        async with trio.open_nursery() as n:
+            n.start_soon(leader.makedirs, "in-flight")
+            while [f.fm.faults.hits.get("meta.before_effects", 0) for f in followers] == before:
+                await trio.sleep(0.005)
+            in_flight = leader.fm.consensus.last  # applied and offered there, not committed
+            await reader.fm.consensus.sync()
+            assert leader.fm.consensus.commit >= in_flight
+            assert reader.fm.consensus.last >= in_flight
+            assert await reader.listdir("") == ["in-flight"]

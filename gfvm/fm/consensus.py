@@ -653,14 +653,23 @@ class Consensus:
         return self.role == LEADER and self.lease_valid()
 
     async def sync(self) -> None:
-        """Read barrier: returns once this node has applied every op committed before the call,
-        or raises Unavailable. Blocks for one round trip to the leader (nothing on the leader,
-        unless it was elected less than a lease ago: then it waits for its lease, see
-        `_leader_lease`)."""
+        """Read barrier: returns once this node has applied every op the leader had applied
+        when asked, each of them committed by then (an op still in flight there, e.g. one whose
+        submitter was cancelled, is waited for: its fate is then known), or raises Unavailable.
+        Blocks for one round trip to the leader, more while an op is in flight (on the leader:
+        nothing, unless it was elected less than a lease ago, see `_leader_lease`, or an op is
+        in flight)."""
         if self.role == LEADER:
             if self.lease_valid() or await self._leader_lease():
-                return
-            if self.role == LEADER:
+                barrier = self.last
+                with trio.move_on_after(self.timing.io_timeout):
+                    while self.role == LEADER and self.commit < barrier:
+                        await self.wait_changed()
+                if self.commit >= barrier:
+                    return
+                if self.role == LEADER:
+                    raise Unavailable("a metadata op is not acknowledged by a majority of the nodes")
+            elif self.role == LEADER:
                 raise Unavailable("this node leads the metadata but cannot reach a majority")
         with trio.move_on_after(self.timing.io_timeout):
             while self.leader is None or (self.leader == self.node and self.role != LEADER):
@@ -670,9 +679,18 @@ class Consensus:
             raise Unavailable("no metadata leader known")
         if leader == self.node:
             return await self.sync()
-        reply = await self.net.request(leader, m.Heartbeat(self.node, 0, self.term, self.last[0],
-                                                           self.last[1], 0, 0, ()))
+
+        async def ask() -> tuple[Version, Version]:
+            reply = await self.net.request(leader, m.Heartbeat(
+                self.node, 0, self.term, self.last[0], self.last[1], 0, 0, ()))
+            return (reply.last_term, reply.last_version), (reply.commit_term, reply.commit_version)
+
+        barrier, commit = await ask()
         with trio.move_on_after(self.timing.io_timeout) as cs:
-            await self.wait_applied((reply.commit_term, reply.commit_version))
+            while commit < barrier:  # an op in flight at the leader: wait until it is decided
+                with trio.move_on_after(self.timing.heartbeat / 4):
+                    await self.wait_changed()
+                _, commit = await ask()
+            await self.wait_applied(commit)
         if cs.cancelled_caught:
             raise Unavailable("could not catch up with the metadata leader")
