@@ -15,10 +15,10 @@ from gfvm.fm.consensus import LEADER
 from test_fm_api import trio_cluster
 
 
-async def _cancel_while_applying(files, op) -> None:
-    """Runs `op()` and cancels it once the node is inside applying a metadata op (held there
-    by the fault point for a second)."""
-    faults = files.fm.faults
+async def _cancel_while_applying(op, held_on) -> None:
+    """Runs `op()` and cancels it once node `held_on` (its Files) is inside applying a metadata
+    op (held there for a second by the fault point)."""
+    faults = held_on.fm.faults
     before = faults.hits.get("meta.before_effects", 0)
     faults.arm("meta.before_effects", "delay:1")
     scope = trio.CancelScope()
@@ -46,7 +46,7 @@ async def _all_agree(nodes) -> None:
 async def test_a_submit_cancelled_after_the_leader_applied_it_still_reaches_every_node(tmp_path):
     async with trio_cluster(tmp_path) as nodes:
         leader = next(f for f in nodes.values() if f.fm.consensus.role == LEADER)
-        await _cancel_while_applying(leader, lambda: leader.makedirs("cancelled"))
+        await _cancel_while_applying(lambda: leader.makedirs("cancelled"), leader)
         await leader.makedirs("after")  # the next op builds on the cancelled one everywhere
         await _all_agree(nodes)
         for files in nodes.values():
@@ -57,13 +57,25 @@ async def test_a_submit_cancelled_after_the_leader_applied_it_commits_without_an
     async with trio_cluster(tmp_path) as nodes:
         leader = next(f for f in nodes.values() if f.fm.consensus.role == LEADER)
         c = leader.fm.consensus
-        await _cancel_while_applying(leader, lambda: leader.makedirs("cancelled"))
+        await _cancel_while_applying(lambda: leader.makedirs("cancelled"), leader)
         with trio.fail_after(5):  # the followers' acknowledgements move the commit point
             while c.commit < c.last:
                 await c.wait_changed()
         await _all_agree(nodes)
         for files in nodes.values():
             assert await files.listdir("") == ["cancelled"]
+
+
+async def test_a_submit_from_a_follower_cancelled_while_the_leader_applies_it_is_decided(tmp_path):
+    """A follower's submit cancelled while the leader applies its op returns once the leader
+    has answered: the op's fate is decided, and a read barrier right after sees it."""
+    async with trio_cluster(tmp_path) as nodes:
+        leader = next(f for f in nodes.values() if f.fm.consensus.role == LEADER)
+        follower = next(f for f in nodes.values() if f is not leader)
+        await _cancel_while_applying(lambda: follower.makedirs("cancelled"), leader)
+        await follower.fm.consensus.sync()
+        assert await follower.listdir("") == ["cancelled"]
+        await _all_agree(nodes)
 
 
 @pytest.mark.parametrize("where", ["leader", "follower"])

@@ -461,7 +461,12 @@ class Consensus:
                     await self._wait_for_leader()
                     continue
                 reply = None
-                with trio.move_on_after(self.timing.io_timeout):
+                await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller sends nothing
+                # Once sent, the op may be applied by the leader whatever becomes of us: a cancel
+                # waits for the answer (io_timeout at most), so that a cancelled submit's op is
+                # decided (committed, refused, or in flight at the leader, where `sync` waits for
+                # it) when the cancel arrives, and a caller re-reading after `sync` knows.
+                with trio.CancelScope(shield=True), trio.move_on_after(self.timing.io_timeout):
                     async with trio.open_nursery() as n:
                         async def watch():  # a new leader: ask it instead
                             while self.leader == leader:
