@@ -31,8 +31,11 @@ Concurrency: one trio task applies ops at a time (`_apply_lock`); listeners (`on
 Cancellation: applying an op (log, state, listeners, `last`) and, on the leader, offering it to
 the followers run shielded, so a cancelled caller never leaves a node whose state holds an op
 its `last` does not count (that node would take its next op under the same version and stay
-different from the others for good). The caller of a cancelled `submit` does not learn whether
-its op committed; the commit point moves on with the followers' acknowledgements regardless.
+different from the others for good). The commit point moves on with the followers'
+acknowledgements, whether or not the submitter still waits. A follower's submit, once sent,
+waits for the leader's answer before a cancel takes effect. So when a cancelled `submit`
+returns, its op is committed, refused, or in flight at the leader, and `sync` (which waits for
+the op in flight at the leader) tells which: callers that must know re-read after it.
 """
 
 from __future__ import annotations
