@@ -90,6 +90,32 @@ def check_fault(mc, p, point: str, action: str) -> None:
     assert p.client.verify() > now
 
 
+def test_a_restore_failing_during_the_handoff_takes_back_the_files_that_moved(mc):
+    """The target's restore fails while the source is still handing the files over (one
+    promotion held for 5 s just after its commit, so the others are done and it has moved):
+    the rollback cancels the handoff half-way, and must take back every file that moved before
+    it thaws the process on the source (it once took back nothing: the handoff had not
+    finished, and the files it had moved stayed mastered by the target)."""
+    mc.ensure_daemons()
+    p = mc.start("n1", mib=32, hot_mib=4)
+    target = next(n for n in mc.where(p)["in_sync"] if n != "n1")
+    try:
+        with logs_on_failure(mc):
+            mc.call(target, "migrate.fault", {"name": "migrate.target.after_adopt", "action": "error"})
+            mc.call("n1", "fm.fault", {"name": "promote.after_commit", "action": "delay:5"})
+            with pytest.raises((RemoteError, GfvmError), match="Rolled back"):
+                mc.migrate(p, target)
+            pid = mc.wait_one_copy(p, timeout=60)
+            assert mc.node_of_pid(pid) == "n1"
+            masters = {name: mc.where(p, name)["master"] for name in (*FILES, "ckpt", "owner")}
+            assert set(masters.values()) == {"n1"}, masters
+            assert p.client.verify() > 0
+    finally:
+        mc.call(target, "migrate.fault", {"name": "migrate.target.after_adopt", "action": ""})
+        mc.call("n1", "fm.fault", {"name": "promote.after_commit", "action": ""})
+        mc.kill(p)
+
+
 @pytest.mark.parametrize("delay_ms,jitter_ms,loss_pct", [(20, 10, 1), (100, 50, 10)])
 def test_impaired_network_during_migration_leaves_one_intact_copy(mc, delay_ms, jitter_ms,
                                                                   loss_pct):

@@ -27,6 +27,15 @@ within `lease` (nodes share CLOCK_MONOTONIC rates; `lease` includes a margin).
 
 Concurrency: one trio task applies ops at a time (`_apply_lock`); listeners (`on_applied`,
 `on_installed`) run under it, in version order, before the op is acknowledged.
+
+Cancellation: applying an op (log, state, listeners, `last`) and, on the leader, offering it to
+the followers run shielded, so a cancelled caller never leaves a node whose state holds an op
+its `last` does not count (that node would take its next op under the same version and stay
+different from the others for good). The commit point moves on with the followers'
+acknowledgements, whether or not the submitter still waits. A follower's submit, once sent,
+waits for the leader's answer before a cancel takes effect. So when a cancelled `submit`
+returns, its op is committed, refused, or in flight at the leader, and `sync` (which waits for
+the op in flight at the leader) tells which: callers that must know re-read after it.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import trio
 
 from gfvm.errors import GfvmError, Unavailable
 from gfvm.fm import messages as m
+from gfvm.fm.faults import Faults
 from gfvm.fm.meta import MetaError, MetaState
 from gfvm.fm.metalog import MetaLog
 
@@ -106,6 +116,7 @@ class Consensus:
         prepare: Callable[[dict], dict],
         on_applied: Callable[[int, dict, dict], Awaitable[None]],
         on_installed: Callable[[], Awaitable[None]],
+        faults: Faults | None = None,
     ) -> None:
         self.node = node
         self.nodes = sorted(nodes)
@@ -117,6 +128,7 @@ class Consensus:
         self.prepare = prepare
         self.on_applied = on_applied
         self.on_installed = on_installed
+        self.faults = faults or Faults()
         state, last, term, voted = metalog.load()
         self.state: MetaState = state
         self.last: Version = last
@@ -347,6 +359,8 @@ class Consensus:
                     flast = (reply.last_term, reply.last_version)
                     force_install = sent_op and not reply.ok  # the op did not apply there
                     self._follower_last[peer] = flast
+                    if self.term == term:
+                        self._advance_commit()
                     self._notify()
                     if flast != self.last:
                         continue  # more to send: do not wait for the next tick
@@ -374,6 +388,10 @@ class Consensus:
         On a follower the request goes to the leader; the call returns after this node has
         applied the op too. Raises MetaError (the op is invalid now) or Unavailable (no leader
         or no majority). Blocks for about one round trip plus an fsync on a majority.
+
+        A call that raises Unavailable or is cancelled may still have committed its op (the
+        leader applied it and offers it to the followers whatever became of the caller): a
+        caller that must know re-reads the state after `sync()`.
         """
         if self.role != LEADER:
             if internal:
@@ -391,31 +409,50 @@ class Consensus:
                     await self.wait_changed()  # a new leader: wait for its first acks
             if self._now() >= self.authority_until():
                 raise Unavailable("the metadata leader cannot reach a majority of the nodes")
-            op = self.prepare(dict(request))
-            self.state.check(op)
-            prev = self.last
-            version = (term, prev[1] + 1)
-            raw = json.dumps(op, separators=(",", ":")).encode()
-            if len(raw) > m.MAX_OP:
-                raise MetaError(errno.E2BIG, "metadata operation too large")
-            result = await self._apply(op, version)
-            self._pending = (prev, version, raw)
-            self._wake_replicators.set()
-            self._wake_replicators = trio.Event()
+            async with self._apply_lock:
+                # the waits above may have seen this node step down (and apply a new
+                # leader's ops): decide on the state as it is now
+                if self.role != LEADER or self.term != term:
+                    raise NotLeader("lost the leadership")
+                op = self.prepare(dict(request))
+                self.state.check(op)
+                prev = self.last
+                version = (term, prev[1] + 1)
+                raw = json.dumps(op, separators=(",", ":")).encode()
+                if len(raw) > m.MAX_OP:
+                    raise MetaError(errno.E2BIG, "metadata operation too large")
+                with trio.CancelScope(shield=True):
+                    # Once applied here the op must be offered to the followers, whatever
+                    # becomes of the caller: a cancel between the two left the leader alone
+                    # with an op no follower ever got, and its next op took the same version
+                    # (the nodes' metadata then disagreed for good).
+                    result = await self._apply_locked(op, version)
+                    self._pending = (prev, version, raw)
+                    self._wake_replicators.set()
+                    self._wake_replicators = trio.Event()
             with trio.move_on_after(self.timing.io_timeout) as cs:
-                while True:
+                while self.commit < version:
                     if self.role != LEADER or self.term != term:
                         raise Unavailable("lost the metadata leadership before the op committed")
-                    have = 1 + sum(1 for p in self.others if self._follower_last.get(p, (0, 0)) >= version)
-                    if have >= self.majority:
-                        break
-                    await self.wait_changed()
+                    self._advance_commit()
+                    if self.commit < version:
+                        await self.wait_changed()
             if cs.cancelled_caught:
                 raise Unavailable("metadata op not acknowledged by a majority of the nodes")
-            if version > self.commit:
-                self.commit = version
-            self._notify()
             return version[1], result
+
+    def _advance_commit(self) -> None:
+        """Leader: the newest op of its own term that a majority (itself included) holds is
+        committed, and so is every op before it. Called whenever a follower acknowledges, so
+        the commit point moves on even when the op's submitter was cancelled. Never blocks."""
+        if self.role != LEADER:
+            return
+        held = sorted([self.last, *(self._follower_last.get(p, (0, 0)) for p in self.others)],
+                      reverse=True)
+        newest = held[self.majority - 1]
+        if newest[0] == self.term and newest > self.commit:
+            self.commit = newest
+            self._notify()
 
     async def _submit_remote(self, request: dict) -> tuple[int, dict]:
         with trio.move_on_after(self.timing.io_timeout) as cs:
@@ -427,7 +464,12 @@ class Consensus:
                     await self._wait_for_leader()
                     continue
                 reply = None
-                with trio.move_on_after(self.timing.io_timeout):
+                await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller sends nothing
+                # Once sent, the op may be applied by the leader whatever becomes of us: a cancel
+                # waits for the answer (io_timeout at most), so that a cancelled submit's op is
+                # decided (committed, refused, or in flight at the leader, where `sync` waits for
+                # it) when the cancel arrives, and a caller re-reading after `sync` knows.
+                with trio.CancelScope(shield=True), trio.move_on_after(self.timing.io_timeout):
                     async with trio.open_nursery() as n:
                         async def watch():  # a new leader: ask it instead
                             while self.leader == leader:
@@ -476,21 +518,23 @@ class Consensus:
         async with self._apply_lock:
             pass
 
-    async def _apply(self, op: dict, version: Version) -> dict:
-        async with self._apply_lock:
-            return await self._apply_locked(op, version)
-
     async def _apply_locked(self, op: dict, version: Version) -> dict:
-        result = self.state.apply(op)
-        await trio.to_thread.run_sync(self.metalog.append, version[0], version[1], op)
-        if self.metalog.needs_compaction():
-            await trio.to_thread.run_sync(self.metalog.save_snapshot, self.state.copy(), version)
-        try:
-            await self.on_applied(version[1], op, result)
-        except Exception:  # noqa: BLE001 - the op is applied and durable; its local effects
-            log.exception("metadata: local effects of op %d failed", version[1])  # are retried by maintenance
-        self.last = version  # only now: whoever waits for this version sees its effects done
-        self._notify()
+        """Applies checked op `version` on this node: log, state, local effects, `last`, all of
+        them or (the log append failed: raised) none. A cancel waits until it is done: a state
+        holding an op that `last` does not count takes the next op under the same version and
+        never gets the leader's whole state, so it would stay different for good."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.metalog.append, version[0], version[1], op)
+            result = self.state.apply(op)  # after the append: a failed append changed nothing
+            if self.metalog.needs_compaction():
+                await trio.to_thread.run_sync(self.metalog.save_snapshot, self.state.copy(), version)
+            try:
+                await self.faults.hit("meta.before_effects")
+                await self.on_applied(version[1], op, result)
+            except Exception:  # noqa: BLE001 - the op is applied and durable; its local effects
+                log.exception("metadata: local effects of op %d failed", version[1])  # are retried by maintenance
+            self.last = version  # only now: whoever waits for this version sees its effects done
+            self._notify()
         return result
 
     # -- incoming messages --
@@ -539,16 +583,17 @@ class Consensus:
         state = MetaState.from_dict(json.loads(zlib.decompress(bytes(msg.state), bufsize=1 << 20)))
         version = (msg.last_term, msg.last_version)
         async with self._apply_lock:
-            await trio.to_thread.run_sync(self.metalog.save_snapshot, state, version)
-            self.state = state
-            self.last = version
-            self.commit = min((msg.commit_term, msg.commit_version), version)
-            log.info("metadata: installed the leader's state at version %d", version[1])
-            try:
-                await self.on_installed()
-            except Exception:  # noqa: BLE001
-                log.exception("metadata: local effects of the installed state failed")
-            self._notify()
+            with trio.CancelScope(shield=True):  # all or nothing, like an op (_apply_locked)
+                await trio.to_thread.run_sync(self.metalog.save_snapshot, state, version)
+                self.state = state
+                self.last = version
+                self.commit = min((msg.commit_term, msg.commit_version), version)
+                log.info("metadata: installed the leader's state at version %d", version[1])
+                try:
+                    await self.on_installed()
+                except Exception:  # noqa: BLE001
+                    log.exception("metadata: local effects of the installed state failed")
+                self._notify()
         return m.MetaAck(self.term, True, self.last[0], self.last[1], rid=msg.rid)
 
     async def handle_vote(self, peer: str, msg: m.VoteRequest) -> m.VoteReply:
@@ -616,14 +661,23 @@ class Consensus:
         return self.role == LEADER and self.lease_valid()
 
     async def sync(self) -> None:
-        """Read barrier: returns once this node has applied every op committed before the call,
-        or raises Unavailable. Blocks for one round trip to the leader (nothing on the leader,
-        unless it was elected less than a lease ago: then it waits for its lease, see
-        `_leader_lease`)."""
+        """Read barrier: returns once this node has applied every op the leader had applied
+        when asked, each of them committed by then (an op still in flight there, e.g. one whose
+        submitter was cancelled, is waited for: its fate is then known), or raises Unavailable.
+        Blocks for one round trip to the leader, more while an op is in flight (on the leader:
+        nothing, unless it was elected less than a lease ago, see `_leader_lease`, or an op is
+        in flight)."""
         if self.role == LEADER:
             if self.lease_valid() or await self._leader_lease():
-                return
-            if self.role == LEADER:
+                barrier = self.last
+                with trio.move_on_after(self.timing.io_timeout):
+                    while self.role == LEADER and self.commit < barrier:
+                        await self.wait_changed()
+                if self.commit >= barrier:
+                    return
+                if self.role == LEADER:
+                    raise Unavailable("a metadata op is not acknowledged by a majority of the nodes")
+            elif self.role == LEADER:
                 raise Unavailable("this node leads the metadata but cannot reach a majority")
         with trio.move_on_after(self.timing.io_timeout):
             while self.leader is None or (self.leader == self.node and self.role != LEADER):
@@ -633,9 +687,18 @@ class Consensus:
             raise Unavailable("no metadata leader known")
         if leader == self.node:
             return await self.sync()
-        reply = await self.net.request(leader, m.Heartbeat(self.node, 0, self.term, self.last[0],
-                                                           self.last[1], 0, 0, ()))
+
+        async def ask() -> tuple[Version, Version]:
+            reply = await self.net.request(leader, m.Heartbeat(
+                self.node, 0, self.term, self.last[0], self.last[1], 0, 0, ()))
+            return (reply.last_term, reply.last_version), (reply.commit_term, reply.commit_version)
+
+        barrier, commit = await ask()
         with trio.move_on_after(self.timing.io_timeout) as cs:
-            await self.wait_applied((reply.commit_term, reply.commit_version))
+            while commit < barrier:  # an op in flight at the leader: wait until it is decided
+                with trio.move_on_after(self.timing.heartbeat / 4):
+                    await self.wait_changed()
+                _, commit = await ask()
+            await self.wait_applied(commit)
         if cs.cancelled_caught:
             raise Unavailable("could not catch up with the metadata leader")

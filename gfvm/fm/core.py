@@ -147,7 +147,7 @@ class FileManager:
         self.net = net
         self.consensus = Consensus(self.node, self.nodes, metalog, self.timing, net,
                                    prepare=self._prepare, on_applied=self._on_applied,
-                                   on_installed=self._on_installed)
+                                   on_installed=self._on_installed, faults=self.faults)
         self._usage_cache = {"used": 0, "free": 0, "total": 0}
         self.membership = Membership(self.node, self.nodes, self.consensus, net, self.timing,
                                      self.boot_id, lambda: self._usage_cache,

@@ -49,7 +49,8 @@ POINTS = {
     "drop.before_commit": "master: a member failed, its removal not yet committed",
     "drop.after_commit": "master: a member's removal committed, its lease not yet waited out",
     "recover.before_fetch": "restarted master: hot extents known, not yet fetched",
-    "meta.before_append": "metadata: an op applied in memory, not yet persisted",
+    "meta.before_effects": "metadata: an op persisted and applied in memory, its local effects "
+                           "not yet done nor the op offered to the followers",
 }
 
 

@@ -422,14 +422,21 @@ class MigrationService:
             log.info("%s: %s runs it since the interrupted migration: dropping our copy",
                      gfvm_id, owner)
             return await drop_ours()
-        master = (await self.files.where(f"{paging_dir}/index"))["master"]
+        # every file, not only the index: the promotions run concurrently, so an interrupted
+        # handoff may have moved some files and not others
+        masters = set()
+        for path in files:
+            try:
+                masters.add((await self.files.where(path))["master"])
+            except NotFound:
+                pass  # not made yet (the interruption came before the dump)
         if target:
             try:
                 await self.fm.net.request(target, MigAbort(gfvm_id, "source restarted"),
                                           timeout=10)
             except GfvmError as exc:
                 log.info("%s: abort on %s: %s", gfvm_id, target, exc)
-        if master != self.node:
+        if masters - {self.node}:
             owner = await take_back(self, gfvm_id, files)
             if owner and owner != self.node:
                 try:

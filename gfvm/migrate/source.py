@@ -89,6 +89,7 @@ class SourceMigration:
         self.step = "pick"
         self.frozen = False
         self.released = False
+        self.handing_off = False  # promotions started: some files may have moved (see _fail)
         self.handed_off = False
         self.running_on_target = False
         self.prepared = False
@@ -258,6 +259,7 @@ class SourceMigration:
                                                         index_bytes), timeout=30)
         await faults.hit("migrate.before_handoff")
         self.journal("handing_off")
+        self.handing_off = True
         restored: dict = {}
 
         async def restore() -> None:
@@ -517,7 +519,12 @@ class SourceMigration:
             aborted = True
         except GfvmError as abort_exc:
             log.warning("%s: abort on %s: %s", self.id, self.target, abort_exc)
-        if self.handed_off:
+        # A handoff cut short (the restore failed meanwhile and cancelled it) may have moved
+        # some files, and a promotion whose caller was cancelled or timed out may still have
+        # committed: every file is taken back (take_back decides on the committed
+        # configuration; a file still ours is left as it is).
+        files_may_have_moved = self.handing_off and not self.remote
+        if self.handed_off or files_may_have_moved:
             if self.remote and not aborted:
                 self.error = MigrationFailed(
                     f"migration of {self.id} to {self.target} failed during {self.step}: "
