@@ -84,14 +84,19 @@ def test_garbage_in_a_hole_is_detected(store):
         lf.read(0, 2 * PAGE)
 
 
-def test_external_truncation_marks_copy_damaged(store):
+def _truncated_behind_our_back(store):
+    """Copy 1, flushed at 10 pages, then cut to 3 by someone else, opened again."""
     store.create(1, "g")
     lf = store.open(1)
     lf.write(0, os.urandom(10 * PAGE))
     lf.flush()
     store.release(lf)
     os.truncate(store.path_of(1) / "data", 3 * PAGE)
-    lf = store.open(1)
+    return store.open(1)
+
+
+def test_external_truncation_marks_copy_damaged(store):
+    lf = _truncated_behind_our_back(store)
     assert lf.damaged
     with pytest.raises(MissingCopy):
         lf.read(0, PAGE)
@@ -344,13 +349,7 @@ def test_read_page_refuses_a_damaged_tail(store):
 
 
 def test_read_page_of_a_damaged_copy_is_missing(store):
-    store.create(1, "g")
-    lf = store.open(1)
-    lf.write(0, os.urandom(10 * PAGE))
-    lf.flush()
-    store.release(lf)
-    os.truncate(store.path_of(1) / "data", 3 * PAGE)
-    lf = store.open(1)
+    lf = _truncated_behind_our_back(store)
     with pytest.raises(MissingCopy):
         lf.read_page(0)
 

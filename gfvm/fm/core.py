@@ -78,7 +78,6 @@ class FileRuntime:
         self.bitmap_base: dict[str, str] = {}  # the generation those bitmaps start from
         self.dropping: dict[str, trio.Event] = {}
         self.resyncing: set[str] = set()
-        #: node -> ack waiters of live writes a member catching up did not acknowledge in time
         self.since_flush: set[int] = set()  # chunks written since the last flush everyone did
         self.promoted_at: float | None = None
         self.handoff = False

@@ -882,18 +882,8 @@ class ManagedTree:
         t0 = time.monotonic()
         written: set[int] = set()
         for start, end in sorted(space.registered):
-            for region in native.scan_written(
-                space.pagemap_fd,
-                start,
-                end,
-                reprotect=False,
-                check_wpasync=False,
-                return_mask=native.PAGE_IS_WRITTEN | native.PAGE_IS_PRESENT,
-            ):
-                # An unpopulated page (never touched, or emptied by MADV_DONTNEED) reads as
-                # WRITTEN until it is protected (measured here): it holds nothing to page out.
-                if region.categories & native.PAGE_IS_PRESENT:
-                    written.update(range(region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT))
+            for first, last in _written_present(space, start, end, reprotect=False):
+                written.update(range(first, last))
         space.add_dirty(written, self.tick)
         space.hot = written
         self.counters.scans += 1
@@ -914,21 +904,12 @@ class ManagedTree:
         wanted = vpages if isinstance(vpages, (set, frozenset)) else set(vpages)
         extra: set[int] = set()
         for start, end in _protect_ranges(sorted(wanted), space.hot):
-            for region in native.scan_written(
-                space.pagemap_fd,
-                start,
-                end,
-                reprotect=True,
-                check_wpasync=False,
-                return_mask=native.PAGE_IS_WRITTEN | native.PAGE_IS_PRESENT,
-            ):
-                if region.categories & native.PAGE_IS_PRESENT:
-                    first, last = region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT
-                    if last - first == 1:
-                        if first not in wanted:
-                            extra.add(first)
-                    else:
-                        extra.update(v for v in range(first, last) if v not in wanted)
+            for first, last in _written_present(space, start, end, reprotect=True):
+                if last - first == 1:
+                    if first not in wanted:
+                        extra.add(first)
+                else:
+                    extra.update(v for v in range(first, last) if v not in wanted)
         if extra:
             space.add_dirty(extra, self.tick)
         self.counters.protections += len(wanted) + len(extra)
@@ -1648,6 +1629,23 @@ PROTECT_GAP_WRITTEN = 8
 SAMPLE_BLOCK_SHIFT = 6
 SAMPLE_EVERY = 16
 SAMPLE_MIN_PAGES = 1024
+
+
+def _written_present(space: AddressSpace, start: int, end: int, *, reprotect: bool):
+    """The runs [first vpage, last vpage + 1) of present pages written since their last
+    protection in [start, end) of `space`, write-protecting every written page the walk passes
+    when `reprotect`. An unpopulated page (never touched, or emptied by MADV_DONTNEED) reads as
+    WRITTEN until it is protected (measured here): it holds nothing, so it is left out."""
+    for region in native.scan_written(
+        space.pagemap_fd,
+        start,
+        end,
+        reprotect=reprotect,
+        check_wpasync=False,
+        return_mask=native.PAGE_IS_WRITTEN | native.PAGE_IS_PRESENT,
+    ):
+        if region.categories & native.PAGE_IS_PRESENT:
+            yield region.start >> PAGE_SHIFT, region.end >> PAGE_SHIFT
 
 
 def _protect_ranges(vpages: list[int], written: set[int]) -> list[tuple[int, int]]:
