@@ -27,8 +27,9 @@ made: it is placed before the page-out of its tick. Per tick:
      "cold dirty" and is paged out; if it was written again it is "hot" and waits, but no longer
      than `hot_bound` seconds after it was first seen dirty: then it is protected and paged out.
      A dirty page that is not in W (we protected it and its flush did not go through) is paged
-     out at once. A page forced out while hot and written again by the next tick is presumed
-     hot (no probe), so a page written all the time costs one protection per `hot_bound`.
+     out at once. A page forced out while hot (at the bound, or by a flush_all) and written
+     again by the next tick is presumed hot (no probe), so a page written all the time costs
+     one protection per `hot_bound`.
      Recently hot pages dirtied again after a pause are probed by sample: the others wait one
      tick and follow the sample (presumed hot, or probed then; see `_flush_candidates`).
   Protection walks cover runs of pages joined across small gaps (`_protect`); a walk also
@@ -1158,6 +1159,9 @@ class ManagedTree:
                 self._register_vmas(space)
                 self._scan(space)
                 self._protect(space, space.hot)  # pages written since the scan: dirty too
+                # forced out while hot, as at the hot bound: written again by the next tick,
+                # they are presumed hot, not probed (a probe costs the process a write fault)
+                space.was_hot.update(dict.fromkeys(space.hot, self.tick))
                 space.hot = set()  # everything is protected now
                 space.probe.clear()
                 space.sampled = None
