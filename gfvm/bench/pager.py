@@ -1,14 +1,16 @@
 """`gfvm bench pager`: what managing a process costs and how fast the pager moves pages.
 
-Runs on this machine without a cluster: a Pager in a temporary directory (its own keeper, local
-paging files, R=1; the page-out at R=2 through the File Manager is `gfvm bench fm`'s "R=2 pager
-page-out" line), the C workload of
-gfvm/pager/workload.c. Prints a table and writes JSON. Not a test: numbers are compared with the
-targets, nothing asserts. Needs root and gcc. Blocking from start to end.
+(a) and (c) run a Pager in a temporary directory (its own keeper, local paging files, R=1);
+(b) runs the real thing at R=2: a 3-node namespace cluster (real gfvmds, the File Manager keeping
+every paging file on two nodes), the process started on n1 with `gfvm run`. Also (b) at R=1 on the
+local Pager, for reference. The workload is the C program of gfvm/pager/workload.c. Prints a
+table and writes JSON. Not a test: numbers are compared with the targets, nothing asserts. Needs
+root and gcc. Blocking from start to end.
 
   (a) write throughput of a write-heavy workload, managed vs unmanaged (target >= 95 %)
-  (b) page-out throughput: flush_all of a frozen process with everything dirty, and the
-      background drain of freshly written memory (target >= 400 MB/s)
+  (b) page-out throughput with R=2: the background drain of freshly written memory, background
+      page-out while the process keeps rewriting its memory, and flush_all of a frozen process
+      with everything dirty (target >= 400 MB/s)
   (c) fault service from the paging file: 1 GiB touched sequentially and randomly after every
       page was evicted (target >= 250k pages/s sequential), per-touch p50/p99 and the fault
       loop's per-window latency, against plain first-touch kernel faults.
@@ -36,8 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-mb", type=int, default=256, help="region of the write benchmark (a)")
     p.add_argument("--write-seconds", type=float, default=2.0, help="duration of each run of (a)")
     p.add_argument("--flush-mb", type=int, default=512, help="dirty memory paged out in (b)")
+    p.add_argument("--load-mb", type=int, default=2048,
+                   help="region rewritten pass after pass in (b)'s page-out under load "
+                   "(default 2048: one pass takes longer than the hot bound)")
     p.add_argument("--fault-mb", type=int, default=1024, help="memory faulted back in (c)")
-    p.add_argument("--interval-ms", type=int, help="pager scan interval (default: the pager's)")
+    p.add_argument("--interval-ms", type=int, help="pager scan interval (default: the pager's; "
+                   "(a) and (c) only: the cluster of (b) uses its gfvmds' settings)")
+    p.add_argument("--pairs", type=int, default=8,
+                   help="unmanaged/managed run pairs of (a) (default 8; the ratio is their median)")
     p.add_argument(
         "--json",
         dest="json_path",
@@ -76,8 +84,8 @@ class _Session:
         self.settings = settings
         self._plain: list[subprocess.Popen] = []
 
-    def workload(self, npages: int, managed: bool):
-        """Starts the workload (managed through the pager or plain); returns (conn, tree|None)."""
+    def listener(self):
+        """A unix socket for the next workload to connect to: (socket, its path)."""
         import socket as socketlib
 
         sock_path = self.tmp / f"w{time.monotonic_ns()}.sock"
@@ -85,6 +93,17 @@ class _Session:
         listener.bind(str(sock_path))
         listener.listen(1)
         listener.settimeout(60)
+        return listener, sock_path
+
+    @staticmethod
+    def accept(listener) -> "_Conn":
+        conn, _ = listener.accept()
+        listener.close()
+        return _Conn(conn)
+
+    def workload(self, npages: int, managed: bool):
+        """Starts the workload (managed through the pager or plain); returns (conn, tree|None)."""
+        listener, sock_path = self.listener()
         argv = [str(self.binary), str(sock_path), str(npages)]
         tree = None
         if managed:
@@ -94,9 +113,7 @@ class _Session:
             # its own session, as a managed tree's is: the kernel's autogroups then give both
             # the same share against this process (whose threads include the pager's)
             self._plain.append(subprocess.Popen(argv, start_new_session=True))
-        conn, _ = listener.accept()
-        listener.close()
-        return _Conn(conn), tree
+        return self.accept(listener), tree
 
     def close(self) -> None:
         from gfvm.config import cgroup_node_group, cgroup_roots
@@ -224,50 +241,157 @@ def _median(xs: list[float]) -> float:
 # --- (b) --------------------------------------------------------------------------------------
 
 
-def bench_flush(s: _Session, mb: int, load_mbps: int = 500) -> dict:
+class _LocalPageout:
+    """(b) on the local Pager of the session: R=1, local paging files."""
+
+    replicas = 1
+
+    def __init__(self, s: _Session) -> None:
+        self.s = s
+        self.tree = None
+
+    def start(self, npages: int) -> _Conn:
+        conn, self.tree = self.s.workload(npages, True)
+        return conn
+
+    def snapshot(self) -> dict:
+        return self.tree.snapshot()
+
+    def flush_all(self) -> dict:
+        result = self.tree.call(self.tree.flush_all)
+        return {"pages": result.pages, "bytes": result.bytes, "seconds": result.seconds}
+
+    def cgroup(self):
+        return _freeze(self.tree)
+
+    def where(self) -> dict:
+        return {"backing": "local files"}
+
+    def close(self) -> None:
+        pass
+
+
+class _ClusterPageout:
+    """(b) on node n1 of a 3-node namespace cluster at R=2: the process runs under n1's gfvmd
+    (`gfvm run`), whose pager writes its paging file through the File Manager."""
+
+    replicas = 2
+
+    def __init__(self, s: _Session) -> None:
+        from gfvm.cluster import Cluster
+        from gfvm.migrate import harness
+
+        self.s = s
+        self.name = f"gfbp{os.getpid() % 10000}"
+        Cluster.down(self.name)
+        print(f"    bringing up 3 namespace nodes (cluster {self.name}, R=2)", flush=True)
+        self.cluster = Cluster.up(3, name=self.name, replicas=2)
+        try:
+            harness.wait_ready(self.cluster)
+        except BaseException:
+            Cluster.down(self.name)
+            raise
+        self.id: str | None = None
+
+    def _call(self, op: str, args: dict, timeout: float = 600) -> dict:
+        from gfvm import control
+
+        return control.call(self.cluster.control_socket("n1"), op, args, timeout=timeout)
+
+    def start(self, npages: int) -> _Conn:
+        listener, sock_path = self.s.listener()
+        summary = self._call("run", {"cmd": [str(self.s.binary), str(sock_path), str(npages)]})
+        self.id = summary["id"]
+        return self.s.accept(listener)
+
+    def snapshot(self) -> dict:
+        return self._call("status", {"id": self.id})
+
+    def flush_all(self) -> dict:
+        return self._call("flush", {"id": self.id})
+
+    def cgroup(self):
+        from gfvm.pager.cgroup import TreeCgroup
+
+        return TreeCgroup(tuple(Path(p) for p in self.snapshot()["cgroup"]))
+
+    def where(self) -> dict:
+        w = self._call("fm.where", {"path": f"procs/{self.id}/pages"})
+        return {"master": w["master"], "in_sync": w["in_sync"]}
+
+    def close(self) -> None:
+        from gfvm.cluster import Cluster
+
+        Cluster.down(self.name)
+
+
+def bench_flush(target, mb: int, load_mb: int, load_mbps: int = 500) -> dict:
+    """Page-out throughput of one managed process (see _LocalPageout, _ClusterPageout)."""
     npages = mb * MiB // PAGE
-    conn, tree = s.workload(npages, True)
-    out: dict = {"mb": mb}
+    conn = target.start(npages)
+    out: dict = {"mb": mb, "replicas": target.replicas}
     # background drain: write everything once, time until it is all in the paging file
     t0 = time.monotonic()
     conn.cmd(f"fill 0 {npages} 1")
     t_written = time.monotonic()
-    while tree.snapshot()["pages_in_file"] < npages:
-        time.sleep(0.01)
-        if time.monotonic() - t0 > 120:
-            break
+    _wait_in_file(target, npages)
     t_done = time.monotonic()
     out["background_drain_s"] = t_done - t_written
     out["background_mb_per_s"] = mb / (t_done - t0) if t_done > t0 else None
-    # background page-out while the process keeps rewriting all of its memory, pass after pass:
-    # pages go cold as the writer moves on; what the pager writes per second is its throughput
-    # (the writer is held to `load_mbps`; unbounded it dirties >10 GB/s here, every page is then
-    # hot and the hot bound, not the throughput, decides what is written)
-    before = tree.snapshot()["bytes_paged_out"]
-    seconds = 6.0
-    t0 = time.monotonic()
-    dirtied_mb = float(conn.cmd(f"fillloop {int(seconds * 1000)} {load_mbps}").split()[1])
-    elapsed = time.monotonic() - t0
-    written = tree.snapshot()["bytes_paged_out"] - before
-    out["under_load_dirtied_mb_per_s"] = dirtied_mb / elapsed
-    out["under_load_mb_per_s"] = written / 1e6 / elapsed
     # flush_all of a frozen tree with everything dirty: first while the paging file grows
     # (new slots: the kernel allocates page cache), then in the steady state (freed slots reused)
     for label, gen in (("growing", 2), ("steady", 3)):
         conn.cmd(f"fill 0 {npages} {gen}")
-        cg = _freeze(tree)
+        cg = target.cgroup()
         cg.freeze()
         try:
-            result = tree.call(tree.flush_all)
+            result = target.flush_all()
         finally:
             cg.thaw()
-        out[f"flush_all_{label}_pages"] = result.pages
-        out[f"flush_all_{label}_s"] = result.seconds
+        out[f"flush_all_{label}_pages"] = result["pages"]
+        out[f"flush_all_{label}_s"] = result["seconds"]
         out[f"flush_all_{label}_mb_per_s"] = (
-            result.bytes / MiB / result.seconds if result.seconds else None
+            result["bytes"] / MiB / result["seconds"] if result["seconds"] else None
         )
+    conn.cmd("verify")
+    out["paging_file"] = target.where()
     conn.close()
+    out.update(_under_load(target, load_mb, load_mbps))
     return out
+
+
+def _under_load(target, load_mb: int, load_mbps: int, seconds: float = 6.0) -> dict:
+    """Background page-out while a process keeps writing: it rewrites a `load_mb` region
+    sequentially, pass after pass, at `load_mbps` (sleeping when ahead, as a process waiting on
+    anything else would). The region is large enough that a page is rewritten only after the
+    hot bound: every page it writes goes cold, so what the pager writes per second is its
+    throughput, not what its hot-page policy chose to defer (a region rewritten within a tick
+    or two makes most pages hot, and they go out once per hot bound)."""
+    npages = load_mb * MiB // PAGE
+    conn = target.start(npages)
+    # first touch and first page-out of the whole region, not timed: in memory, in the file
+    conn.cmd(f"fill 0 {npages} 1")
+    _wait_in_file(target, npages)
+    before = target.snapshot()["bytes_paged_out"]
+    t0 = time.monotonic()
+    dirtied_mb = float(conn.cmd(f"fillloop {int(seconds * 1000)} {load_mbps}").split()[1])
+    elapsed = time.monotonic() - t0
+    written = target.snapshot()["bytes_paged_out"] - before
+    conn.close()
+    return {
+        "under_load_region_mb": load_mb,
+        "under_load_pass_s": load_mb * MiB / 1e6 / load_mbps,
+        "under_load_dirtied_mb_per_s": dirtied_mb / elapsed,
+        "under_load_mb_per_s": written / 1e6 / elapsed,
+    }
+
+
+def _wait_in_file(target, npages: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while target.snapshot()["pages_in_file"] < npages:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the pager did not page out {npages} pages in {timeout:.0f} s")
+        time.sleep(0.01)
 
 
 # --- (c) --------------------------------------------------------------------------------------
@@ -334,8 +458,8 @@ def run(args) -> int:
             "interval_s": s.settings.interval,
             "hot_bound_s": s.settings.hot_bound,
             "window_pages": s.settings.window_pages,
-            "replicas": 1,
-            "backing": "local files (the File Manager is not used yet)",
+            "replicas": "(a), (c): 1, local paging files; (b): 2, through the File Manager "
+            "of a 3-node namespace cluster (and 1, local, for reference)",
         },
     }
     try:
@@ -345,10 +469,16 @@ def run(args) -> int:
                 f"{args.write_seconds:.0f} s per run ...",
                 flush=True,
             )
-            results["write"] = bench_write(s, args.write_mb, args.write_seconds)
+            results["write"] = bench_write(s, args.write_mb, args.write_seconds, args.pairs)
         if "b" in parts:
-            print(f"(b) page-out of {args.flush_mb} MiB ...", flush=True)
-            results["pageout"] = bench_flush(s, args.flush_mb)
+            print(f"(b) page-out of {args.flush_mb} MiB, R=2 ...", flush=True)
+            cluster = _ClusterPageout(s)
+            try:
+                results["pageout"] = bench_flush(cluster, args.flush_mb, args.load_mb)
+            finally:
+                cluster.close()
+            print(f"(b) page-out of {args.flush_mb} MiB, R=1 (local paging file) ...", flush=True)
+            results["pageout_r1"] = bench_flush(_LocalPageout(s), args.flush_mb, args.load_mb)
         if "c" in parts:
             print(f"(c) fault service, {args.fault_mb} MiB ...", flush=True)
             results["faults"] = bench_faults(s, args.fault_mb)
@@ -362,6 +492,26 @@ def run(args) -> int:
     return 0
 
 
+def _pageout_rows(b: dict) -> list[tuple[str, str, str]]:
+    r = f"R={b['replicas']}"
+    target = ">= 400 MB/s" if b["replicas"] == 2 else ""
+    return [
+        (
+            f"(b) {r} background page-out under load",
+            f"{b['under_load_mb_per_s']:.0f} MB/s "
+            f"(process dirtied {b['under_load_dirtied_mb_per_s']:.0f} MB/s)",
+            target,
+        ),
+        (f"(b) {r} background drain after one write", f"{b['background_mb_per_s']:.0f} MB/s", ""),
+        (f"(b) {r} flush_all, steady state", f"{b['flush_all_steady_mb_per_s']:.0f} MB/s", target),
+        (
+            f"(b) {r} flush_all, paging file growing",
+            f"{b['flush_all_growing_mb_per_s']:.0f} MB/s",
+            "",
+        ),
+    ]
+
+
 def _print_table(r: dict) -> None:
     rows = [("measure", "value", "target")]
     if "write" in r:
@@ -372,27 +522,9 @@ def _print_table(r: dict) -> None:
             ("(a) managed / unmanaged (wall)", f"{w['ratio'] * 100:.1f} %", ">= 95 %"),
             ("(a) managed / unmanaged (per CPU s)", f"{w['cpu_ratio'] * 100:.1f} %", ""),
         ]
-    if "pageout" in r:
-        b = r["pageout"]
-        rows += [
-            (
-                "(b) flush_all, steady state",
-                f"{b['flush_all_steady_mb_per_s']:.0f} MB/s",
-                ">= 400 MB/s",
-            ),
-            (
-                "(b) flush_all, paging file growing",
-                f"{b['flush_all_growing_mb_per_s']:.0f} MB/s",
-                "",
-            ),
-            (
-                "(b) background page-out under load",
-                f"{b['under_load_mb_per_s']:.0f} MB/s "
-                f"(process dirtied {b['under_load_dirtied_mb_per_s']:.0f} MB/s)",
-                ">= 400 MB/s",
-            ),
-            ("(b) background drain after one write", f"{b['background_mb_per_s']:.0f} MB/s", ""),
-        ]
+    for key in ("pageout", "pageout_r1"):
+        if key in r:
+            rows += _pageout_rows(r[key])
     if "faults" in r:
         c = r["faults"]
         for order in ("seq", "random"):

@@ -13,7 +13,10 @@ ptrace goes through the pager-wide native.Tracer (its own thread).
 Dirty tracking: the kernel keeps a "written" bit per page (WP_ASYNC: a write to a protected page
 unprotects it, nothing stops); the pager protects pages only when it needs to know whether they are
 written again, because each protection costs the process one write fault (~1 us) and a TLB flush.
-Per tick (every `interval` seconds):
+Ticks start every `interval` seconds; one that overran (a long page-out) is followed at once, so
+a process that dirties memory faster than one interval's page-out keeps the pager busy instead of
+idle for an interval after each tick. A probe is still judged at least an interval after it was
+made: it is placed before the page-out of its tick. Per tick:
   1. events from the fault loop are applied (see `_on_event`);
   2. /proc/PID/maps is re-read and new private anonymous VMAs are registered MISSING|WP (pages
      present in a VMA that was just registered are unprotected, so they count as written: a late
@@ -24,8 +27,9 @@ Per tick (every `interval` seconds):
      "cold dirty" and is paged out; if it was written again it is "hot" and waits, but no longer
      than `hot_bound` seconds after it was first seen dirty: then it is protected and paged out.
      A dirty page that is not in W (we protected it and its flush did not go through) is paged
-     out at once. A page forced out while hot and written again by the next tick is presumed
-     hot (no probe), so a page written all the time costs one protection per `hot_bound`.
+     out at once. A page forced out while hot (at the bound, or by a flush_all) and written
+     again by the next tick is presumed hot (no probe), so a page written all the time costs
+     one protection per `hot_bound`.
      Recently hot pages dirtied again after a pause are probed by sample: the others wait one
      tick and follow the sample (presumed hot, or probed then; see `_flush_candidates`).
   Protection walks cover runs of pages joined across small gaps (`_protect`); a walk also
@@ -256,7 +260,7 @@ class ManagedTree:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_lock = threading.Lock()
         self._writer = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"gfvm-write-{rec.id}"
+            WRITES_IN_FLIGHT, thread_name_prefix=f"gfvm-write-{rec.id}"
         )
         self._read_bufs: list[mmap.mmap] = []  # see _flush_buffers
         self._thread: threading.Thread | None = None
@@ -351,10 +355,11 @@ class ManagedTree:
                 self._drain_events()
                 if self.state == "ended":
                     break
-                if time.monotonic() >= next_tick:
+                now = time.monotonic()
+                if now >= next_tick:
                     self._safe_tick()
                     self._publish()
-                    next_tick = time.monotonic() + self.settings.interval
+                    next_tick = max(now + self.settings.interval, time.monotonic())
             self._run_requests()
         finally:
             self._shutdown()
@@ -999,13 +1004,16 @@ class ManagedTree:
         self._racing = []
         staged_all: list[StagedPages] = []
         batch = self.settings.batch_pages
-        # Double buffering: the writer thread writes batch i while this thread reads and
-        # checksums batch i+1 (pwritev and crc32_pages release the GIL).
-        bufs = self._flush_buffers(min(batch, len(vpages)) * PAGE_SIZE)
-        writes: list[Any] = [None, None]
+        # Pipelined: up to WRITES_IN_FLIGHT batches are being written by the writer threads
+        # while this thread reads and checksums the next one (pwritev, the File Manager's
+        # replicated writes and crc32_pages release the GIL). A buffer is reused only once
+        # the write of its batch has returned.
+        nbufs = WRITES_IN_FLIGHT + 1
+        bufs = self._flush_buffers(min(batch, len(vpages)) * PAGE_SIZE, nbufs)
+        writes: list[Any] = [None] * nbufs
         try:
             for n, i in enumerate(range(0, len(vpages), batch)):
-                b = n % 2
+                b = n % nbufs
                 if writes[b] is not None:
                     writes[b].result()
                     writes[b] = None
@@ -1035,14 +1043,14 @@ class ManagedTree:
         self.counters.last_flush_s = result.seconds
         return result
 
-    def _flush_buffers(self, size: int) -> list[mmap.mmap]:
-        """The two read buffers of _flush_space, at least `size` bytes each. Kept from one flush
-        to the next (at most 2 x batch_pages pages per tree): fresh ones cost the kernel a
+    def _flush_buffers(self, size: int, count: int) -> list[mmap.mmap]:
+        """`count` read buffers for _flush_space, at least `size` bytes each. Kept from one
+        flush to the next (at most (WRITES_IN_FLIGHT + 1) x batch_pages pages per tree): fresh ones cost the kernel a
         fault and a zeroed page for every 4 KiB at each flush (~7 ms per 16 MiB here), and
         memory the guest has not used lately is slower still. Worker only."""
-        if not self._read_bufs or len(self._read_bufs[0]) < size:
+        if len(self._read_bufs) < count or len(self._read_bufs[0]) < size:
             # the old ones are unmapped once no view of them is left
-            self._read_bufs = [mmap.mmap(-1, size) for _ in range(2)]
+            self._read_bufs = [mmap.mmap(-1, size) for _ in range(count)]
         return self._read_bufs
 
     def _present_only(self, space: AddressSpace, vpages: list[int]) -> list[int]:
@@ -1151,6 +1159,9 @@ class ManagedTree:
                 self._register_vmas(space)
                 self._scan(space)
                 self._protect(space, space.hot)  # pages written since the scan: dirty too
+                # forced out while hot, as at the hot bound: written again by the next tick,
+                # they are presumed hot, not probed (a probe costs the process a write fault)
+                space.was_hot.update(dict.fromkeys(space.hot, self.tick))
                 space.hot = set()  # everything is protected now
                 space.probe.clear()
                 space.sampled = None
@@ -1620,6 +1631,10 @@ def _minus_pages(ranges: list[tuple[int, int]], pages: set[int]) -> list[tuple[i
 #: keeps walks out of large unpopulated areas, where write-protection markers would be installed.
 PROTECT_GAP_PAGES = 64
 PROTECT_GAP_WRITTEN = 8
+
+#: Batches of a page-out written at once (each batch_pages pages, one read buffer each, plus the
+#: one being read): one replicated write at a time left the File Manager's round trips idle.
+WRITES_IN_FLIGHT = 2
 
 #: Recently hot pages dirtied again after a pause (at least SAMPLE_MIN_PAGES of them in a tick):
 #: only those in one 64-page block out of SAMPLE_EVERY are probed; the others wait one tick and

@@ -346,9 +346,16 @@ static void serve(void)
                     fill_page(region, p, g);
                     gen[p] = g;
                     pages++;
-                    if (b > 0 && (pages & 63) == 0)
-                        while (now_s() < end && pages * (double)PAGE / (now_s() - t0) > b * 1e6)
-                            ;
+                    if (b > 0 && (pages & 63) == 0) {
+                        /* ahead of the rate: sleep until on schedule (not spin: the CPU is
+                           left to others, as a process waiting on I/O or peers leaves it) */
+                        double due = t0 + pages * (double)PAGE / (b * 1e6);
+                        double wait = (due < end ? due : end) - now_s();
+                        if (wait > 0) {
+                            struct timespec ts = {(time_t)wait, (long)((wait - (time_t)wait) * 1e9)};
+                            nanosleep(&ts, NULL);
+                        }
+                    }
                 }
             }
             fprintf(out, "ok %.0f\n", pages * (double)PAGE / 1e6);
