@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import subprocess
 
 import pytest
 
@@ -135,3 +136,54 @@ def test_metalog_snapshot_then_compaction(tmp_path):
     log.save_vote(4, "n2")
     st2, last, term, voted = MetaLog(tmp_path).load()
     assert last == (1, 1) and "a" in st2.children[ROOT] and term == 4 and voted == "n2"
+
+
+
+def _mkdir_op(st: MetaState, name: str, pad: int = 0) -> dict:
+    # a long name makes a long line: the small disk then fills in the middle of one
+    op = {"op": "mkdir", "parent": ROOT, "name": name + "-" * pad, "mode": 0o700, "ino": st.next_ino,
+          "now": 0}
+    st.check(op)
+    return op
+
+
+def test_metalog_append_on_a_full_disk_is_all_or_nothing(tmp_path):
+    """A full disk takes part of a line and fails on the rest: the append raises ENOSPC and
+    leaves the log as it was, and once there is room again the next lines are kept whole.
+    (Before, the short write went unnoticed: the op counted as logged, and the next line
+    glued onto the torn one, so load dropped both and every line after them.)"""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)], check=True)
+    try:
+        log = MetaLog(mnt)
+        filler = mnt / "filler"
+        filler.write_bytes(b"x" * 16384)  # deleted later to make room again
+        st = MetaState()
+        acked: list[str] = []
+        for i in range(1000):
+            op = _mkdir_op(st, f"d{i}", pad=200)
+            try:
+                log.append(1, len(acked) + 1, op)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+            st.apply(op)
+            acked.append(op["name"])
+        else:
+            pytest.fail("the 64 KiB disk never filled up")
+        assert acked
+        data = log.log_path.read_bytes()
+        assert data.endswith(b"\n") and data.count(b"\n") == len(acked), "a torn line was left"
+        filler.unlink()
+        for name in ("again", "after"):
+            op = _mkdir_op(st, name)
+            log.append(1, len(acked) + 1, op)
+            st.apply(op)
+            acked.append(name)
+        log.close()
+        st2, last, _, _ = MetaLog(mnt).load()
+        assert last == (1, len(acked))
+        assert sorted(st2.children[ROOT]) == sorted(acked)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -288,6 +288,36 @@ def test_fork_child_gets_its_own_address_space(pager, workload_bin, tmp_path):
         wl.close()
 
 
+def test_status_lists_a_forked_child_before_the_next_tick(workload_bin, tmp_path):
+    """`gfvm status` (the published snapshot) lists a child as soon as the pager has identified
+    it, not at the next tick: right after `gfvm run` the command itself is such a child (of
+    tini), and its RSS read 0 until then. Ticks here are an hour apart, and nothing is asked of
+    the tree's worker (each request also publishes)."""
+    from gfvm.pager.tracker import PagerSettings
+
+    pager = make_pager(tmp_path, settings=PagerSettings(interval=3600))
+    try:
+        wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=64)
+        try:
+            conn.cmd("fill 0 64 1")
+            assert int(conn.cmd("forkstay").split()[1]) == 3
+            child = wl.accept()
+
+            def child_listed():
+                space = tree.spaces.get(3)
+                if space is None or not space.resolved:
+                    return False
+                snap = tree.snapshot()
+                return space.host_pid in snap["pids"] and snap["rss"] > 0
+
+            wait_for(child_listed, 10, what="the forked child in the published snapshot")
+            child.send("exit 0")
+        finally:
+            wl.close()
+    finally:
+        close_pager(pager)
+
+
 def test_exec_is_tracked_again(pager, workload_bin, tmp_path):
     wl, conn, tree, summary = start(pager, workload_bin, tmp_path, npages=256)
     try:

@@ -6,6 +6,10 @@
 
 Crash discipline: an op is acknowledged to the leader only after its line is fdatasync'd; a torn
 last line (crash mid-append) is cut off at load, which is safe because it was never acknowledged.
+An append that fails (a full disk writes part of the line; an fdatasync fails) is taken back:
+the log is cut to where it ended before, so the caller's "nothing was applied" holds and the
+next line does not glue onto a torn one (that would make load drop it and every line after it).
+If even the cut fails, the log refuses appends until gfvmd restarts (load then cuts it).
 Compaction writes a new snapshot first and only then empties the log; lines whose version the
 snapshot already covers are skipped at load, so a crash between the two steps loses nothing.
 Every method blocks (file I/O); call from a worker thread. Not thread-safe: one caller at a time.
@@ -13,6 +17,7 @@ Every method blocks (file I/O); call from a worker thread. Not thread-safe: one 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -34,6 +39,8 @@ class MetaLog:
         self.log_path = self.dir / "ops.log"
         self.vote_path = self.dir / "vote.json"
         self._fd: int | None = None
+        self._end = 0  # size of the log: where the next line starts
+        self._broken: str | None = None  # why appends are refused (a failed append not undone)
         self._lines = 0
 
     def load(self) -> tuple[MetaState, tuple[int, int], int, str | None]:
@@ -69,6 +76,8 @@ class MetaLog:
                 # never acknowledged (an op is acknowledged only once its line is complete)
                 os.truncate(self.log_path, good_end)
         self._lines = lines
+        if self._fd is not None:
+            self._end = os.fstat(self._fd).st_size
         term, voted = 0, None
         if self.vote_path.exists():
             d = json.loads(self.vote_path.read_bytes())
@@ -78,14 +87,39 @@ class MetaLog:
     def _log_fd(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._end = os.fstat(self._fd).st_size
         return self._fd
 
     def append(self, term: int, version: int, op: dict) -> None:
-        """Durably records one applied op (blocks: fdatasync)."""
+        """Durably records one applied op (blocks: fdatasync). All or nothing: raises OSError
+        with the log as it was before when the line cannot be written and synced whole."""
+        if self._broken is not None:
+            raise OSError(errno.EIO, self._broken)
+        line = json.dumps({"t": term, "v": version, "op": op}, separators=(",", ":")).encode() + b"\n"
         fd = self._log_fd()
-        os.write(fd, json.dumps({"t": term, "v": version, "op": op}, separators=(",", ":")).encode() + b"\n")
-        os.fdatasync(fd)
+        start = self._end
+        try:
+            rest = memoryview(line)
+            while rest:  # a full disk can take part of the line and fail on the rest
+                rest = rest[os.write(fd, rest):]
+            os.fdatasync(fd)
+        except OSError:
+            self._take_back(fd, start)
+            raise
+        self._end = start + len(line)
         self._lines += 1
+
+    def _take_back(self, fd: int, start: int) -> None:
+        """Cuts the log back to `start` after a failed append; on failure refuses later appends."""
+        try:
+            os.ftruncate(fd, start)
+            os.fdatasync(fd)
+        except OSError as exc:
+            self._broken = (
+                f"the metadata log {self.log_path} could not be cut back after a failed append "
+                f"({exc.strerror}): it takes no more ops until gfvmd restarts"
+            )
+            log.error("metadata: %s", self._broken)
 
     def needs_compaction(self) -> bool:
         return self._lines >= COMPACT_EVERY
@@ -100,6 +134,7 @@ class MetaLog:
             self._fd = None
         atomic_write(self.log_path, b"")
         self._lines = 0
+        self._broken = None  # a fresh, empty log
 
     def save_vote(self, term: int, voted_for: str | None) -> None:
         """Persists the election state before it is acted on (blocks)."""

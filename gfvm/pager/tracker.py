@@ -263,6 +263,7 @@ class ManagedTree:
             WRITES_IN_FLIGHT, thread_name_prefix=f"gfvm-write-{rec.id}"
         )
         self._read_bufs: list[mmap.mmap] = []  # see _flush_buffers
+        self._processes_changed = False  # a fork child was identified since the last _publish
         self._thread: threading.Thread | None = None
         self._stop = False
         self._tmp_next = 0
@@ -353,6 +354,8 @@ class ManagedTree:
                         pass
                 self._run_requests()
                 self._drain_events()
+                if self._processes_changed:  # `gfvm status` lists them now, not a tick later
+                    self._publish()
                 if self.state == "ended":
                     break
                 now = time.monotonic()
@@ -391,6 +394,7 @@ class ManagedTree:
 
     def _publish(self) -> None:
         """Makes a consistent picture of the tree for other threads (worker only)."""
+        self._processes_changed = False
         spaces = [s for s in self.spaces.values() if s.resolved and s.alive]
         faults = copied = zero = 0
         for s in spaces:
@@ -779,6 +783,7 @@ class ManagedTree:
         except OSError as exc:
             log.debug("set_process: %s", exc)
         self._keep(child, old_key=f"{self.rec.id}/tmp{tmp - TMP_ASID_BASE}")
+        self._processes_changed = True
         log.info("tree %s: fork -> pid %d (inner %d)", self.rec.id, host_pid, asid)
 
     def _drop_unresolved(self, p: _Pending, why: str) -> None:
