@@ -8,10 +8,13 @@ migration whose source believed the target master of a file, and the target the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
 
 from gfvm.fm.consensus import LEADER
+from gfvm.fm.meta import RECENT_REQUESTS, ROOT, MetaState
 from test_fm_api import trio_cluster
 
 
@@ -99,3 +102,43 @@ async def test_a_read_barrier_waits_for_the_op_in_flight_at_the_leader(tmp_path,
             assert leader.fm.consensus.commit >= in_flight
             assert reader.fm.consensus.last >= in_flight
             assert await reader.listdir("") == ["in-flight"]
+
+
+@pytest.mark.parametrize("op", ["mkdir", "remove"])
+async def test_a_request_sent_again_after_its_answer_was_lost_is_applied_once(tmp_path, op):
+    """The leader commits a follower's op but its answer is lost (an I/O error in its place):
+    the follower sends the request again. It gets the first result, not the EEXIST or ENOENT of
+    applying it a second time, and the op is applied once."""
+    async with trio_cluster(tmp_path) as nodes:
+        leader = next(f for f in nodes.values() if f.fm.consensus.role == LEADER)
+        follower = next(f for f in nodes.values() if f is not leader)
+        if op == "remove":
+            await follower.makedirs("gone")
+        before = leader.fm.consensus.last[1]
+        answers = leader.fm.faults.hits.get("meta.before_answer", 0)
+        leader.fm.faults.arm("meta.before_answer", "error")
+        if op == "mkdir":
+            entry = await follower.fm.mkdir(ROOT, "once", 0o700)
+            assert entry.name == "once"
+        else:
+            await follower.remove("gone")
+        # answered, the answer lost, sent again, answered again
+        assert leader.fm.faults.hits.get("meta.before_answer", 0) == answers + 2
+        assert leader.fm.consensus.last[1] == before + 1
+        await _all_agree(nodes)
+        for files in nodes.values():
+            assert await files.listdir("") == (["once"] if op == "mkdir" else [])
+
+
+def test_a_request_id_is_remembered_in_snapshots_and_forgotten_when_old():
+    st = MetaState()
+    for i in range(RECENT_REQUESTS + 5):
+        op = {"op": "mkdir", "parent": ROOT, "name": f"d{i}", "mode": 0o700, "ino": st.next_ino,
+              "now": 0, "rid": f"r{i}"}
+        st.check(op)
+        st.apply(op)
+    again = MetaState.from_dict(json.loads(json.dumps(st.to_dict())))
+    newest = f"r{RECENT_REQUESTS + 4}"
+    assert again.answered(newest) == st.answered(newest) == {"ino": st.resolve(f"d{RECENT_REQUESTS + 4}").ino}
+    assert st.answered("r0") is None and again.answered("r4") is None
+    assert again.answered("r5") is not None

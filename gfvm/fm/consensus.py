@@ -44,6 +44,7 @@ import errno
 import json
 import logging
 import random
+import secrets
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -414,22 +415,26 @@ class Consensus:
                 # leader's ops): decide on the state as it is now
                 if self.role != LEADER or self.term != term:
                     raise NotLeader("lost the leadership")
-                op = self.prepare(dict(request))
-                self.state.check(op)
-                prev = self.last
-                version = (term, prev[1] + 1)
-                raw = json.dumps(op, separators=(",", ":")).encode()
-                if len(raw) > m.MAX_OP:
-                    raise MetaError(errno.E2BIG, "metadata operation too large")
-                with trio.CancelScope(shield=True):
-                    # Once applied here the op must be offered to the followers, whatever
-                    # becomes of the caller: a cancel between the two left the leader alone
-                    # with an op no follower ever got, and its next op took the same version
-                    # (the nodes' metadata then disagreed for good).
-                    result = await self._apply_locked(op, version)
-                    self._pending = (prev, version, raw)
-                    self._wake_replicators.set()
-                    self._wake_replicators = trio.Event()
+                answered = self.state.answered(request.get("rid"))
+                if answered is not None:  # sent again, applied before: answered as then, once
+                    version, result = self.last, answered  # once all up to `last` is committed
+                else:
+                    op = self.prepare(dict(request))
+                    self.state.check(op)
+                    prev = self.last
+                    version = (term, prev[1] + 1)
+                    raw = json.dumps(op, separators=(",", ":")).encode()
+                    if len(raw) > m.MAX_OP:
+                        raise MetaError(errno.E2BIG, "metadata operation too large")
+                    with trio.CancelScope(shield=True):
+                        # Once applied here the op must be offered to the followers, whatever
+                        # becomes of the caller: a cancel between the two left the leader alone
+                        # with an op no follower ever got, and its next op took the same version
+                        # (the nodes' metadata then disagreed for good).
+                        result = await self._apply_locked(op, version)
+                        self._pending = (prev, version, raw)
+                        self._wake_replicators.set()
+                        self._wake_replicators = trio.Event()
             with trio.move_on_after(self.timing.io_timeout) as cs:
                 while self.commit < version:
                     if self.role != LEADER or self.term != term:
@@ -455,6 +460,8 @@ class Consensus:
             self._notify()
 
     async def _submit_remote(self, request: dict) -> tuple[int, dict]:
+        # one id for every send of this request: the leader applies it once (see meta.py)
+        request = {**request, "rid": secrets.token_hex(12)}
         with trio.move_on_after(self.timing.io_timeout) as cs:
             while True:
                 if self.role == LEADER:  # we were elected meanwhile
@@ -626,6 +633,7 @@ class Consensus:
         except ValueError as exc:
             raise MetaError(errno.EINVAL, f"bad metadata request: {exc}") from None
         version, result = await self.submit(request)
+        await self.faults.hit("meta.before_answer")
         return m.MetaSubmitted(self.term, version, json.dumps(result).encode(), rid=msg.rid)
 
     # -- leases (used by the membership heartbeats) --

@@ -51,6 +51,7 @@ POINTS = {
     "recover.before_fetch": "restarted master: hot extents known, not yet fetched",
     "meta.before_effects": "metadata: an op persisted and applied in memory, its local effects "
                            "not yet done nor the op offered to the followers",
+    "meta.before_answer": "metadata leader: a follower's op committed, the answer not yet sent",
 }
 
 

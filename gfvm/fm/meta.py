@@ -21,16 +21,26 @@ Invariants (checked by `check_config`): the master is an in_sync member; members
 nodes; at most one master per epoch (configs of one file change only by compare-and-set on the
 epoch and members the requester saw: op "config" carries `expect_epoch` / `expect_members`).
 Inode numbers are never reused, and they double as file ids in the local stores.
+
+Requests sent again: a follower resends its request when the leader's answer is lost or the
+leader changes, but the first one may have been applied. An op that carries a request id
+(`rid`) records its result under that id (the last RECENT_REQUESTS of them, part of the state and
+its snapshots); the leader answers a request whose id is recorded with that result instead of
+applying it again (which would apply it twice, or fail it with EEXIST/ENOENT after it succeeded).
 """
 
 from __future__ import annotations
 
 import copy
 import errno
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from gfvm.errors import GfvmError
 
+#: request ids (with their results) a state remembers: far more ops than a cluster commits while
+#: a follower waits to send a request again (an io_timeout)
+RECENT_REQUESTS = 1024
 ROOT = 1
 IN_SYNC = "in_sync"
 OUTDATED = "outdated"
@@ -121,6 +131,7 @@ class MetaState:
         self.entries: dict[int, Entry] = {ROOT: Entry(ROOT, ROOT, "", "dir", 0o700, 0, 0)}
         self.children: dict[int, dict[str, int]] = {ROOT: {}}
         self.next_ino = ROOT + 1
+        self.recent: OrderedDict[str, dict] = OrderedDict()  # request id -> result (newest last)
 
     # -- reading --
 
@@ -269,7 +280,21 @@ class MetaState:
                 raise MetaError(errno.EINVAL, f"member {n}: unknown state {s!r}")
 
     def apply(self, op: dict) -> dict:
-        """Applies a checked op; returns its result. Deterministic: same state + op -> same state."""
+        """Applies a checked op; returns its result. Deterministic: same state + op -> same state.
+        An op with a request id records its result under it (see the module header)."""
+        result = self._apply(op)
+        rid = op.get("rid")
+        if isinstance(rid, str):
+            self.recent[rid] = result
+            while len(self.recent) > RECENT_REQUESTS:
+                self.recent.popitem(last=False)
+        return result
+
+    def answered(self, rid: object) -> dict | None:
+        """The result of the op applied for request id `rid`, if it is still recorded."""
+        return self.recent.get(rid) if isinstance(rid, str) else None
+
+    def _apply(self, op: dict) -> dict:
         kind = op["op"]
         now = op.get("now", 0)
         if kind in ("mkdir", "create"):
@@ -348,7 +373,8 @@ class MetaState:
     # -- snapshots --
 
     def to_dict(self) -> dict:
-        return {"next_ino": self.next_ino, "entries": [e.to_dict() for e in self.entries.values()]}
+        return {"next_ino": self.next_ino, "entries": [e.to_dict() for e in self.entries.values()],
+                "recent": [[rid, result] for rid, result in self.recent.items()]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MetaState":
@@ -364,6 +390,7 @@ class MetaState:
             if e.ino != ROOT:
                 st.children.setdefault(e.parent, {})[e.name] = e.ino
         st.next_ino = int(d["next_ino"])
+        st.recent = OrderedDict((str(rid), result) for rid, result in d.get("recent", []))
         if ROOT not in st.entries:
             raise ValueError("snapshot has no root")
         return st
