@@ -139,6 +139,7 @@ def test_a_request_id_is_remembered_in_snapshots_and_forgotten_when_old():
         st.apply(op)
     again = MetaState.from_dict(json.loads(json.dumps(st.to_dict())))
     newest = f"r{RECENT_REQUESTS + 4}"
-    assert again.answered(newest) == st.answered(newest) == {"ino": st.resolve(f"d{RECENT_REQUESTS + 4}").ino}
+    want = {"ino": st.resolve(f"d{RECENT_REQUESTS + 4}").ino}
+    assert again.answered(newest) == st.answered(newest) == want
     assert st.answered("r0") is None and again.answered("r4") is None
     assert again.answered("r5") is not None

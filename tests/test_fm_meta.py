@@ -141,8 +141,8 @@ def test_metalog_snapshot_then_compaction(tmp_path):
 
 def _mkdir_op(st: MetaState, name: str, pad: int = 0) -> dict:
     # a long name makes a long line: the small disk then fills in the middle of one
-    op = {"op": "mkdir", "parent": ROOT, "name": name + "-" * pad, "mode": 0o700, "ino": st.next_ino,
-          "now": 0}
+    op = {"op": "mkdir", "parent": ROOT, "name": name + "-" * pad, "mode": 0o700,
+          "ino": st.next_ino, "now": 0}
     st.check(op)
     return op
 
@@ -154,7 +154,8 @@ def test_metalog_append_on_a_full_disk_is_all_or_nothing(tmp_path):
     glued onto the torn one, so load dropped both and every line after them.)"""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
+                   check=True)
     try:
         log = MetaLog(mnt)
         filler = mnt / "filler"

@@ -95,7 +95,8 @@ class MetaLog:
         with the log as it was before when the line cannot be written and synced whole."""
         if self._broken is not None:
             raise OSError(errno.EIO, self._broken)
-        line = json.dumps({"t": term, "v": version, "op": op}, separators=(",", ":")).encode() + b"\n"
+        record = {"t": term, "v": version, "op": op}
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         fd = self._log_fd()
         start = self._end
         try:

@@ -1050,9 +1050,9 @@ class ManagedTree:
 
     def _flush_buffers(self, size: int, count: int) -> list[mmap.mmap]:
         """`count` read buffers for _flush_space, at least `size` bytes each. Kept from one
-        flush to the next (at most (WRITES_IN_FLIGHT + 1) x batch_pages pages per tree): fresh ones cost the kernel a
-        fault and a zeroed page for every 4 KiB at each flush (~7 ms per 16 MiB here), and
-        memory the guest has not used lately is slower still. Worker only."""
+        flush to the next (at most (WRITES_IN_FLIGHT + 1) x batch_pages pages per tree): fresh
+        ones cost the kernel a fault and a zeroed page for every 4 KiB at each flush (~7 ms per
+        16 MiB here), and memory the guest has not used lately is slower still. Worker only."""
         if len(self._read_bufs) < count or len(self._read_bufs[0]) < size:
             # the old ones are unmapped once no view of them is left
             self._read_bufs = [mmap.mmap(-1, size) for _ in range(count)]
