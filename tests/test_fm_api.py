@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from conftest import claim_loopback_block
 from gfvm import pki
 from gfvm.config import ClusterConfig, NodePaths, NodeSpec
 from gfvm.errors import NotFound, Unavailable, UsageError
@@ -38,25 +39,27 @@ async def single(tmp_path):
 
 @asynccontextmanager
 async def trio_cluster(tmp_path, n_nodes=3, replicas=2):
-    k = (os.getpid() * 13 + next(_k)) % 200 + 20
-    names = [f"n{i + 1}" for i in range(n_nodes)]
-    config = ClusterConfig(name=f"a{k}", replicas=replicas,
-                           nodes=tuple(NodeSpec(n, f"127.78.{k}.{i + 1}", 7077) for i, n in enumerate(names)),
-                           sections={"fm": dict(FAST)})
-    ca = pki.create_ca(tmp_path / "ca", config.name)
-    fms = {}
-    for name in names:
-        paths = _paths(tmp_path, name)
-        ca.issue(name).write(paths.tls_dir)
-        fms[name] = FileManager(paths, config, name)
-    async with trio.open_nursery() as n:
-        for fm in fms.values():
-            await n.start(fm.serve)
-        with trio.fail_after(20):
-            while not all(fm.lease_valid() and fm.consensus.leader for fm in fms.values()):
-                await trio.sleep(0.05)
-        yield {name: Files(fm) for name, fm in fms.items()}
-        n.cancel_scope.cancel()
+    k, claim = claim_loopback_block("127.78", os.getpid() * 13 + next(_k))
+    with claim:
+        names = [f"n{i + 1}" for i in range(n_nodes)]
+        addresses = [f"127.78.{k}.{i + 1}" for i in range(n_nodes)]
+        config = ClusterConfig(name=f"a{k}", replicas=replicas,
+                               nodes=tuple(NodeSpec(n, a, 7077) for n, a in zip(names, addresses)),
+                               sections={"fm": dict(FAST)})
+        ca = pki.create_ca(tmp_path / "ca", config.name)
+        fms = {}
+        for name in names:
+            paths = _paths(tmp_path, name)
+            ca.issue(name).write(paths.tls_dir)
+            fms[name] = FileManager(paths, config, name)
+        async with trio.open_nursery() as n:
+            for fm in fms.values():
+                await n.start(fm.serve)
+            with trio.fail_after(20):
+                while not all(fm.lease_valid() and fm.consensus.leader for fm in fms.values()):
+                    await trio.sleep(0.05)
+            yield {name: Files(fm) for name, fm in fms.items()}
+            n.cancel_scope.cancel()
 
 
 async def test_open_create_write_pages_read_fsync(tmp_path):
@@ -278,3 +281,15 @@ async def test_frames_applied_together_fail_like_one_by_one(tmp_path):
         assert fs.broken and fs.applied[1] == base + 2
         assert fs.lf.read(0, 2 * PAGE) == page * 2
         assert fs.lf.size == 2 * PAGE  # the refused frame was not applied
+
+
+def test_a_loopback_block_is_held_by_one_test_cluster_at_a_time():
+    """Test clusters on this machine (from any test run) never share their loopback addresses."""
+    k1, held = claim_loopback_block("127.78", 5)
+    with held:
+        k2, other = claim_loopback_block("127.78", 5)
+        other.close()
+        assert k2 != k1
+    k3, again = claim_loopback_block("127.78", k1 - 20)
+    again.close()
+    assert k3 == k1  # released with its socket

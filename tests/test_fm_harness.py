@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import claim_loopback_block
 from gfvm import control, pki
 from gfvm.config import ClusterConfig, NodeSpec
 
@@ -195,7 +196,7 @@ class Cluster:
                  start: bool = True) -> None:
         need_fuse()
         self.root = root
-        k = (os.getpid() * 7 + next(_counter)) % 200 + 20
+        k, self._claim = claim_loopback_block("127.77", os.getpid() * 7 + next(_counter))
         self.nodes = [Node(self, f"n{i + 1}", f"127.77.{k}.{i + 1}", 7077) for i in range(n)]
         section = dict(FAST)
         section.update(fm or {})
@@ -246,6 +247,7 @@ class Cluster:
                 pass
         for node in self.nodes:
             node.unmount()
+        self._claim.close()  # the addresses are free for another cluster
 
     def logs(self) -> str:
         return "\n".join(f"===== {n.name} =====\n{n.tail(80)}" for n in self.nodes)
