@@ -7,6 +7,7 @@ equals the process's memory (and that the workload still verifies its own memory
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -149,69 +150,62 @@ def test_page_written_between_scan_and_protection_walk_is_paged_out(workload_bin
         close_pager(pager)
 
 
-def _hot_then_paused(pager, workload_bin, tmp_path, npages):
-    """A tree whose `npages` pages were hot until the hot bound forced them out, then left alone
-    for two ticks. Ticks are run by hand (automatic ones are hours apart; bound = 3 ticks)."""
-    wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=npages)
-    conn.cmd(f"fill 0 {npages} 1")
-    tree.call(tree.run_tick)  # seen dirty, probed
-    for gen in (2, 3, 4):  # written again at every tick: hot, then forced out at the bound
-        conn.cmd(f"fill 0 {npages} {gen}")
-        tree.call(tree.run_tick)
-    tree.call(tree.run_tick)
-    tree.call(tree.run_tick)  # a pause
-    assert tree.dirty_pages() < 64  # (the workload's own stack and libc pages)
-    return wl, conn, tree
+@contextlib.contextmanager
+def _hot_then_paused(workload_bin, tmp_path, npages):
+    """A pager and a tree whose `npages` pages were hot until the hot bound forced them out, then
+    left alone for two ticks: yields (pager, conn, tree), closes them after. Ticks are run by hand
+    (automatic ones are hours apart; bound = 3 ticks)."""
+    from gfvm.pager.tracker import PagerSettings
+
+    pager = make_pager(tmp_path, settings=PagerSettings(interval=3600, hot_bound=3 * 3600))
+    try:
+        wl, conn, tree, _ = start(pager, workload_bin, tmp_path, npages=npages)
+        try:
+            conn.cmd(f"fill 0 {npages} 1")
+            tree.call(tree.run_tick)  # seen dirty, probed
+            for gen in (2, 3, 4):  # written again at every tick: hot, then forced out at the bound
+                conn.cmd(f"fill 0 {npages} {gen}")
+                tree.call(tree.run_tick)
+            tree.call(tree.run_tick)
+            tree.call(tree.run_tick)  # a pause
+            assert tree.dirty_pages() < 64  # (the workload's own stack and libc pages)
+            yield pager, conn, tree
+        finally:
+            wl.close()
+    finally:
+        close_pager(pager)
 
 
 def test_writer_resuming_after_a_pause_pays_probe_faults_for_a_sample(workload_bin, tmp_path):
     """Recently hot pages written again after a pause: only a sample of them is protected (each
     protection costs the process a write fault); still hot, the others are presumed hot."""
-    from gfvm.pager.tracker import PagerSettings
-
-    pager = make_pager(tmp_path, settings=PagerSettings(interval=3600, hot_bound=3 * 3600))
-    try:
-        npages = 4096
-        wl, conn, tree = _hot_then_paused(pager, workload_bin, tmp_path, npages)
-        try:
-            before = tree.counters.protections
-            conn.cmd(f"fill 0 {npages} 5")  # resumes
-            tree.call(tree.run_tick)
-            conn.cmd(f"fill 0 {npages} 6")  # the sample was written again: hot
-            tree.call(tree.run_tick)
-            protected = tree.counters.protections - before
-            assert protected < npages // 8, f"{protected} protections for {npages} pages"
-            assert tree.dirty_pages() >= npages  # presumed hot: out at the bound, not lost
-            _, checked = frozen_flush_and_check(pager, tree)
-            assert checked >= npages
-            assert conn.cmd("verify") == f"ok {npages}"
-        finally:
-            wl.close()
-    finally:
-        close_pager(pager)
+    npages = 4096
+    with _hot_then_paused(workload_bin, tmp_path, npages) as (pager, conn, tree):
+        before = tree.counters.protections
+        conn.cmd(f"fill 0 {npages} 5")  # resumes
+        tree.call(tree.run_tick)
+        conn.cmd(f"fill 0 {npages} 6")  # the sample was written again: hot
+        tree.call(tree.run_tick)
+        protected = tree.counters.protections - before
+        assert protected < npages // 8, f"{protected} protections for {npages} pages"
+        assert tree.dirty_pages() >= npages  # presumed hot: out at the bound, not lost
+        _, checked = frozen_flush_and_check(pager, tree)
+        assert checked >= npages
+        assert conn.cmd("verify") == f"ok {npages}"
 
 
 def test_recently_hot_pages_gone_cold_are_still_paged_out_a_tick_later(workload_bin, tmp_path):
     """Recently hot pages written once after a pause and then left alone: the sample shows them
     cold, so the pages that waited on it are probed, and everything is paged out."""
-    from gfvm.pager.tracker import PagerSettings
-
-    pager = make_pager(tmp_path, settings=PagerSettings(interval=3600, hot_bound=3 * 3600))
-    try:
-        npages = 4096
-        wl, conn, tree = _hot_then_paused(pager, workload_bin, tmp_path, npages)
-        try:
-            conn.cmd(f"fill 0 {npages} 5")  # written once
-            for _ in range(3):  # sample probed; sample cold, the others probed; those cold
-                tree.call(tree.run_tick)
-            assert tree.dirty_pages() < 64
-            _, checked = frozen_flush_and_check(pager, tree)
-            assert checked >= npages
-            assert conn.cmd("verify") == f"ok {npages}"
-        finally:
-            wl.close()
-    finally:
-        close_pager(pager)
+    npages = 4096
+    with _hot_then_paused(workload_bin, tmp_path, npages) as (pager, conn, tree):
+        conn.cmd(f"fill 0 {npages} 5")  # written once
+        for _ in range(3):  # sample probed; sample cold, the others probed; those cold
+            tree.call(tree.run_tick)
+        assert tree.dirty_pages() < 64
+        _, checked = frozen_flush_and_check(pager, tree)
+        assert checked >= npages
+        assert conn.cmd("verify") == f"ok {npages}"
 
 
 def test_threads_writing_in_parallel(pager, workload_bin, tmp_path):
