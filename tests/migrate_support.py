@@ -157,6 +157,15 @@ class MCluster:
                 out.append(node)
         return out
 
+    def wait_managed_only_on(self, gfvm_id: str, node: str, timeout: float) -> None:
+        """Waits until `node`'s pager, and no other, manages `gfvm_id`; says who did last."""
+        seen: list[list[str]] = []
+        try:
+            wait_for(lambda: seen.append(self.managed_on(gfvm_id)) or seen[-1] == [node],
+                     timeout, f"only {node} to manage it")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; managed on {seen[-1]} at the end") from None
+
     def where(self, proc: Proc, name: str = "index") -> dict:
         return self.call(proc.node, "fm.where", {"path": f"procs/{proc.id}/{name}"})
 

@@ -38,14 +38,14 @@ async def single(tmp_path):
 
 
 @asynccontextmanager
-async def trio_cluster(tmp_path, n_nodes=3, replicas=2):
+async def trio_cluster(tmp_path, n_nodes=3, replicas=2, fm: dict | None = None):
     k, claim = claim_loopback_block("127.78", os.getpid() * 13 + next(_k))
     with claim:
         names = [f"n{i + 1}" for i in range(n_nodes)]
         addresses = [f"127.78.{k}.{i + 1}" for i in range(n_nodes)]
         config = ClusterConfig(name=f"a{k}", replicas=replicas,
                                nodes=tuple(NodeSpec(n, a, 7077) for n, a in zip(names, addresses)),
-                               sections={"fm": dict(FAST)})
+                               sections={"fm": {**FAST, **(fm or {})}})
         ca = pki.create_ca(tmp_path / "ca", config.name)
         fms = {}
         for name in names:
@@ -281,6 +281,95 @@ async def test_frames_applied_together_fail_like_one_by_one(tmp_path):
         assert fs.broken and fs.applied[1] == base + 2
         assert fs.lf.read(0, 2 * PAGE) == page * 2
         assert fs.lf.size == 2 * PAGE  # the refused frame was not applied
+
+
+async def _readable_locally(files: Files, path: str, want: bytes) -> bool:
+    """Whether this node serves `path` from its own copy (the pager's fault path), and that
+    copy starts with `want`."""
+    f = await files.open(path)
+    try:
+        fd = f.local_fd()
+    except Unavailable:
+        return False
+    try:
+        return os.pread(fd, len(want), 0) == want
+    finally:
+        os.close(fd)
+
+
+async def _idle_replicated_file(nodes, path: str) -> tuple[bytes, dict, str]:
+    """Writes `path` on n1 and leaves it idle; (its data, where, its in-sync non-master)."""
+    f = await nodes["n1"].open(path, create=True)
+    data = os.urandom(8 * PAGE)
+    await f.write(0, data)
+    await f.fsync()
+    w = await nodes["n1"].where(path)
+    member = next(n for n in w["in_sync"] if n != w["master"])
+    assert await _readable_locally(nodes[member], path, data)
+    return data, w, member
+
+
+async def test_an_installed_metadata_state_keeps_a_confirmed_copy_readable(tmp_path):
+    """A member that installs the leader's whole metadata state (it fell behind: a restart, a
+    burst of ops) still reads its confirmed copy locally. Installing used to clear every
+    file's confirmation, and an idle file was never confirmed again: a migration target
+    restarted then could not take its process back (it waited for a local copy for good)."""
+    async with trio_cluster(tmp_path) as nodes:
+        data, _, member = await _idle_replicated_file(nodes, "idle")
+        leader = next(fl.fm for fl in nodes.values() if fl.fm.consensus.leader == fl.fm.node)
+        ack = await leader.consensus._install(member, leader.consensus.term)
+        assert ack.ok
+        assert await _readable_locally(nodes[member], "idle", data)
+
+
+async def test_a_copy_resynced_beside_another_stays_readable_once_in_sync(tmp_path):
+    """Two members are resynced at once. The first to finish is marked in sync by a config op
+    that still lists the second as outdated, and the second applies that op after its own
+    resync's FLUSH confirmed its copy (metadata and stream are not ordered). Once in sync, the
+    second must read its copy locally. Applying that op used to clear the confirmation, and an
+    idle file then stayed unreadable there for good: a migration target restarted after its
+    crash waited for a local copy of its process's paging file forever."""
+    # one copy acknowledges a write: the write that drops both members completes at once
+    async with trio_cluster(tmp_path, replicas=3, fm={"min_copies": 1}) as nodes:
+        data, w, _ = await _idle_replicated_file(nodes, "both")
+        master = nodes[w["master"]].fm
+        members = [n for n in w["in_sync"] if n != w["master"]]
+        for name in members:
+            nodes[name].fm.faults.arm("member.before_ack", "error")  # the next write drops it
+        # the first resync to finish waits before it is marked in sync: the other's op is first
+        master.faults.arm("resync.before_in_sync", "delay:1@1")
+        data = os.urandom(PAGE) + data[PAGE:]
+        f = await nodes[w["master"]].open("both")
+        await f.write(0, data[:PAGE])
+        with trio.fail_after(30):
+            while master.faults.hits.get("resync.before_in_sync", 0) < 2 or not all(
+                    name in nodes[name].fm.file_entry(w["fid"]).in_sync() for name in members):
+                await trio.sleep(0.05)
+        assert all(nodes[name].fm.faults.hits["member.before_ack"] >= 1 for name in members)
+        for name in members:
+            with trio.fail_after(10):
+                while not await _readable_locally(nodes[name], "both", data):
+                    await trio.sleep(0.1)
+
+
+async def test_a_write_two_members_failed_drops_each_of_them_once(tmp_path):
+    """A write that both members fail drops each of them once; each is resynced once. The
+    acknowledgement check used to drop them a second time when their resyncs had finished
+    while it dropped the other one (they were in sync again, and had not acknowledged that
+    write): each was then resynced again, in full."""
+    async with trio_cluster(tmp_path, replicas=3, fm={"min_copies": 1}) as nodes:
+        data, w, _ = await _idle_replicated_file(nodes, "twice")
+        master = nodes[w["master"]].fm
+        members = [n for n in w["in_sync"] if n != w["master"]]
+        for name in members:
+            nodes[name].fm.faults.arm("member.before_ack", "error")
+        f = await nodes[w["master"]].open("twice")
+        await f.write(0, os.urandom(PAGE))
+        with trio.fail_after(30):
+            while set((await nodes[w["master"]].where("twice"))["in_sync"]) != set(w["in_sync"]):
+                await trio.sleep(0.05)
+        assert master.faults.hits.get("drop.before_commit") == 2
+        assert master.faults.hits.get("resync.before_in_sync") == 2
 
 
 def test_a_loopback_block_is_held_by_one_test_cluster_at_a_time():

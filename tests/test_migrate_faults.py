@@ -75,7 +75,7 @@ def check_fault(mc, p, point: str, action: str) -> None:
     expected = target if point in ENDS_ON_TARGET else "n1"
     assert node == expected, f"{point}={action}: runs on {node}, not {expected} ({outcome})"
     mc.moved(p, node)
-    wait_for(lambda: mc.managed_on(p.id) == [node], 60, f"only {node} to manage it")
+    mc.wait_managed_only_on(p.id, node, 60)
     assert p.client.verify() >= steps  # its whole memory, as the process sees it
     now = p.client.status().steps
     wait_for(lambda: p.client.status().steps > now + 500, 30, "progress")

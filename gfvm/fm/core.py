@@ -241,7 +241,15 @@ class FileManager:
 
     def can_read_locally(self, e: Entry, fs: FileRuntime | None) -> bool:
         """A non-master member may serve reads from its copy: in sync, confirmed by the current
-        master in this epoch, with a valid lease (RELIABILITY.md #3)."""
+        master in this epoch, with a valid lease (RELIABILITY.md #3).
+
+        Only the master's stream sets and clears the confirmation: a FLUSH confirms the copy, a
+        resync's first frame or a frame that failed here clears it. The metadata never clears
+        it: its ops reach this node in their own order, not the stream's, so the op that marked
+        this copy outdated may be applied after the resync that followed it had confirmed the
+        copy again. Clearing it then left an idle file unreadable here for good (in sync, and
+        never confirmed again). Nothing is lost by this: an outdated copy fails the member test
+        above, and it is in sync again only after a resync through the stream."""
         return (fs is not None and e.members.get(self.node) == IN_SYNC and fs.confirmed_epoch == e.epoch
                 and not fs.broken and self.lease_valid())
 
@@ -474,8 +482,7 @@ class FileManager:
         if was is None and now is not None:
             await self.io(self.store.create, fid, "")
         fs = self.runtime(fid)
-        if now == OUTDATED:
-            fs.confirmed_epoch = 0
+        # a config op leaves `confirmed_epoch` alone: see can_read_locally
         if before["master"] == me and e.master != me:
             self.master.demoted(fs)
         if e.master == me and (before["master"] != me or before["epoch"] != e.epoch):
@@ -492,7 +499,7 @@ class FileManager:
                 continue
             if e.master != self.node and fs.ready_epoch:
                 self.master.demoted(fs)
-            fs.confirmed_epoch = 0
+            # as does an installed state (see can_read_locally)
         await self.io(self._gc_copies)
 
     def _on_peer_restart(self, peer: str, incarnation: int) -> None:
