@@ -76,6 +76,20 @@ def check_fault(mc, p, point: str, action: str) -> None:
     assert node == expected, f"{point}={action}: runs on {node}, not {expected} ({outcome})"
     mc.moved(p, node)
     mc.wait_managed_only_on(p.id, node, 60)
+    # its files are mastered where it runs, so it depends on no other node (a target that
+    # crashed after the commit point takes them back from the source once it is in sync)
+    # (ckpt and owner exist once a migration got that far)
+    def masters() -> set[str]:
+        out = set()
+        for name in (*FILES, "ckpt", "owner"):
+            try:
+                out.add(mc.where(p, name)["master"])
+            except RemoteError as exc:
+                if "does not exist" not in str(exc):
+                    raise
+        return out
+
+    wait_for(lambda: masters() == {node}, 60, f"{node} to master its files")
     assert p.client.verify() >= steps  # its whole memory, as the process sees it
     now = p.client.status().steps
     wait_for(lambda: p.client.status().steps > now + 500, 30, "progress")

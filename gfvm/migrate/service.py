@@ -21,7 +21,8 @@ writes, durably on every replica, right before it lets the process run (the comm
                               else take the files back (epoch+1), read owner again as master
                               (authoritative now), thaw if nobody committed
   target, not committed    -> kill whatever was restored here
-  target, committed        -> ours: let the restored tasks run (SIGCONT)
+  target, committed        -> ours: let the restored tasks run (SIGCONT), then master the
+                              files here again (the source may have taken them back meanwhile)
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ from gfvm.migrate.messages import (
     MigQuery,
     MigRestore,
 )
-from gfvm.migrate.source import SourceMigration, promote_all, take_back
-from gfvm.migrate.target import TargetSide, kill_tree_root, read_owner
+from gfvm.migrate.source import FILES, SourceMigration, promote_all, take_back
+from gfvm.migrate.target import OWNER, TargetSide, kill_tree_root, read_owner
 
 log = logging.getLogger("gfvm.migrate")
 
@@ -113,6 +114,7 @@ class MigrationService:
         self.nursery: trio.Nursery | None = None
         self._roots: set[int] = set()  # restored tree roots we must reap
         self._unresolved = False
+        self._settling = trio.Lock()  # one reconcile at a time (housekeeping, `migrate`)
         daemon.migration = self
         # A tree caught mid-migration by a gfvmd restart is taken back by `reconcile`, once it
         # is known where the process lives; and a node whose process moved away must not
@@ -228,11 +230,25 @@ class MigrationService:
             raise UsageError(f"{gfvm_id} is {tree.state}: only a running process can migrate")
         mig = SourceMigration(self, tree, to=to, allow_remote=bool(args.get("allow_remote")),
                               prefetch=prefetch)
-        self.outgoing[gfvm_id] = mig
+        async with self._settling:
+            await self._settle_incoming(gfvm_id)
+            self.outgoing[gfvm_id] = mig  # from here on, reconcile leaves its files alone
         try:
             return await mig.run(progress)
         finally:
             self.outgoing.pop(gfvm_id, None)
+
+    async def _settle_incoming(self, gfvm_id: str) -> None:
+        """Before `gfvm_id` migrates away: settles what the migration that brought it here left
+        to do after a gfvmd restart (its files may still be mastered by its former node)."""
+        rec = (await trio.to_thread.run_sync(self.journal.load_all, "in")).get(gfvm_id)
+        if rec is None or gfvm_id in self.target.incoming:
+            return
+        try:
+            await self._reconcile_in(gfvm_id, rec)
+        except GfvmError as exc:
+            raise UsageError(f"{gfvm_id}: the migration that brought it to {self.node} is not "
+                             f"settled yet ({exc}); try again shortly") from None
 
     def _resolve(self, args: dict):
         """The managed tree named by `id` (id or name) or `pid` (any host pid of it). Blocks
@@ -344,7 +360,8 @@ class MigrationService:
 
     async def _reconcile_guarded(self) -> None:
         try:
-            await self.reconcile()
+            async with self._settling:
+                await self.reconcile()
         except Exception:  # noqa: BLE001 - retried later; must not end gfvmd
             log.exception("reconciling migrations")
             self._unresolved = True
@@ -375,12 +392,14 @@ class MigrationService:
         phase = rec.get("phase")
         paging_dir = f"procs/{gfvm_id}"
         pager = self.pager
-        if phase == "committed":
+        if phase in ("committed", "resumed"):
             # We committed to running it (owner names us): take it back, let it run.
-            log.info("%s: resuming the restored process after a gfvmd restart", gfvm_id)
-            if gfvm_id not in pager.trees:
-                await trio.to_thread.run_sync(pager.retake, gfvm_id)
-            await trio.to_thread.run_sync(_resume_pids, [int(p) for p in rec.get("pids", [])])
+            if phase == "resumed" and gfvm_id in self.outgoing:
+                raise GfvmError(f"{gfvm_id} is migrating away: its files are left to that")
+            if phase == "resumed" and await read_owner(self.files, paging_dir) != self.node:
+                log.info("%s: runs elsewhere by now; nothing left to settle here", gfvm_id)
+            else:
+                await self._run_committed(gfvm_id, rec)
         elif phase in ("restoring", "restored"):
             owner = await read_owner(self.files, paging_dir)  # Unavailable: retried later
             if owner == self.node:
@@ -392,17 +411,32 @@ class MigrationService:
                 await trio.to_thread.run_sync(kill_tree_root, root, rec.get("root_start"))
         await trio.to_thread.run_sync(self.journal.remove, "in", gfvm_id)
 
+    async def _run_committed(self, gfvm_id: str, rec: dict) -> None:
+        pager = self.pager
+        if gfvm_id not in pager.trees:
+            await trio.to_thread.run_sync(pager.retake, gfvm_id)
+        if rec.get("phase") == "committed":
+            log.info("%s: resuming the restored process after a gfvmd restart", gfvm_id)
+            await trio.to_thread.run_sync(_resume_pids, [int(p) for p in rec.get("pids", [])])
+            await trio.to_thread.run_sync(self.journal.save, "in", gfvm_id,
+                                          {**rec, "phase": "resumed"})
+        # The source, finding us dead, took the files back and could not give them back (our
+        # copies were outdated then). The process runs here, so its files are mastered here
+        # again, once our copies are in sync (until then this is retried).
+        if gfvm_id in pager.trees:
+            await promote_all(self, process_files(gfvm_id), self.node)
+
     async def _reconcile_out(self, gfvm_id: str, rec: dict) -> bool:
         """True when settled (journal removed)."""
         from pathlib import Path
 
-        from gfvm.migrate.source import FILES, _kill_frozen
+        from gfvm.migrate.source import _kill_frozen
         from gfvm.pager.cgroup import TreeCgroup
         from gfvm.pager.tracker import _pid_matches
 
         pager = self.pager
         paging_dir = f"procs/{gfvm_id}"
-        files = [f"{paging_dir}/{n}" for n in (*FILES, "ckpt", "owner")]
+        files = process_files(gfvm_id)
         cgroup = TreeCgroup(tuple(Path(p) for p in rec.get("cgroup", [])))
         target = rec.get("target")
         init_pid, init_start = int(rec.get("init_pid") or 0), int(rec.get("init_start") or 0)
@@ -454,6 +488,11 @@ class MigrationService:
         await trio.to_thread.run_sync(cgroup.thaw)
         await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
         return True
+
+
+def process_files(gfvm_id: str) -> list[str]:
+    """Every file of a managed process that a migration hands over (master moves with it)."""
+    return [f"procs/{gfvm_id}/{n}" for n in (*FILES, "ckpt", OWNER)]
 
 
 def _resume_pids(pids: list[int]) -> None:
