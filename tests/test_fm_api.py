@@ -297,16 +297,17 @@ async def _readable_locally(files: Files, path: str, want: bytes) -> bool:
         os.close(fd)
 
 
-async def _idle_replicated_file(nodes, path: str) -> tuple[bytes, dict, str]:
-    """Writes `path` on n1 and leaves it idle; (its data, where, its in-sync non-master)."""
+async def _idle_replicated_file(nodes, path: str) -> tuple[bytes, dict]:
+    """Writes `path` on n1 and leaves it idle; (its data, where). Every in-sync member reads
+    its copy locally."""
     f = await nodes["n1"].open(path, create=True)
     data = os.urandom(8 * PAGE)
     await f.write(0, data)
     await f.fsync()
     w = await nodes["n1"].where(path)
-    member = next(n for n in w["in_sync"] if n != w["master"])
-    assert await _readable_locally(nodes[member], path, data)
-    return data, w, member
+    for member in w["in_sync"]:
+        assert await _readable_locally(nodes[member], path, data)
+    return data, w
 
 
 async def test_an_installed_metadata_state_keeps_a_confirmed_copy_readable(tmp_path):
@@ -314,9 +315,10 @@ async def test_an_installed_metadata_state_keeps_a_confirmed_copy_readable(tmp_p
     burst of ops) still reads its confirmed copy locally. Installing used to clear every
     file's confirmation, and an idle file was never confirmed again: a migration target
     restarted then could not take its process back (it waited for a local copy for good)."""
-    async with trio_cluster(tmp_path) as nodes:
-        data, _, member = await _idle_replicated_file(nodes, "idle")
+    async with trio_cluster(tmp_path, replicas=3) as nodes:  # a member that is no leader
+        data, w = await _idle_replicated_file(nodes, "idle")
         leader = next(fl.fm for fl in nodes.values() if fl.fm.consensus.leader == fl.fm.node)
+        member = next(n for n in w["in_sync"] if n not in (w["master"], leader.node))
         ack = await leader.consensus._install(member, leader.consensus.term)
         assert ack.ok
         assert await _readable_locally(nodes[member], "idle", data)
@@ -331,7 +333,7 @@ async def test_a_copy_resynced_beside_another_stays_readable_once_in_sync(tmp_pa
     crash waited for a local copy of its process's paging file forever."""
     # one copy acknowledges a write: the write that drops both members completes at once
     async with trio_cluster(tmp_path, replicas=3, fm={"min_copies": 1}) as nodes:
-        data, w, _ = await _idle_replicated_file(nodes, "both")
+        data, w = await _idle_replicated_file(nodes, "both")
         master = nodes[w["master"]].fm
         members = [n for n in w["in_sync"] if n != w["master"]]
         for name in members:
@@ -358,7 +360,7 @@ async def test_a_write_two_members_failed_drops_each_of_them_once(tmp_path):
     while it dropped the other one (they were in sync again, and had not acknowledged that
     write): each was then resynced again, in full."""
     async with trio_cluster(tmp_path, replicas=3, fm={"min_copies": 1}) as nodes:
-        data, w, _ = await _idle_replicated_file(nodes, "twice")
+        data, w = await _idle_replicated_file(nodes, "twice")
         master = nodes[w["master"]].fm
         members = [n for n in w["in_sync"] if n != w["master"]]
         for name in members:
