@@ -348,8 +348,13 @@ class MigrationService:
 
     def _may_remove_files(self, gfvm_id: str) -> bool:
         """Pager hook (worker thread): the paging file of an ended tree may be deleted only when
-        no migration is in flight and `owner` names this node or nobody."""
-        if self._defer_takeover(gfvm_id) or gfvm_id in self.target.incoming:
+        no migration is in flight and `owner` names this node or nobody. (A restore past its
+        commit point is no migration in flight: the process is ours, only its files'
+        mastership may still have to come back after a restart.)"""
+        in_flight = gfvm_id in self.journal.load_all("out") or \
+            self.journal.load_all("in").get(gfvm_id, {}).get("phase") not in (
+                None, "committed", "resumed")
+        if in_flight or gfvm_id in self.target.incoming:
             return False
         try:
             owner = trio.from_thread.run(read_owner, self.files, f"procs/{gfvm_id}",
@@ -394,8 +399,6 @@ class MigrationService:
         pager = self.pager
         if phase in ("committed", "resumed"):
             # We committed to running it (owner names us): take it back, let it run.
-            if phase == "resumed" and gfvm_id in self.outgoing:
-                raise GfvmError(f"{gfvm_id} is migrating away: its files are left to that")
             if phase == "resumed" and await read_owner(self.files, paging_dir) != self.node:
                 log.info("%s: runs elsewhere by now; nothing left to settle here", gfvm_id)
             else:
@@ -414,7 +417,14 @@ class MigrationService:
     async def _run_committed(self, gfvm_id: str, rec: dict) -> None:
         pager = self.pager
         if gfvm_id not in pager.trees:
-            await trio.to_thread.run_sync(pager.retake, gfvm_id)
+            try:
+                await trio.to_thread.run_sync(pager.retake, gfvm_id)
+            except NotFound:
+                if rec.get("phase") != "resumed":
+                    raise
+                # it ran here and has ended since (its state record went with it)
+                log.info("%s: ended here; nothing left to settle", gfvm_id)
+                return
         if rec.get("phase") == "committed":
             log.info("%s: resuming the restored process after a gfvmd restart", gfvm_id)
             await trio.to_thread.run_sync(_resume_pids, [int(p) for p in rec.get("pids", [])])
