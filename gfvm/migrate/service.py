@@ -50,8 +50,8 @@ from gfvm.migrate.messages import (
     MigQuery,
     MigRestore,
 )
-from gfvm.migrate.source import FILES, SourceMigration, promote_all, take_back
-from gfvm.migrate.target import OWNER, TargetSide, kill_tree_root, read_owner
+from gfvm.migrate.source import SourceMigration, process_files, promote_all, take_back
+from gfvm.migrate.target import TargetSide, kill_tree_root, read_owner
 
 log = logging.getLogger("gfvm.migrate")
 
@@ -398,11 +398,9 @@ class MigrationService:
         paging_dir = f"procs/{gfvm_id}"
         pager = self.pager
         if phase in ("committed", "resumed"):
-            # We committed to running it (owner names us): take it back, let it run.
-            if phase == "resumed" and await read_owner(self.files, paging_dir) != self.node:
-                log.info("%s: runs elsewhere by now; nothing left to settle here", gfvm_id)
-            else:
-                await self._run_committed(gfvm_id, rec)
+            # We committed to running it (owner names us), and it has not moved on since: a
+            # migration away settles this first (_settle_incoming).
+            await self._run_committed(gfvm_id, rec)
         elif phase in ("restoring", "restored"):
             owner = await read_owner(self.files, paging_dir)  # Unavailable: retried later
             if owner == self.node:
@@ -415,6 +413,7 @@ class MigrationService:
         await trio.to_thread.run_sync(self.journal.remove, "in", gfvm_id)
 
     async def _run_committed(self, gfvm_id: str, rec: dict) -> None:
+        """Takes the process back, lets it run, masters its files here again."""
         pager = self.pager
         if gfvm_id not in pager.trees:
             try:
@@ -498,11 +497,6 @@ class MigrationService:
         await trio.to_thread.run_sync(cgroup.thaw)
         await trio.to_thread.run_sync(self.journal.remove, "out", gfvm_id)
         return True
-
-
-def process_files(gfvm_id: str) -> list[str]:
-    """Every file of a managed process that a migration hands over (master moves with it)."""
-    return [f"procs/{gfvm_id}/{n}" for n in (*FILES, "ckpt", OWNER)]
 
 
 def _resume_pids(pids: list[int]) -> None:

@@ -588,7 +588,7 @@ class SourceMigration:
             f"not finish cleanly ({reason}); the copy on {self.svc.node} was dropped")
 
     def all_files(self) -> list[str]:
-        return [*self.paths, self.ckpt_path, f"{self.dir}/{OWNER}"]
+        return process_files(self.id)
 
     async def take_back(self) -> str:
         """Promotes every file back to this node (epoch+1 again), retrying while the cluster
@@ -596,6 +596,11 @@ class SourceMigration:
         reads `owner` as the master, which no one else can change any more: the node that
         committed to running the process ("" or us: nobody did)."""
         return await take_back(self.svc, self.id, self.all_files())
+
+
+def process_files(gfvm_id: str) -> list[str]:
+    """Every file of a managed process that a migration hands over (its master moves with it)."""
+    return [f"procs/{gfvm_id}/{n}" for n in (*FILES, CKPT, OWNER)]
 
 
 async def run_both(first, second) -> None:
