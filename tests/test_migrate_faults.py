@@ -85,7 +85,7 @@ def check_fault(mc, p, point: str, action: str) -> None:
             try:
                 out.add(mc.where(p, name)["master"])
             except RemoteError as exc:
-                if "does not exist" not in str(exc):
+                if exc.kind != "not-found":
                     raise
         return out
 
